@@ -1,0 +1,1213 @@
+"""Distributed training: strategy, the XLA replica step, checkpoints, summaries.
+
+The data flow (design.md §2): images → backbone → `RingLoss` (if λ > 0) →
+head → logits; the loss is sparse cross-entropy from the logits (the fused,
+stable op) plus the layers' `add_loss` terms (ring, center) plus weight decay
+on kernels. The embedding model (the backbone) is what is exported and
+evaluated.
+
+One training step, for a global batch of B examples on N replicas:
+
+    each replica r, inside tf.function(jit_compile=jit):
+        L_r = Σ_{i ∈ batch_r} CE_i / B  +  (Σ model.losses + wd/2 Σ‖W‖²) / N
+        g_r = ∂L_r/∂θ
+    outside the compiled function: g = Σ_r g_r (all-reduce), apply_gradients
+
+so g is the gradient of the mean cross-entropy over the global batch plus the
+regularisers, whatever N is: two replicas give the update one device gives on
+the same batch (tested). Under `MirroredStrategy` Keras cannot compile the
+whole `strategy.run` (design.md §3), hence the split. The forward pass of
+the ring loss uses R initialised eagerly before the first step
+(`RingLoss.initialize_radius`) so the compiled step holds no cross-replica
+variable assignment.
+
+Input: every worker reads the same seeded stream of global batches, and
+replica r takes rows [r·B/N, (r+1)·B/N) of each. So the examples of a step
+do not depend on the number of replicas or workers, a resumed run restores
+one plain `tf.data` iterator, and N replicas give exactly the one-device
+result. The price: each worker decodes the whole global batch (cheap next to
+the network for image folders; shard the input if it is not).
+
+Nothing here reads flags: `train.py` parses them and calls `train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ring_loss_tf import backbones
+from ring_loss_tf import layers
+
+HEADS = ("softmax", "asoftmax", "l2softmax", "centerloss", "cosface", "arcface")
+LR_SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
+AUGMENTATIONS = ("face", "characters", "none")
+
+# SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
+STEP_BOUNDARIES = (16 / 28, 24 / 28)
+
+# Defaults of the embedded character set (`ring_loss_tf.kanji`).
+KANJI_IMAGE_SIZE = (32, 32)
+KANJI_CHANNELS = 1
+# Defaults of a face folder (SphereFace's aligned crops).
+FACE_IMAGE_SIZE = (112, 96)
+FACE_CHANNELS = 3
+
+CONFIG_FILE = "config.json"
+EXPORT_DIR = "export"
+# Settings that fix the shape of the checkpoint: a resumed run must match.
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "head",
+    "num_classes",
+    "embedding_dim",
+    "image_size",
+    "channels",
+    "ring",
+)
+
+
+class ArgumentError(ValueError):
+    """A bad argument of `train`, with its name, so `train.py` names the flag.
+
+    `str(error)` is one line: "<argument>=<value>: <problem>; <fix>".
+    """
+
+    def __init__(self, argument, value, problem, fix):
+        self.argument = argument
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{argument}={value!r}: {problem}; {fix}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; training stopped before saving it."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+# --------------------------------------------------------------------------
+# Strategy
+# --------------------------------------------------------------------------
+
+
+def _tf_config_workers():
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({error}); set it as described in "
+            "the tf.distribute multi-worker guide or unset it."
+        ) from None
+    return config.get("cluster", {}).get("worker", [])
+
+
+def build_strategy(devices=None):
+    """The distribution strategy for this process.
+
+    - `TF_CONFIG` naming several workers: `MultiWorkerMirroredStrategy`
+      (one replica per local GPU, or the CPU), ring collectives.
+    - Otherwise `MirroredStrategy` over `devices`, default all visible GPUs,
+      or the CPU when there is none. On CPU-only device lists the gradients
+      are reduced with `ReductionToOneDevice`: the default collectives can
+      fail with "Shape mismatch in the collective instance" when a second
+      strategy with another model runs in the same process (design.md §3).
+
+    Args:
+        devices: device names, e.g. `["/cpu:0", "/cpu:1"]` (logical CPU
+            devices); None for the default above.
+    """
+    if len(_tf_config_workers()) > 1:
+        if devices is not None:
+            raise ValueError(
+                "`devices` cannot be combined with a multi-worker TF_CONFIG: "
+                "each worker uses its local devices. Received: "
+                f"devices={devices!r}"
+            )
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.RING
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=options
+        )
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or ["/cpu:0"]
+    devices = list(devices)
+    cpu_only = all("CPU" in d.upper() for d in devices)
+    cross_device_ops = tf.distribute.ReductionToOneDevice() if cpu_only else None
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=cross_device_ops
+    )
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return (
+        "chief" not in cluster
+        and resolver.task_type == "worker"
+        and resolver.task_id == 0
+    )
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    """The models of one run.
+
+    Attributes:
+        train_model: `[images, labels] → [logits, embeddings]`.
+        embedding_model: `images → embeddings` (the backbone; exported).
+        ring: the `RingLoss` layer, or None when λ = 0.
+        head: the head layer producing logits.
+    """
+
+    train_model: keras.Model
+    embedding_model: keras.Model
+    ring: layers.RingLoss | None
+    head: keras.layers.Layer
+
+
+def build_models(
+    *,
+    num_classes,
+    backbone="small_cnn",
+    head="softmax",
+    image_size=KANJI_IMAGE_SIZE,
+    channels=KANJI_CHANNELS,
+    embedding_dim=128,
+    lambda_ring=0.01,
+    ring_radius="auto",
+    margin=None,
+    scale=None,
+    lambda_base=1000.0,
+    lambda_gamma=0.12,
+    lambda_power=1.0,
+    lambda_min=5.0,
+    l2_alpha=16.0,
+    center_loss_weight=0.003,
+    center_alpha=0.5,
+    seed=None,
+):
+    """Builds backbone → RingLoss (if `lambda_ring` > 0) → head.
+
+    Heads: "softmax" (`keras.layers.Dense`), "l2softmax" (`L2Constrained` +
+    Dense), "centerloss" (`CenterLoss` + Dense), "asoftmax", "cosface",
+    "arcface" (margin heads). `margin` and `scale` default to the head's own
+    defaults. Call under the strategy's scope.
+    """
+    embedding_model = backbones.get(backbone)(
+        input_shape=(*image_size, channels),
+        embedding_dim=embedding_dim,
+        seed=seed,
+    )
+    images = keras.Input((*image_size, channels), name="images")
+    labels = keras.Input((), dtype="int32", name="labels")
+    embeddings = embedding_model(images)
+    features = embeddings
+    ring = None
+    if lambda_ring > 0:
+        ring = layers.RingLoss(
+            loss_weight=lambda_ring, radius_init=ring_radius, name="ring_loss"
+        )
+        features = ring(features)
+    margin_kwargs = {} if margin is None else {"margin": margin}
+    scale_kwargs = {} if scale is None else {"scale": scale}
+    dense_init = keras.initializers.GlorotUniform(seed=seed)
+    # Logits in float32 under mixed precision.
+    dense = keras.layers.Dense(
+        num_classes, kernel_initializer=dense_init, dtype="float32",
+        name="logits",
+    )
+    if head == "softmax":
+        head_layer = dense
+        logits = dense(features)
+    elif head == "l2softmax":
+        head_layer = dense
+        logits = dense(layers.L2Constrained(l2_alpha, name="l2")(features))
+    elif head == "centerloss":
+        head_layer = dense
+        centered = layers.CenterLoss(
+            num_classes, center_loss_weight, center_alpha, name="center_loss"
+        )([features, labels])
+        logits = dense(centered)
+    elif head == "asoftmax":
+        head_layer = layers.ASoftmax(
+            num_classes,
+            lambda_base=lambda_base,
+            lambda_gamma=lambda_gamma,
+            lambda_power=lambda_power,
+            lambda_min=lambda_min,
+            name="asoftmax",
+            **margin_kwargs,
+        )
+        logits = head_layer([features, labels])
+    elif head in ("cosface", "arcface"):
+        cls = layers.CosFace if head == "cosface" else layers.ArcFace
+        head_layer = cls(num_classes, name=head, **margin_kwargs, **scale_kwargs)
+        logits = head_layer([features, labels])
+    else:
+        raise ArgumentError(
+            "head", head, "unknown head", f"use one of {', '.join(HEADS)}"
+        )
+    train_model = keras.Model(
+        [images, labels], [logits, embeddings], name="training_model"
+    )
+    return Models(train_model, embedding_model, ring, head_layer)
+
+
+def decayed_variables(model):
+    """The variables weight decay applies to: kernels of convs and denses.
+
+    Never the ring radius R, the centers, PReLU slopes or biases: only
+    trainable variables named "kernel", outside `RingLoss`, `CenterLoss` and
+    `PReLU` layers.
+    """
+    excluded = set()
+    for layer in _all_layers(model):
+        if isinstance(
+            layer, (layers.RingLoss, layers.CenterLoss, keras.layers.PReLU)
+        ):
+            excluded.update(id(v) for v in layer.weights)
+    return [
+        v
+        for v in model.trainable_variables
+        if v.name == "kernel" and id(v) not in excluded
+    ]
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+# --------------------------------------------------------------------------
+# Learning rate
+# --------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="ring_loss_tf")
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(t) = base · warm-up(t) · decay(t), t = optimizer step (from 0).
+
+    warm-up(t) = min(1, (t + 1) / warmup_steps) (1 without warm-up);
+    decay: "step" × 0.1 at each fraction of `total_steps` in `boundaries`
+    (SphereFace: 16k and 24k of 28k), "cosine" ½(1 + cos(π · t/total_steps)),
+    "constant" 1.
+    """
+
+    def __init__(
+        self,
+        base,
+        total_steps,
+        schedule="cosine",
+        warmup_steps=0,
+        boundaries=STEP_BOUNDARIES,
+    ):
+        self.base = float(base)
+        self.total_steps = int(total_steps)
+        self.schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+        self.boundaries = tuple(float(b) for b in boundaries)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        total = float(max(self.total_steps, 1))
+        if self.schedule == "cosine":
+            progress = tf.minimum(step / total, 1.0)
+            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        elif self.schedule == "step":
+            factor = tf.constant(1.0)
+            for fraction in self.boundaries:
+                factor *= tf.where(step >= round(fraction * total), 0.1, 1.0)
+        else:
+            factor = tf.constant(1.0)
+        if self.warmup_steps > 0:
+            factor *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+        return self.base * factor
+
+    def get_config(self):
+        return {
+            "base": self.base,
+            "total_steps": self.total_steps,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
+            "boundaries": list(self.boundaries),
+        }
+
+
+# --------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs the custom distributed training loop on one `Models`.
+
+    Args:
+        strategy: a `tf.distribute` strategy (see `build_strategy`).
+        model_fn: called without arguments under the strategy scope; returns
+            a `Models`.
+        global_batch_size: B, divisible by the number of replicas.
+        learning_rate: float or `LearningRateSchedule`.
+        optimizer: "sgd" (momentum) or "adam".
+        momentum: SGD momentum.
+        weight_decay: wd of the term wd/2 · Σ‖W‖² over `decayed_variables`.
+        jit: compile the replica forward/backward with XLA.
+        model_dir: checkpoints and summaries (None: neither).
+        max_to_keep: checkpoints kept.
+        mixed_precision: None, "mixed_float16" (dynamic loss scaling) or
+            "mixed_bfloat16". The policy must be set before `model_fn` runs;
+            `train` does it.
+    """
+
+    def __init__(
+        self,
+        strategy,
+        model_fn,
+        *,
+        global_batch_size,
+        learning_rate=0.1,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=5e-4,
+        jit=True,
+        model_dir=None,
+        max_to_keep=3,
+        mixed_precision=None,
+    ):
+        self.strategy = strategy
+        self.num_replicas = strategy.num_replicas_in_sync
+        if global_batch_size % self.num_replicas:
+            raise ArgumentError(
+                "batch_size",
+                global_batch_size,
+                f"not divisible by the {self.num_replicas} replicas",
+                "use a multiple of "
+                f"{self.num_replicas}, e.g. "
+                f"{max(1, global_batch_size // self.num_replicas) * self.num_replicas}",
+            )
+        self.global_batch_size = global_batch_size
+        self.per_replica_batch_size = global_batch_size // self.num_replicas
+        self.weight_decay = float(weight_decay)
+        self.jit = bool(jit)
+        self.model_dir = None if model_dir is None else pathlib.Path(model_dir)
+        self.is_chief = _is_chief(strategy)
+        with strategy.scope():
+            self.models = model_fn()
+            if optimizer == "sgd":
+                opt = keras.optimizers.SGD(learning_rate, momentum=momentum)
+            elif optimizer == "adam":
+                opt = keras.optimizers.Adam(learning_rate)
+            else:
+                raise ArgumentError(
+                    "optimizer", optimizer, "unknown optimizer",
+                    f"use one of {', '.join(OPTIMIZERS)}",
+                )
+            self.loss_scaling = mixed_precision == "mixed_float16"
+            if self.loss_scaling:
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            self.optimizer = opt
+            self.trainable = self.models.train_model.trainable_variables
+            self.optimizer.build(self.trainable)
+            self.step = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="global_step"
+            )
+        self.decayed = decayed_variables(self.models.train_model)
+        self._forward_backward = tf.function(
+            self._forward_backward_fn, jit_compile=self.jit
+        )
+        self._train_step = tf.function(self._train_step_fn)
+        self.checkpoint = None
+        self.manager = None
+        self._worker_dir = None
+
+    # -- checkpoints -------------------------------------------------------
+
+    def attach_checkpoint(self, iterator=None, max_to_keep=3):
+        """Creates the checkpoint of model, optimizer, step and `iterator`.
+
+        On a multi-worker run only the chief writes to `model_dir`; the
+        others write to a temporary directory that is deleted (every worker
+        must take part in saving).
+        """
+        items = {
+            "model": self.models.train_model,
+            "optimizer": self.optimizer,
+            "step": self.step,
+        }
+        if iterator is not None:
+            items["iterator"] = iterator
+        self.checkpoint = tf.train.Checkpoint(**items)
+        if self.model_dir is None:
+            return None
+        directory = self.model_dir
+        if not self.is_chief:
+            self._worker_dir = pathlib.Path(
+                tempfile.mkdtemp(prefix="ring_loss_tf-worker-")
+            )
+            directory = self._worker_dir
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(directory), max_to_keep=max_to_keep
+        )
+        latest = tf.train.latest_checkpoint(str(self.model_dir))
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        return latest
+
+    def save(self):
+        """Saves a checkpoint (all workers call it); returns its path."""
+        if self.manager is None:
+            return None
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        return path if self.is_chief else None
+
+    def close(self):
+        if self._worker_dir is not None:
+            shutil.rmtree(self._worker_dir, ignore_errors=True)
+            self._worker_dir = None
+
+    # -- the step ----------------------------------------------------------
+
+    def _forward_backward_fn(self, images, labels):
+        """Per-replica loss and gradients (compiled with XLA when jit)."""
+        models = self.models
+        with tf.GradientTape() as tape:
+            logits, embeddings = models.train_model(
+                [images, labels], training=True
+            )
+            logits = tf.cast(logits, tf.float32)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits
+            )
+            cross_entropy = tf.reduce_sum(per_example) / self.global_batch_size
+            zero = tf.constant(0.0, tf.float32)
+            model_losses = [
+                tf.cast(x, tf.float32) for x in models.train_model.losses
+            ]
+            regularisation = tf.add_n(model_losses) if model_losses else zero
+            ring = (
+                tf.add_n([tf.cast(x, tf.float32) for x in models.ring.losses])
+                if models.ring is not None and models.ring.losses
+                else zero
+            )
+            decay = zero
+            if self.weight_decay > 0 and self.decayed:
+                decay = 0.5 * self.weight_decay * tf.add_n(
+                    [
+                        tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                        for v in self.decayed
+                    ]
+                )
+            # The all-reduce sums replicas: per-replica terms are divided by
+            # the replica count, per-example terms by the global batch.
+            loss = cross_entropy + (regularisation + decay) / self.num_replicas
+            scaled = (
+                self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+            )
+        gradients = tape.gradient(scaled, self.trainable)
+        norms = tf.norm(tf.cast(embeddings, tf.float32), axis=-1)
+        stats = {
+            "loss": loss,
+            "cross_entropy": cross_entropy,
+            "ring_loss": ring / self.num_replicas,
+            "weight_decay": decay / self.num_replicas,
+            "feature_norm": tf.reduce_sum(norms) / self.global_batch_size,
+        }
+        return gradients, stats, norms
+
+    def _replica_step(self, images, labels):
+        gradients, stats, norms = self._forward_backward(images, labels)
+        # Outside the compiled function: the optimizer all-reduces (sums)
+        # the gradients across replicas, then updates the mirrored weights.
+        self.optimizer.apply_gradients(zip(gradients, self.trainable))
+        return stats, norms
+
+    def _train_step_fn(self, images, labels):
+        per_replica = self.per_replica_batch_size
+
+        def shard(context):
+            start = context.replica_id_in_sync_group * per_replica
+            return (
+                images[start : start + per_replica],
+                labels[start : start + per_replica],
+            )
+
+        sharded = self.strategy.experimental_distribute_values_from_function(
+            shard
+        )
+        stats, norms = self.strategy.run(self._replica_step, args=sharded)
+        reduced = {
+            k: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, v, axis=None
+            )
+            for k, v in stats.items()
+        }
+        local_norms = tf.concat(
+            self.strategy.experimental_local_results(norms), axis=0
+        )
+        return reduced, local_norms
+
+    def initialize_radius(self, images):
+        """R from the first global batch, eagerly (no-op when restored)."""
+        if self.models.ring is None:
+            return None
+        embeddings = self.models.embedding_model(images, training=False)
+        return self.models.ring.initialize_radius(embeddings)
+
+    def train_step(self, images, labels):
+        """One step on a global batch; returns ({name: float}, norms)."""
+        stats, norms = self._train_step(images, labels)
+        self.step.assign_add(1)
+        return {k: float(v) for k, v in stats.items()}, norms
+
+    # -- state for logs ----------------------------------------------------
+
+    def radius(self):
+        ring = self.models.ring
+        return None if ring is None else float(ring.radius.numpy())
+
+    def head_lambda(self):
+        head = self.models.head
+        if isinstance(head, layers.ASoftmax):
+            return float(keras.ops.convert_to_numpy(head.current_lambda()))
+        return None
+
+    def learning_rate(self):
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --------------------------------------------------------------------------
+# The training loop with logs, summaries and the NaN guard
+# --------------------------------------------------------------------------
+
+
+def _format_seconds(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def run_loop(
+    trainer,
+    iterator,
+    total_steps,
+    *,
+    checkpoint_every=500,
+    log_every=50,
+    stop_at_step=None,
+    print_fn=print,
+    summary_writer=None,
+):
+    """Trains until `total_steps` (or `stop_at_step`), checkpointing.
+
+    The checkpoint saved at the end (and every `checkpoint_every` steps) holds
+    the model, the optimizer, the step and the iterator position, so running
+    again continues exactly. A NaN/Inf loss raises `NonFiniteLossError`
+    before anything is saved.
+
+    Returns:
+        Stats of the last step (dict of floats), or None if no step ran.
+    """
+    step = int(trainer.step.numpy())
+    stop = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    last = None
+    interval_start, interval_steps = time.perf_counter(), 0
+    steps_per_second = None
+    chief = trainer.is_chief
+    while step < stop:
+        images, labels = next(iterator)
+        if step == 0 or last is None:
+            trainer.initialize_radius(images)
+        stats, norms = trainer.train_step(images, labels)
+        step += 1
+        interval_steps += 1
+        if not all(math.isfinite(v) for v in stats.values()):
+            trainer.step.assign_add(-1)
+            raise NonFiniteLossError(_nan_message(trainer, step, stats), step)
+        last = stats
+        if step % log_every == 0 or step == stop or step == 1:
+            now = time.perf_counter()
+            elapsed = now - interval_start
+            images_per_second = (
+                interval_steps * trainer.global_batch_size / elapsed
+                if elapsed > 0
+                else float("nan")
+            )
+            if step > 1:  # the first interval includes compilation
+                steps_per_second = interval_steps / elapsed
+            if chief:
+                print_fn(
+                    _progress_line(
+                        trainer, step, total_steps, stats,
+                        images_per_second, steps_per_second,
+                    )
+                )
+                if summary_writer is not None:
+                    _write_summaries(
+                        summary_writer, trainer, step, stats, norms,
+                        images_per_second,
+                    )
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % checkpoint_every == 0 or step == stop:
+            trainer.save()
+    return last
+
+
+def _progress_line(trainer, step, total_steps, stats, images_per_second, sps):
+    width = len(str(total_steps))
+    parts = [
+        f"step {step:>{width}}/{total_steps}",
+        f"loss {stats['loss']:.4f}",
+        f"ce {stats['cross_entropy']:.4f}",
+    ]
+    radius = trainer.radius()
+    if radius is not None:
+        parts += [f"ring {stats['ring_loss']:.4f}", f"R {radius:.3f}"]
+    parts.append(f"|F| {stats['feature_norm']:.3f}")
+    head_lambda = trainer.head_lambda()
+    if head_lambda is not None:
+        parts.append(f"lambda {head_lambda:.2f}")
+    parts.append(f"lr {trainer.learning_rate():.4g}")
+    parts.append(f"{images_per_second:.0f} img/s")
+    if sps:
+        parts.append(f"ETA {_format_seconds((total_steps - step) / sps)}")
+    return "  ".join(parts)
+
+
+def _summary_metadata(plugin_name):
+    # The protos TensorBoard's tf.summary.scalar/histogram write, so the
+    # summaries need no `tensorboard` package at training time.
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=plugin_name
+        )
+    )
+
+
+def write_scalar(name, value, step):
+    """A TensorBoard scalar (plugin "scalars") to the default writer."""
+    tf.summary.write(
+        name,
+        tf.constant(value, tf.float32),
+        step=step,
+        metadata=_summary_metadata("scalars"),
+    )
+
+
+def write_histogram(name, values, step, buckets=30):
+    """A TensorBoard histogram: a (buckets, 3) tensor of left, right, count."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1e-6
+    counts, edges = np.histogram(values, bins=buckets, range=(low, high))
+    tensor = np.stack([edges[:-1], edges[1:], counts], axis=1)
+    tf.summary.write(
+        name,
+        tf.constant(tensor, tf.float64),
+        step=step,
+        metadata=_summary_metadata("histograms"),
+    )
+
+
+def _write_summaries(writer, trainer, step, stats, norms, images_per_second):
+    with writer.as_default():
+        for name, value in stats.items():
+            write_scalar(f"loss/{name}", value, step)
+        radius = trainer.radius()
+        if radius is not None:
+            write_scalar("ring/radius", radius, step)
+        head_lambda = trainer.head_lambda()
+        if head_lambda is not None:
+            write_scalar("asoftmax/lambda", head_lambda, step)
+        write_scalar("learning_rate", trainer.learning_rate(), step)
+        write_scalar("images_per_second", images_per_second, step)
+        write_histogram("feature_norm", norms.numpy(), step)
+    writer.flush()
+
+
+def _nan_message(trainer, step, stats):
+    values = ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+    latest = None
+    if trainer.manager is not None:
+        latest = tf.train.latest_checkpoint(str(trainer.model_dir))
+    if latest:
+        kept = (
+            f"the last good checkpoint {latest} is intact and the next run "
+            "resumes from it"
+        )
+    else:
+        kept = "no checkpoint was written yet"
+    return (
+        f"Training stopped at step {step}: the loss is not finite ({values}); "
+        f"{kept}. Try a lower lr (now {trainer.learning_rate():.4g}), "
+        "warmup_steps, a smaller lambda_ring, or training without "
+        "mixed_precision."
+    )
+
+
+# --------------------------------------------------------------------------
+# train(): everything train.py does
+# --------------------------------------------------------------------------
+
+
+def _check_arguments(a):
+    def bad(name, problem, fix):
+        raise ArgumentError(name, a[name], problem, fix)
+
+    if a["head"] not in HEADS:
+        bad("head", "unknown head", f"use one of {', '.join(HEADS)}")
+    if a["backbone"] not in backbones.BACKBONES:
+        bad(
+            "backbone", "unknown backbone",
+            f"use one of {', '.join(backbones.BACKBONES)}",
+        )
+    if not isinstance(a["lambda_ring"], (int, float)) or not (
+        a["lambda_ring"] >= 0 and math.isfinite(a["lambda_ring"])
+    ):
+        bad(
+            "lambda_ring", "must be a finite number >= 0",
+            "use 0 to disable the ring loss or e.g. 0.01",
+        )
+    radius = a["ring_radius"]
+    if radius != "auto" and not (
+        isinstance(radius, (int, float)) and radius > 0
+        and math.isfinite(radius)
+    ):
+        bad("ring_radius", "must be 'auto' or a positive number",
+            "use auto (mean norm of the first batch) or e.g. 20")
+    for name in ("batch_size", "log_every", "checkpoint_every"):
+        if not isinstance(a[name], int) or a[name] < 1:
+            bad(name, "must be a positive integer", "use e.g. 256")
+    if a["steps"] is None and a["epochs"] is None:
+        bad("steps", "neither steps nor epochs is set", "set one of them")
+    if a["steps"] is not None and a["epochs"] is not None:
+        bad("steps", "both steps and epochs are set", "set only one of them")
+    if a["steps"] is not None and (
+        not isinstance(a["steps"], int) or a["steps"] < 1
+    ):
+        bad("steps", "must be a positive integer", "use e.g. 1000")
+    if a["epochs"] is not None and not (
+        isinstance(a["epochs"], (int, float)) and a["epochs"] > 0
+    ):
+        bad("epochs", "must be a positive number", "use e.g. 8")
+    for name in ("lr",):
+        if not (isinstance(a[name], (int, float)) and a[name] > 0
+                and math.isfinite(a[name])):
+            bad(name, "must be a positive number", "use e.g. 0.1")
+    for name in ("weight_decay", "warmup_steps"):
+        if not (isinstance(a[name], (int, float)) and a[name] >= 0):
+            bad(name, "must be >= 0", "use 0 to disable it")
+    if not (0 <= a["momentum"] < 1):
+        bad("momentum", "must be in [0, 1)", "use e.g. 0.9")
+    if a["lr_schedule"] not in LR_SCHEDULES:
+        bad("lr_schedule", "unknown schedule",
+            f"use one of {', '.join(LR_SCHEDULES)}")
+    if a["optimizer"] not in OPTIMIZERS:
+        bad("optimizer", "unknown optimizer",
+            f"use one of {', '.join(OPTIMIZERS)}")
+    if a["augment"] is not None and a["augment"] not in AUGMENTATIONS:
+        bad("augment", "unknown augmentation",
+            f"use one of {', '.join(AUGMENTATIONS)}")
+    if a["head"] == "asoftmax" and a["margin"] is not None and (
+        a["margin"] not in (1, 2, 3, 4)
+    ):
+        bad("margin", "A-Softmax's margin m must be an integer 1..4",
+            "use 4 (SphereFace) or omit it")
+    if a["head"] in ("cosface", "arcface") and a["margin"] is not None and (
+        not a["margin"] >= 0
+    ):
+        bad("margin", "must be >= 0", "use e.g. 0.35 (CosFace), 0.5 (ArcFace)")
+    for name in ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min"):
+        if not (isinstance(a[name], (int, float)) and a[name] >= 0):
+            bad(name, "must be >= 0",
+                "see README, A-Softmax schedule (defaults 1000, 0.12, 1, 5)")
+    if a["image_size"] is not None and (
+        len(a["image_size"]) != 2 or min(a["image_size"]) < 8
+    ):
+        bad("image_size", "must be (height, width), both >= 8",
+            "use e.g. 32 or 112,96")
+    if a["channels"] is not None and a["channels"] not in (1, 3):
+        bad("channels", "must be 1 or 3", "use 1 (grey) or 3 (RGB)")
+    data_dir = a["data_dir"]
+    if data_dir is not None and not (pathlib.Path(data_dir) / "train").is_dir():
+        if not pathlib.Path(data_dir).is_dir():
+            bad("data_dir", "no such directory",
+                "give a directory holding train/ (one folder per identity), "
+                "or omit it to use the embedded character set")
+        bad("data_dir", "has no train/ sub-directory",
+            "put one folder of images per identity under <data_dir>/train")
+    if a["model_dir"] is None or str(a["model_dir"]) == "":
+        bad("model_dir", "is empty", "give a directory for checkpoints")
+
+
+def _config(a, num_classes, image_size, channels, embedding_dim):
+    return {
+        "backbone": a["backbone"],
+        "head": a["head"],
+        "num_classes": int(num_classes),
+        "embedding_dim": int(embedding_dim),
+        "image_size": list(image_size),
+        "channels": int(channels),
+        "ring": a["lambda_ring"] > 0,
+        "lambda_ring": a["lambda_ring"],
+        "ring_radius": a["ring_radius"],
+        "margin": a["margin"],
+        "scale": a["scale"],
+        "data_dir": None if a["data_dir"] is None else str(a["data_dir"]),
+        "seed": a["seed"],
+    }
+
+
+def check_resume_config(model_dir, config):
+    """Writes `config` to `model_dir`, or checks it against a saved one.
+
+    Raises:
+        ValueError: `model_dir` holds a checkpoint of another architecture.
+    """
+    model_dir = pathlib.Path(model_dir)
+    path = model_dir / CONFIG_FILE
+    has_checkpoint = tf.train.latest_checkpoint(str(model_dir)) is not None
+    if path.is_file() and has_checkpoint:
+        saved = json.loads(path.read_text())
+        different = [
+            f"{k}={saved.get(k)!r} (now {config[k]!r})"
+            for k in ARCHITECTURE_KEYS
+            if saved.get(k) != config[k]
+        ]
+        if different:
+            raise ValueError(
+                f"{model_dir} holds a checkpoint of another model: "
+                f"{', '.join(different)}. Use a new model_dir, or the settings "
+                "of that run to resume it."
+            )
+        return
+    model_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def embed(embedding_model, images, batch_size=512):
+    """Embeddings of preprocessed float images, in batches (numpy)."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        outputs.append(
+            keras.ops.convert_to_numpy(
+                embedding_model(batch, training=False)
+            ).astype(np.float32)
+        )
+    if not outputs:
+        return np.zeros((0, embedding_model.output_shape[-1]), np.float32)
+    return np.concatenate(outputs)
+
+
+def evaluate_verification(embedding_model, pairs_path, lfw_dir, image_size,
+                          channels):
+    """10-fold accuracy and TAR@FAR of `pairs_path` (LFW format)."""
+    from ring_loss_tf import data
+    from ring_loss_tf import metrics
+
+    pairs = data.read_lfw_pairs(
+        pairs_path, lfw_dir, image_size=tuple(image_size), channels=channels
+    )
+    images = data.normalize_images(pairs.images)
+    embeddings = embed(embedding_model, images)
+    scores = metrics.pair_scores(
+        embeddings[pairs.left], embeddings[pairs.right]
+    )
+    fold = getattr(pairs, "fold", None)
+    return metrics.verify(
+        scores, pairs.issame, fold=fold, fars=(1e-3, 1e-4)
+    )
+
+
+def format_verification_table(result, title):
+    """A short markdown table of a `metrics.VerificationResult`."""
+
+    def rate(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    rows = [
+        f"{title}: {result.num_genuine} genuine, {result.num_impostor} "
+        "impostor pairs",
+        "| 10-fold accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-4 |",
+        "|---|---|---|",
+        f"| {100 * result.accuracy_mean:.2f}% ± {100 * result.accuracy_std:.2f}"
+        f" | {rate(result.tar_at_far.get(1e-3))}"
+        f" | {rate(result.tar_at_far.get(1e-4))} |",
+    ]
+    return "\n".join(rows)
+
+
+def _mixed_precision_policy(enabled):
+    if not enabled:
+        return None
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16"
+
+
+def train(
+    *,
+    model_dir,
+    data_dir=None,
+    backbone="small_cnn",
+    head="softmax",
+    embedding_dim=None,
+    image_size=None,
+    channels=None,
+    augment=None,
+    lambda_ring=0.01,
+    ring_radius="auto",
+    batch_size=256,
+    epochs=None,
+    steps=None,
+    lr=0.1,
+    lr_schedule="cosine",
+    warmup_steps=0,
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=5e-4,
+    mixed_precision=False,
+    jit=True,
+    seed=0,
+    margin=None,
+    scale=None,
+    lambda_base=1000.0,
+    lambda_gamma=0.12,
+    lambda_power=1.0,
+    lambda_min=5.0,
+    l2_alpha=16.0,
+    center_loss_weight=0.003,
+    center_alpha=0.5,
+    log_every=50,
+    checkpoint_every=500,
+    max_to_keep=3,
+    stop_at_step=None,
+    evaluate=True,
+    export=True,
+    devices=None,
+    kanji_options=None,
+    print_fn=print,
+):
+    """Trains, checkpoints, exports and evaluates; see train.py's flags.
+
+    Rerunning with the same `model_dir` resumes from its latest checkpoint
+    (the same weights as an uninterrupted run); a different backbone, head,
+    class count, embedding size, image size or ring on/off is an error.
+
+    Args (the rest are the flags of train.py with the same names):
+        data_dir: None for the embedded character set (`kanji.prepare`),
+            else a directory with train/ (one folder per identity), and
+            optionally test/ + pairs.txt (LFW layout) for the final table.
+        kanji_options: keyword arguments of `kanji.prepare` (data size).
+        stop_at_step: stop with a checkpoint after this step (time-sliced
+            jobs; the next run resumes).
+        devices: device list of `build_strategy`.
+        print_fn: where progress lines go.
+
+    Returns:
+        dict with "step", "last" (stats of the last step), "export_dir",
+        "verification" (a `metrics.VerificationResult` or None) and "table".
+    """
+    arguments = dict(locals())
+    arguments.pop("print_fn")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+        arguments["image_size"] = image_size
+    _check_arguments(arguments)
+    from ring_loss_tf import data
+
+    strategy = build_strategy(devices)
+    if batch_size % strategy.num_replicas_in_sync:
+        n = strategy.num_replicas_in_sync
+        raise ArgumentError(
+            "batch_size", batch_size,
+            f"not divisible by the {n} replicas",
+            f"use a multiple of {n}, e.g. {max(1, batch_size // n) * n}",
+        )
+    chief = _is_chief(strategy)
+    if data_dir is None:
+        from ring_loss_tf import kanji
+
+        options = dict(kanji_options or {})
+        options.setdefault("seed", seed)
+        options.setdefault("progress", chief)
+        root = pathlib.Path(kanji.prepare(**options))
+        image_size = image_size or (options.get("image_size", 32),) * 2
+        channels = channels or KANJI_CHANNELS
+        augment = augment or "characters"
+    else:
+        root = pathlib.Path(data_dir)
+        image_size = image_size or FACE_IMAGE_SIZE
+        channels = channels or FACE_CHANNELS
+        augment = augment or "face"
+    if embedding_dim is None:
+        embedding_dim = 128 if backbone == "small_cnn" else 512
+    source = data.open_training_source(root / "train")
+    num_classes = source.num_classes
+    if steps is None:
+        steps = max(1, math.ceil(epochs * source.num_examples / batch_size))
+    config = _config(arguments, num_classes, image_size, channels,
+                     embedding_dim)
+    if chief:
+        check_resume_config(model_dir, config)
+
+    policy = _mixed_precision_policy(mixed_precision)
+    previous_policy = keras.config.dtype_policy()
+    if policy:
+        keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(seed)
+    try:
+
+        def model_fn():
+            return build_models(
+                num_classes=num_classes,
+                backbone=backbone,
+                head=head,
+                image_size=image_size,
+                channels=channels,
+                embedding_dim=embedding_dim,
+                lambda_ring=lambda_ring,
+                ring_radius=ring_radius,
+                margin=margin,
+                scale=scale,
+                lambda_base=lambda_base,
+                lambda_gamma=lambda_gamma,
+                lambda_power=lambda_power,
+                lambda_min=lambda_min,
+                l2_alpha=l2_alpha,
+                center_loss_weight=center_loss_weight,
+                center_alpha=center_alpha,
+                seed=seed,
+            )
+
+        schedule = LearningRate(
+            lr, steps, lr_schedule, warmup_steps=warmup_steps
+        )
+        trainer = Trainer(
+            strategy,
+            model_fn,
+            global_batch_size=batch_size,
+            learning_rate=schedule,
+            optimizer=optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            jit=jit,
+            model_dir=model_dir,
+            max_to_keep=max_to_keep,
+            mixed_precision=policy,
+        )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    dataset = data.training_dataset(
+        source,
+        batch_size=batch_size,
+        image_size=tuple(image_size),
+        channels=channels,
+        augment=augment,
+        seed=seed,
+    )
+    iterator = iter(dataset)
+    restored = trainer.attach_checkpoint(iterator, max_to_keep=max_to_keep)
+    if chief:
+        start = int(trainer.step.numpy())
+        print_fn(
+            f"{'Resuming from ' + restored if restored else 'Training'}: "
+            f"{backbone} → "
+            f"{'RingLoss(λ=' + str(lambda_ring) + ') → ' if lambda_ring else ''}"
+            f"{head}, {num_classes} classes, {source.num_examples} images, "
+            f"batch {batch_size} on {strategy.num_replicas_in_sync} "
+            f"replica(s), steps {start}→{steps}, jit={jit}, "
+            f"mixed_precision={policy or 'off'}"
+        )
+    writer = None
+    if chief:
+        writer = tf.summary.create_file_writer(str(pathlib.Path(model_dir) / "train"))
+    try:
+        last = run_loop(
+            trainer,
+            iterator,
+            steps,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            stop_at_step=stop_at_step,
+            print_fn=print_fn,
+            summary_writer=writer,
+        )
+    finally:
+        trainer.close()
+        if writer is not None:
+            writer.close()
+    result = {
+        "step": int(trainer.step.numpy()),
+        "last": last,
+        "export_dir": None,
+        "verification": None,
+        "table": None,
+        "trainer": trainer,
+    }
+    if result["step"] < steps or not chief:
+        return result
+    if export:
+        from ring_loss_tf import export as export_lib
+
+        result["export_dir"] = export_lib.export_saved_model(
+            trainer.models.embedding_model,
+            pathlib.Path(model_dir) / EXPORT_DIR,
+            overwrite=True,
+        )
+        print_fn(f"Exported the embedding model to {result['export_dir']}")
+    pairs_path = root / "pairs.txt"
+    if evaluate and pairs_path.is_file() and (root / "test").is_dir():
+        verification = evaluate_verification(
+            trainer.models.embedding_model, pairs_path, root / "test",
+            image_size, channels,
+        )
+        table = format_verification_table(
+            verification, f"Verification on unseen identities ({pairs_path})"
+        )
+        result["verification"] = verification
+        result["table"] = table
+        print_fn(table)
+    return result
