@@ -1,0 +1,258 @@
+"""MXNet RecordIO (`.rec` + `.idx`) read without MXNet.
+
+insightface distributes MS1M, Glint360K and CASIA-WebFace as `train.rec`
+with `train.idx`; this module reads them directly, so nobody has to convert.
+
+The framing (dmlc-core `recordio.h`): each record part is
+
+    uint32 magic = 0xced7230a
+    uint32 lrecord: cflag = lrecord >> 29, length = lrecord & (2**29 - 1)
+    length bytes of data, then zero padding to a multiple of 4 bytes
+
+cflag 0 is a whole record; a record whose data contains the magic number at a
+4-byte-aligned position is split there into parts with cflag 1 (first), 2
+(middle) and 3 (last), and the reader joins the parts with the magic number
+between them. All integers are little-endian.
+
+An image record (MXNet `recordio.pack`) starts with the 24-byte IRHeader
+
+    uint32 flag, float32 label, uint64 id, uint64 id2
+
+and, if flag > 0, `flag` float32 labels follow (the header's label is then
+unused); the rest is the encoded image. The `.idx` file is text, one
+"key<TAB>byte offset" line per record.
+
+insightface's convention: if record 0 has flag > 0, its labels (a, b) say
+that image records are the ids 1 .. a-1 and identity records the ids
+a .. b-1 (one per class, whose labels are the id range of its images); each
+image record's own label is its class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import struct
+import threading
+import warnings
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+_LENGTH_MASK = (1 << 29) - 1
+_IR_FORMAT = "<IfQQ"
+IR_HEADER_SIZE = struct.calcsize(_IR_FORMAT)  # 24
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+
+
+@dataclasses.dataclass(frozen=True)
+class IRHeader:
+    """The image record header; `label` is a float, or an array if flag > 0."""
+
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def unpack(record: bytes) -> tuple[IRHeader, bytes]:
+    """Splits an image record into its IRHeader and the encoded image."""
+    if len(record) < IR_HEADER_SIZE:
+        raise ValueError(
+            f"Image record of {len(record)} bytes is shorter than the "
+            f"{IR_HEADER_SIZE}-byte IRHeader (flag, label, id, id2)."
+        )
+    flag, label, id1, id2 = struct.unpack_from(_IR_FORMAT, record)
+    payload_start = IR_HEADER_SIZE
+    if flag > 0:
+        payload_start += 4 * flag
+        if len(record) < payload_start:
+            raise ValueError(
+                f"Image record header says {flag} labels follow, but the "
+                f"record has only {len(record)} bytes."
+            )
+        label = np.frombuffer(
+            record, dtype="<f4", count=flag, offset=IR_HEADER_SIZE
+        ).astype(np.float32)
+    return IRHeader(flag, label, id1, id2), record[payload_start:]
+
+
+def first_label(header: IRHeader) -> float:
+    """The class label of an image record: the label, or the first of them."""
+    if header.flag > 0:
+        return float(header.label[0])
+    return float(header.label)
+
+
+class RecordIOReader:
+    """Random access to the records of a `.rec` file, thread-safe.
+
+    Args:
+        rec_path: the `.rec` file.
+        idx_path: its `.idx` file; default: the `.rec` path with `.idx`. If
+            it does not exist, the `.rec` file is scanned once (a warning
+            says so; for large files write the `.idx` with MXNet's tools).
+
+    Reads use `os.pread` on one descriptor, so threads (tf.data's parallel
+    map) can read concurrently.
+    """
+
+    def __init__(self, rec_path, idx_path=None):
+        self.path = pathlib.Path(rec_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"RecordIO file not found: {self.path}. Pass the path of a "
+                "train.rec (with train.idx beside it) or of its directory."
+            )
+        idx_path = (
+            pathlib.Path(idx_path)
+            if idx_path is not None
+            else self.path.with_suffix(".idx")
+        )
+        self.size = self.path.stat().st_size
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._lock = threading.Lock()
+        if idx_path.is_file():
+            self.offsets = _read_idx(idx_path)
+        else:
+            warnings.warn(
+                f"No index file {idx_path}: scanning {self.path} for record "
+                "offsets (slow for large files).",
+                stacklevel=2,
+            )
+            self.offsets = {
+                key: offset for key, offset in enumerate(self.scan())
+            }
+        self.keys = sorted(self.offsets)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __getstate__(self):
+        raise TypeError("RecordIOReader holds an open file; pass its path.")
+
+    def _pread(self, size, offset):
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise ValueError(
+                f"{self.path}: truncated RecordIO file: wanted {size} bytes at "
+                f"offset {offset}, the file has {self.size} bytes."
+            )
+        return data
+
+    def read_at(self, offset: int) -> bytes:
+        """The record (its parts joined) that starts at byte `offset`."""
+        parts = []
+        position = offset
+        while True:
+            magic, lrecord = struct.unpack("<II", self._pread(8, position))
+            if magic != MAGIC:
+                raise ValueError(
+                    f"{self.path}: not a RecordIO record at offset {position}: "
+                    f"expected magic 0x{MAGIC:08x}, found 0x{magic:08x}. Is "
+                    "the .idx file the one written with this .rec?"
+                )
+            cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+            parts.append(self._pread(length, position + 8) if length else b"")
+            position += 8 + ((length + 3) & ~3)
+            if cflag in (0, 3):
+                break
+        return _MAGIC_BYTES.join(parts)
+
+    def read(self, key: int) -> bytes:
+        """The record with index key `key` (from the `.idx` file)."""
+        try:
+            offset = self.offsets[key]
+        except KeyError:
+            raise KeyError(
+                f"{self.path}: no record with key {key} in its index "
+                f"({len(self.keys)} records)."
+            ) from None
+        return self.read_at(offset)
+
+    def read_header(self, key: int) -> IRHeader:
+        """Only the IRHeader (and extra labels) of record `key`."""
+        offset = self.offsets[key]
+        magic, lrecord = struct.unpack("<II", self._pread(8, offset))
+        if magic != MAGIC or lrecord >> 29 not in (0, 1):
+            return unpack(self.read_at(offset))[0]
+        length = lrecord & _LENGTH_MASK
+        if length < IR_HEADER_SIZE:
+            return unpack(self.read_at(offset))[0]
+        head = self._pread(IR_HEADER_SIZE, offset + 8)
+        if struct.unpack_from("<I", head)[0] > 0:
+            return unpack(self.read_at(offset))[0]
+        return unpack(head)[0]
+
+    def scan(self) -> list[int]:
+        """Byte offsets of every record, by reading the framing in order."""
+        offsets = []
+        position = 0
+        in_record = False
+        while position < self.size:
+            magic, lrecord = struct.unpack("<II", self._pread(8, position))
+            if magic != MAGIC:
+                raise ValueError(
+                    f"{self.path}: not a RecordIO file: expected magic "
+                    f"0x{MAGIC:08x} at offset {position}, found 0x{magic:08x}."
+                )
+            cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+            if not in_record:
+                offsets.append(position)
+            in_record = cflag in (1, 2)
+            position += 8 + ((length + 3) & ~3)
+        return offsets
+
+
+def _read_idx(path) -> dict[int, int]:
+    offsets = {}
+    with open(path, encoding="ascii", errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                key, offset = int(fields[0]), int(fields[1])
+                if len(fields) != 2:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise ValueError(
+                    f"{path} line {number}: expected 'key<TAB>offset' "
+                    f"(two integers), found {line.strip()[:60]!r}. Rewrite the "
+                    "index, or delete it to have the .rec scanned."
+                ) from None
+            offsets[key] = offset
+    return offsets
+
+
+def image_records(reader: RecordIOReader) -> tuple[np.ndarray, int | None]:
+    """(image record keys, num_classes if the header record says it).
+
+    With insightface's header record 0 (flag > 0, labels (a, b)), images are
+    the keys 1 .. a-1 and there are b - a classes; otherwise every record is
+    an image and the class count is unknown (None).
+    """
+    if 0 in reader.offsets:
+        header = reader.read_header(0)
+        if header.flag > 0 and len(header.label) >= 2:
+            start, end = int(header.label[0]), int(header.label[1])
+            keys = np.arange(1, start, dtype=np.int64)
+            missing = [k for k in keys[:1].tolist() + keys[-1:].tolist()
+                       if k not in reader.offsets]
+            if missing:
+                raise ValueError(
+                    f"{reader.path}: header record 0 says images are records "
+                    f"1..{start - 1}, but record {missing[0]} is not in the "
+                    "index."
+                )
+            return keys, (end - start if end > start else None)
+    return np.asarray(reader.keys, dtype=np.int64), None
