@@ -1,0 +1,53 @@
+"""Runs one test module through pytest for a Bazel py_test (tests/BUILD).
+
+Usage (Bazel does this): `bazel_pytest.py tests/test_x.py [pytest args...]`,
+from the runfiles root. pytest then applies tests/conftest.py and the
+[tool.pytest.ini_options] of pyproject.toml, as `python -m pytest` would.
+
+Bazel's test protocol is mapped onto pytest: results go to $XML_OUTPUT_FILE
+as JUnit XML (per-test results in `bazel test`), `--test_filter=EXPR` becomes
+`-k EXPR`, and everything pytest or Hypothesis writes stays under
+$TEST_TMPDIR, outside the runfiles tree (Bazel 4 leaves HOME
+unset and the sandbox keeps the real home read-only, so HOME is $TEST_TMPDIR).
+The virtualenv's bin directory goes first on PATH, as in an activated
+virtualenv, for tests that start its tools in a subprocess.
+"""
+
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or not argv[1].endswith(".py"):
+        print(
+            "bazel_pytest.py: expected the test module's path as the first "
+            f"argument (set `args` in tests/BUILD). Received: {argv[1:]!r}",
+            file=sys.stderr,
+        )
+        return 2
+    module, extra = argv[1], argv[2:]
+    tmp = os.environ.get("TEST_TMPDIR")
+    args = [module, "-p", "no:cacheprovider"]
+    if tmp:
+        os.environ.setdefault("HOME", tmp)
+        args.append(f"--basetemp={os.path.join(tmp, 'pytest')}")
+        os.environ.setdefault(
+            "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tmp, "hypothesis")
+        )
+    os.environ["PATH"] = os.pathsep.join(
+        [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+    )
+    if os.environ.get("XML_OUTPUT_FILE"):
+        args.append(f"--junitxml={os.environ['XML_OUTPUT_FILE']}")
+    if os.environ.get("TESTBRIDGE_TEST_ONLY"):
+        args += ["-k", os.environ["TESTBRIDGE_TEST_ONLY"]]
+    # Leave the runfiles tree as Bazel built it: no __pycache__ in it.
+    sys.dont_write_bytecode = True
+
+    import pytest
+
+    return pytest.main(args + extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
