@@ -515,14 +515,14 @@ def _prepare(x: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return x, -np.sum(np.square(x), axis=1)
 
 
-def _row_scores(p, q, metric):
-    """Scores of probes p against rows q up to a per-probe constant.
+def _scores_block(p, q, q_bias, metric):
+    """Scores of prepared probes p against prepared rows q, up to a
+    per-probe constant.
 
     cosine: p̂·q̂.  l2: −‖p − q‖² + ‖p‖² = 2p·q − ‖q‖²; the ‖p‖² term is the
     same for every candidate of one probe, so ranks do not change.
     """
-    qx, q_bias = _prepare(q, metric)
-    s = p @ qx.T
+    s = p @ q.T
     if metric == "l2":
         s *= 2
         s += q_bias[None, :]
@@ -539,6 +539,7 @@ def identify(
     metric: str = "cosine",
     max_rank: int = 100,
     chunk_size: int = 8192,
+    probe_chunk_size: int = 2048,
 ) -> IdentificationResult:
     """Closed-set identification with distractors (MegaFace style).
 
@@ -554,8 +555,10 @@ def identify(
     that for k = 1 … max_rank.
 
     Memory is bounded: candidates (gallery, then distractors) are read
-    `chunk_size` rows at a time and only a `(num_probes, chunk_size)` score
-    block is alive; a `np.memmap` of 1,000,000 × 512 distractors works.
+    `chunk_size` rows at a time and probes go `probe_chunk_size` at a time,
+    so one float32 score block of at most probe_chunk_size × chunk_size
+    (64 MiB by default) is alive; a `np.memmap` of 1,000,000 × 512
+    distractors works.
     Compute is one matrix product per block (float32), so the cost is that
     of `probes @ candidates.T` plus one compare-and-count per score.
 
@@ -569,6 +572,7 @@ def identify(
         metric: "cosine" or "l2" (as in `pair_scores`).
         max_rank: length of the CMC.
         chunk_size: candidate rows per block.
+        probe_chunk_size: probe rows per block.
 
     Returns:
         An `IdentificationResult`.
@@ -611,33 +615,36 @@ def identify(
         )
     if max_rank < 1:
         raise ValueError(f"`max_rank` must be ≥ 1. Received: {max_rank}")
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be ≥ 1. Received: {chunk_size}")
+    if chunk_size < 1 or probe_chunk_size < 1:
+        raise ValueError(
+            "`chunk_size` and `probe_chunk_size` must be ≥ 1. Received: "
+            f"{chunk_size}, {probe_chunk_size}"
+        )
 
     p, _ = _prepare(probes, metric)
     num_probes = p.shape[0]
     # Pass 1: the genuine score, best same-identity gallery score.
     genuine = np.full(num_probes, -np.inf, np.float32)
-    for start in range(0, gallery.shape[0], chunk_size):
-        stop = start + chunk_size
-        s = _row_scores(p, gallery[start:stop], metric)
-        same = probe_labels[:, None] == gallery_labels[None, start:stop]
-        best = np.max(np.where(same, s, -np.inf), axis=1)
-        np.maximum(genuine, best, out=genuine)
+    for c0 in range(0, gallery.shape[0], chunk_size):
+        c1 = c0 + chunk_size
+        q, q_bias = _prepare(gallery[c0:c1], metric)
+        for p0 in range(0, num_probes, probe_chunk_size):
+            p1 = p0 + probe_chunk_size
+            s = _scores_block(p[p0:p1], q, q_bias, metric)
+            same = probe_labels[p0:p1, None] == gallery_labels[None, c0:c1]
+            best = np.max(np.where(same, s, -np.inf), axis=1)
+            np.maximum(genuine[p0:p1], best, out=genuine[p0:p1])
+
     # Pass 2: count impostor candidates scoring ≥ genuine.
-    ahead = np.zeros(num_probes, np.int64)
-    g = genuine[:, None]
-    for start in range(0, gallery.shape[0], chunk_size):
-        stop = start + chunk_size
-        s = _row_scores(p, gallery[start:stop], metric)
-        same = probe_labels[:, None] == gallery_labels[None, start:stop]
-        ahead += np.count_nonzero((s >= g) & ~same, axis=1)
+    def same_identity(p0, p1, c0, c1):
+        return probe_labels[p0:p1, None] == gallery_labels[None, c0:c1]
+
+    args = (metric, chunk_size, probe_chunk_size)
+    ahead = _count_at_least(p, genuine, gallery, *args, same_identity)
     num_distractors = 0
     if distractors is not None:
         num_distractors = int(distractors.shape[0])
-        ahead += _count_at_least(
-            p, genuine, distractors, metric=metric, chunk_size=chunk_size
-        )
+        ahead += _count_at_least(p, genuine, distractors, *args)
     ranks = ahead + 1
     cmc = cmc_curve(ranks, max_rank)
     return IdentificationResult(
@@ -654,22 +661,32 @@ def _count_at_least(
     probes: np.ndarray,
     thresholds: np.ndarray,
     candidates: np.ndarray,
-    *,
-    metric: str = "cosine",
-    chunk_size: int = 8192,
+    metric: str,
+    chunk_size: int,
+    probe_chunk_size: int,
+    exclude=None,
 ) -> np.ndarray:
     """For each probe i, #{candidates j : score(i, j) ≥ thresholds[i]}.
 
-    `probes` must already be prepared (L2-normalised for cosine) and
-    `thresholds` in the same units as `_row_scores` (for l2: 2p·q − ‖q‖²).
-    `candidates` are raw rows, read `chunk_size` at a time.
+    `probes` are prepared (L2-normalised for cosine), `thresholds` in the
+    units of `_scores_block`. `candidates` are raw rows, read and prepared
+    `chunk_size` at a time; probes go `probe_chunk_size` at a time, so one
+    score block is at most probe_chunk_size × chunk_size float32.
+    `exclude(p0, p1, c0, c1)`, if given, returns a bool mask of pairs not to
+    count.
     """
-    probes = np.asarray(probes, np.float32)
     t = np.asarray(thresholds, np.float32)[:, None]
     counts = np.zeros(probes.shape[0], np.int64)
-    for start in range(0, candidates.shape[0], chunk_size):
-        s = _row_scores(probes, candidates[start : start + chunk_size], metric)
-        counts += np.count_nonzero(s >= t, axis=1)
+    for c0 in range(0, candidates.shape[0], chunk_size):
+        c1 = min(c0 + chunk_size, candidates.shape[0])
+        q, q_bias = _prepare(candidates[c0:c1], metric)
+        for p0 in range(0, probes.shape[0], probe_chunk_size):
+            p1 = min(p0 + probe_chunk_size, probes.shape[0])
+            s = _scores_block(probes[p0:p1], q, q_bias, metric)
+            hit = s >= t[p0:p1]
+            if exclude is not None:
+                hit &= ~exclude(p0, p1, c0, c1)
+            counts[p0:p1] += np.count_nonzero(hit, axis=1)
     return counts
 
 

@@ -329,7 +329,15 @@ def test_identify_chunked_matches_full_matrix(metric):
     p = g[pl * 2] + 1.2 * rng.normal(size=(30, 16)).astype(np.float32)
     d = rng.normal(size=(333, 16)).astype(np.float32) * 1.3
     got = metrics.identify(
-        p, pl, g, gl, d, metric=metric, max_rank=10, chunk_size=17
+        p,
+        pl,
+        g,
+        gl,
+        d,
+        metric=metric,
+        max_rank=10,
+        chunk_size=17,
+        probe_chunk_size=7,
     )
     want = _brute_ranks(p, pl, g, gl, d, metric)
     np.testing.assert_array_equal(got.ranks, want)
