@@ -57,9 +57,9 @@ def _python_interpreter_impl(rctx):
         python = str(found)
         origin = "python3 on PATH"
     if not python.startswith("/"):
-        fail(("{}={!r} is not an absolute path: give the full path of " +
+        fail(("{}={} is not an absolute path: give the full path of " +
               "the virtualenv's python, e.g. /path/to/venv/bin/python")
-            .format(_ENV, python))
+            .format(_ENV, repr(python)))
     result = rctx.execute(
         [python, "-c", _CHECK] + rctx.attr.required_modules,
         quiet = True,
