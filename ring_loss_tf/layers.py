@@ -1,0 +1,786 @@
+"""Ring loss and the classification heads of the Ring loss paper, as layers.
+
+Each layer has a stateless function twin (`ring_loss` / `RingLoss`, ...):
+the layer owns the weights and the training-time state, the function holds
+the maths, so tests and benchmarks can call the formula directly.
+
+Everything is written with `keras.ops` and computed in float32, also under a
+mixed-precision policy: norms, cosines and margins lose too much in float16.
+
+Norms use `safe_norm`: a zero vector has norm 0 and a finite (zero) gradient,
+and a tiny non-zero vector keeps its exact norm. An additive epsilon, as in
+`sqrt(sum(x**2) + 1e-12)`, would turn a norm of 1e-9 into 1e-6 (design.md §1).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+_PACKAGE = "ring_loss_tf"
+_MARGINS = (1, 2, 3, 4)
+
+
+def safe_norm(x, axis=-1, keepdims=False):
+    """L2 norm, exact for tiny vectors, with a finite gradient at zero.
+
+    The vector is divided by its largest magnitude first, so Σx² neither
+    underflows (a norm of 1e-30 stays 1e-30 in float32) nor overflows, and
+    no epsilon is added anywhere. The scale carries no gradient: the norm
+    is homogeneous, so ∂‖x‖/∂x = x/‖x‖ exactly. The double `where` keeps
+    the square root's argument positive, so a zero vector has norm 0 and
+    gradient 0 with neither branch producing inf or NaN.
+    """
+    scale = ops.stop_gradient(ops.max(ops.abs(x), axis=axis, keepdims=True))
+    positive = scale > 0
+    safe_scale = ops.where(positive, scale, ops.ones_like(scale))
+    squared = ops.sum(ops.square(x / safe_scale), axis=axis, keepdims=True)
+    safe_squared = ops.where(positive, squared, ops.ones_like(squared))
+    norm = ops.where(
+        positive, safe_scale * ops.sqrt(safe_squared), ops.zeros_like(scale)
+    )
+    if not keepdims:
+        norm = ops.squeeze(norm, axis=axis)
+    return norm
+
+
+def _safe_divide(numerator, denominator):
+    """numerator / denominator, and 0 where denominator is 0 (both branches finite)."""
+    nonzero = denominator != 0
+    safe = ops.where(nonzero, denominator, ops.ones_like(denominator))
+    return ops.where(nonzero, numerator / safe, ops.zeros_like(numerator))
+
+
+def _normalize(x, axis=-1):
+    """x / ‖x‖ along `axis`; a zero vector stays zero.
+
+    Divides by the largest magnitude first (no gradient through it), so
+    every intermediate is O(1): even under XLA's rewrites no ‖x‖² or ‖x‖³
+    of a tiny vector underflows into an inf in the backward pass.
+    """
+    scale = ops.stop_gradient(ops.max(ops.abs(x), axis=axis, keepdims=True))
+    scaled = x / ops.where(scale > 0, scale, ops.ones_like(scale))
+    return _safe_divide(scaled, safe_norm(scaled, axis=axis, keepdims=True))
+
+
+def _replica_local_weight(layer, name, shape, initializer, dtype, aggregation):
+    """A non-trainable weight that each replica updates without a sync point.
+
+    State updated inside `call` (A-Softmax's step counter, the centers)
+    must not need a cross-replica merge: a custom distributed loop runs the
+    forward pass as a compiled function inside `strategy.run`, where a
+    merge is not allowed. On-read synchronisation keeps one copy per
+    replica and aggregates when read (and saved) from outside.
+    """
+    with keras.name_scope(layer.name, caller=layer):
+        variable = keras.Variable(
+            initializer=keras.initializers.get(initializer),
+            shape=shape,
+            dtype=dtype,
+            trainable=False,
+            autocast=False,
+            aggregation=aggregation,
+            synchronization="on_read",
+            name=name,
+        )
+    layer._track_variable(variable)
+    return variable
+
+
+def _float32(x):
+    return ops.cast(x, "float32")
+
+
+def _check_rank2(layer, input_shape, what="embeddings"):
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"{type(layer).__name__} expects {what} of shape "
+            "(batch_size, embedding_dim); flatten or pool the features first. "
+            f"Received: input_shape={tuple(input_shape)}"
+        )
+
+
+def _with_labels(layer, inputs):
+    """Checks that a head is called as layer([embeddings, labels])."""
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+        raise ValueError(
+            f"{type(layer).__name__} is called as head([embeddings, "
+            "labels]); the labels select the target class during "
+            f"training. Received: {type(inputs).__name__}"
+        )
+    return inputs
+
+
+def _embeddings_shape(layer, input_shape):
+    """The embeddings' shape from a [embeddings, labels] input shape."""
+    shapes = _with_labels(layer, input_shape)
+    if not isinstance(shapes[0], (list, tuple)):
+        _with_labels(layer, None)
+    _check_rank2(layer, shapes[0])
+    return shapes[0]
+
+
+def _check_num_classes(num_classes):
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            "`num_classes` must be a positive integer (the number of "
+            f"identities). Received: num_classes={num_classes!r}"
+        )
+
+
+def _check_positive(name, value, allow_zero=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+        ok = ok and math.isfinite(value)
+    if not ok:
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(
+            f"`{name}` must be a {bound} finite number. "
+            f"Received: {name}={value!r}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Ring loss
+# --------------------------------------------------------------------------
+
+
+def ring_loss(embeddings, radius, loss_weight):
+    """L_R = λ/(2m) · Σ_i (‖F_i‖₂ − R)²  (Zheng et al. 2018, eq. 2).
+
+    Args:
+        embeddings: `(batch_size, embedding_dim)` features F.
+        radius: scalar R.
+        loss_weight: λ, in the paper's ½·mean form.
+
+    Returns:
+        A float32 scalar.
+    """
+    norms = safe_norm(_float32(embeddings))
+    radius = _float32(radius)
+    return loss_weight * 0.5 * ops.mean(ops.square(norms - radius))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RingLoss(keras.layers.Layer):
+    """Pulls embedding norms towards one learned radius R (Ring loss).
+
+    Adds  L_R = λ/(2m) · Σ_i (‖F_i‖₂ − R)²  (Zheng et al. 2018, eq. 2) with
+    `add_loss` and returns its input unchanged. Gradients (design.md §1):
+
+        ∂L_R/∂R   = −(λ/m) · Σ_i (‖F_i‖ − R)
+        ∂L_R/∂F_i =  (λ/m) · (1 − R/‖F_i‖) · F_i     (0 at F_i = 0)
+
+    R is the scalar trainable weight `radius`, float32 under every policy;
+    exclude it from weight decay. With `radius_init="auto"` R starts at the
+    mean embedding norm of the first training batch the layer sees; the
+    non-trainable weight `radius_initialized` records that this happened, so
+    a reloaded or resumed model does not initialise R again.
+
+    Args:
+        loss_weight: λ of eq. 2, in the paper's ½·mean form (ports without
+            the ½, such as the authors' PyTorch code, need λ/2 for the same
+            effect). 0 adds a zero loss.
+        radius_init: positive float, or "auto" (the mean norm of the first
+            training batch).
+
+    Input shape: `(batch_size, embedding_dim)`. Output shape: the same.
+
+    Example:
+        ```python
+        embeddings = backbone(images)
+        embeddings = ring_loss_tf.RingLoss(loss_weight=0.01)(embeddings)
+        logits = keras.layers.Dense(num_classes)(embeddings)
+        ```
+
+    Reference: https://arxiv.org/abs/1803.00130
+    """
+
+    def __init__(self, loss_weight=0.01, radius_init="auto", **kwargs):
+        super().__init__(**kwargs)
+        _check_positive("loss_weight", loss_weight, allow_zero=True)
+        if isinstance(radius_init, str):
+            if radius_init != "auto":
+                raise ValueError(
+                    "`radius_init` must be a positive float or 'auto'. "
+                    f"Received: radius_init={radius_init!r}"
+                )
+        else:
+            try:
+                _check_positive("radius_init", radius_init)
+            except ValueError:
+                raise ValueError(
+                    "`radius_init` must be a positive float or 'auto'. "
+                    f"Received: radius_init={radius_init!r}"
+                ) from None
+        self.loss_weight = loss_weight
+        self.radius_init = radius_init
+        # Set by `initialize_radius`: R is known to be initialised, so `call`
+        # need not emit the first-batch assignment (which would be a
+        # cross-replica update inside a distributed, compiled step).
+        self._radius_init_done_outside = False
+
+    def build(self, input_shape):
+        _check_rank2(self, input_shape)
+        initial = 1.0 if self.radius_init == "auto" else self.radius_init
+        # float32 under mixed precision, like BatchNormalization's statistics.
+        self.radius = self.add_weight(
+            shape=(),
+            name="radius",
+            initializer=keras.initializers.Constant(float(initial)),
+            dtype="float32",
+            autocast=False,
+            aggregation="mean",
+        )
+        self.radius_initialized = self.add_weight(
+            shape=(),
+            name="radius_initialized",
+            initializer=keras.initializers.Constant(
+                0.0 if self.radius_init == "auto" else 1.0
+            ),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+        )
+
+    def call(self, embeddings, training=None):
+        features = _float32(embeddings)
+        radius = self.radius
+        if (
+            training
+            and self.radius_init == "auto"
+            and not self._radius_init_done_outside
+        ):
+            # First training batch: R takes the batch's mean norm, yet the
+            # loss keeps its gradient with respect to the variable.
+            pending = 1.0 - self.radius_initialized
+            batch_mean = ops.stop_gradient(ops.mean(safe_norm(features)))
+            current = ops.convert_to_tensor(self.radius)
+            radius = current + pending * (
+                batch_mean - ops.stop_gradient(current)
+            )
+            self.radius.assign(ops.stop_gradient(radius))
+            self.radius_initialized.assign(ops.ones_like(pending))
+        self.add_loss(ring_loss(features, radius, self.loss_weight))
+        return embeddings
+
+    def initialize_radius(self, embeddings):
+        """Sets R to the mean norm of `embeddings` unless already initialised.
+
+        For custom training loops: call it once, eagerly, on the embeddings
+        of the first batch (or after restoring a checkpoint, where it only
+        records that R is set). `call` then never assigns R itself, so a
+        compiled distributed step holds no cross-replica variable update.
+        Returns the value of R.
+        """
+        if not self.built:
+            self.build(ops.shape(embeddings))
+        initialized = ops.convert_to_numpy(self.radius_initialized.value)
+        if self.radius_init == "auto" and float(initialized) < 1:
+            mean_norm = ops.mean(safe_norm(_float32(embeddings)))
+            self.radius.assign(mean_norm)
+            self.radius_initialized.assign(1.0)
+        self._radius_init_done_outside = True
+        return float(ops.convert_to_numpy(self.radius))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"loss_weight": self.loss_weight, "radius_init": self.radius_init}
+        )
+        return config
+
+
+# --------------------------------------------------------------------------
+# A-Softmax (SphereFace)
+# --------------------------------------------------------------------------
+
+
+def a_softmax_lambda(
+    iteration, lambda_base=1000.0, lambda_gamma=0.12, lambda_power=1.0,
+    lambda_min=5.0,
+):
+    """λ = max(λ_min, base · (1 + γ·t)^(−power)), SphereFace's schedule."""
+    t = _float32(iteration)
+    decayed = lambda_base * ops.power(1.0 + lambda_gamma * t, -lambda_power)
+    return ops.maximum(decayed, lambda_min)
+
+
+def _chebyshev_cos(cos, margin):
+    """cos(m·θ) as a polynomial of cos θ (exact for m = 1..4)."""
+    if margin == 1:
+        return cos
+    if margin == 2:
+        return 2.0 * ops.square(cos) - 1.0
+    if margin == 3:
+        return (4.0 * ops.square(cos) - 3.0) * cos
+    c2 = ops.square(cos)
+    return 8.0 * ops.square(c2) - 8.0 * c2 + 1.0
+
+
+def a_softmax_psi(cos, margin):
+    """ψ(θ) = (−1)^k · cos(mθ) − 2k,  k = ⌊mθ/π⌋, as a function of cos θ.
+
+    k counts the thresholds cos(jπ/m), j = 1..m, that cos θ lies at or
+    below, the sign trick of the official Caffe layer. k is piecewise
+    constant: no gradient through it, and no acos anywhere.
+    """
+    cos = ops.clip(_float32(cos), -1.0, 1.0)
+    frozen = ops.stop_gradient(cos)
+    k = ops.zeros_like(cos)
+    for j in range(1, margin + 1):
+        threshold = math.cos(j * math.pi / margin)
+        k = k + ops.cast(frozen <= threshold, "float32")
+    sign = 1.0 - 2.0 * ops.mod(k, 2.0)
+    return sign * _chebyshev_cos(cos, margin) - 2.0 * k
+
+
+def _cosine_logits(embeddings, kernel):
+    """‖x‖·cos θ_j = x · ŵ_j, cos θ_j, ‖x‖ for unit-normalised columns ŵ_j."""
+    x = _float32(embeddings)
+    weights = _normalize(_float32(kernel), axis=0)
+    projected = ops.matmul(x, weights)
+    norms = safe_norm(x, keepdims=True)
+    cos = ops.clip(ops.matmul(_normalize(x), weights), -1.0, 1.0)
+    return projected, cos, norms
+
+
+def _target_mask(labels, num_classes):
+    labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+    return ops.one_hot(labels, num_classes, dtype="float32")
+
+
+def a_softmax_logits(embeddings, kernel, labels, margin=4, lambda_=0.0):
+    """SphereFace's A-Softmax logits (Liu et al. 2017), training form.
+
+        target logit  f_y = (λ‖x‖cos θ_y + ‖x‖ψ(θ_y)) / (1 + λ)
+        other logits  f_j = ‖x‖ cos θ_j
+
+    Args:
+        embeddings: `(batch_size, embedding_dim)`.
+        kernel: `(embedding_dim, num_classes)`; columns are normalised here.
+        labels: `(batch_size,)` integer class ids.
+        margin: m ∈ {1, 2, 3, 4}.
+        lambda_: the annealing weight λ (scalar).
+
+    Returns:
+        float32 logits `(batch_size, num_classes)`.
+    """
+    projected, cos, norms = _cosine_logits(embeddings, kernel)
+    lambda_ = _float32(lambda_)
+    target = norms * (lambda_ * cos + a_softmax_psi(cos, margin)) / (
+        1.0 + lambda_
+    )
+    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    return mask * target + (1.0 - mask) * projected
+
+
+class _MarginHead(keras.layers.Layer):
+    """Shared parts of the heads called as `head([embeddings, labels])`."""
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        _check_num_classes(num_classes)
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        embeddings_shape = _embeddings_shape(self, input_shape)
+        # Heads run in float32 under mixed precision (NaN in fp16 margins).
+        self.kernel = self.add_weight(
+            shape=(embeddings_shape[-1], self.num_classes),
+            name="kernel",
+            initializer="glorot_uniform",
+            dtype="float32",
+            autocast=False,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.num_classes)
+
+    def compute_output_spec(self, inputs, training=None):
+        embeddings = inputs[0]
+        return keras.KerasTensor(
+            (embeddings.shape[0], self.num_classes), dtype="float32"
+        )
+
+
+    def get_config(self):
+        config = super().get_config()
+        config["num_classes"] = self.num_classes
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ASoftmax(_MarginHead):
+    """SphereFace's A-Softmax head, as the official Caffe layer computes it.
+
+    Training:
+
+        ψ(θ) = (−1)^k cos(mθ) − 2k,   k = ⌊mθ/π⌋
+        f_y  = (λ‖x‖cos θ_y + ‖x‖ψ(θ_y)) / (1 + λ),   f_j = ‖x‖cos θ_j
+        λ    = max(lambda_min, lambda_base · (1 + lambda_gamma·t)^−lambda_power)
+
+    with t the non-trainable weight `iterations`, incremented once per
+    training call before λ is computed (the first step uses t = 1), saved
+    and restored with the model so a resumed run continues the schedule.
+    Inference (`training=False`): f_j = ‖x‖cos θ_j. Columns of `kernel` are
+    normalised inside `call`; there is no bias. Gradients are exact autodiff
+    (the Caffe layer back-propagates a rescaled approximation).
+
+    Args:
+        num_classes: number of identities.
+        margin: m ∈ {1, 2, 3, 4}.
+        lambda_base, lambda_gamma, lambda_power, lambda_min: the λ schedule.
+
+    Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`.
+    Output: float32 logits `(batch_size, num_classes)`; use them with sparse
+    categorical cross-entropy from logits.
+
+    Reference: https://arxiv.org/abs/1704.08063
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        margin=4,
+        lambda_base=1000.0,
+        lambda_gamma=0.12,
+        lambda_power=1.0,
+        lambda_min=5.0,
+        **kwargs,
+    ):
+        super().__init__(num_classes, **kwargs)
+        if isinstance(margin, bool) or margin not in _MARGINS:
+            raise ValueError(
+                f"`margin` must be one of {_MARGINS} (SphereFace's integer "
+                f"angular margin). Received: margin={margin!r}"
+            )
+        _check_positive("lambda_base", lambda_base, allow_zero=True)
+        _check_positive("lambda_gamma", lambda_gamma, allow_zero=True)
+        _check_positive("lambda_power", lambda_power, allow_zero=True)
+        _check_positive("lambda_min", lambda_min, allow_zero=True)
+        self.margin = int(margin)
+        self.lambda_base = lambda_base
+        self.lambda_gamma = lambda_gamma
+        self.lambda_power = lambda_power
+        self.lambda_min = lambda_min
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.iterations = _replica_local_weight(
+            self, "iterations", (), "zeros", "int64", "only_first_replica"
+        )
+
+    def current_lambda(self):
+        """λ for the current value of `iterations`."""
+        return a_softmax_lambda(
+            self.iterations,
+            self.lambda_base,
+            self.lambda_gamma,
+            self.lambda_power,
+            self.lambda_min,
+        )
+
+    def call(self, inputs, training=None):
+        embeddings, labels = _with_labels(self, inputs)
+        if not training:
+            projected, _, _ = _cosine_logits(embeddings, self.kernel)
+            return projected
+        self.iterations.assign_add(ops.ones((), dtype="int64"))
+        lambda_ = a_softmax_lambda(
+            self.iterations + 0,
+            self.lambda_base,
+            self.lambda_gamma,
+            self.lambda_power,
+            self.lambda_min,
+        )
+        return a_softmax_logits(
+            embeddings, self.kernel, labels, self.margin, lambda_
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "margin": self.margin,
+                "lambda_base": self.lambda_base,
+                "lambda_gamma": self.lambda_gamma,
+                "lambda_power": self.lambda_power,
+                "lambda_min": self.lambda_min,
+            }
+        )
+        return config
+
+
+# --------------------------------------------------------------------------
+# CosFace and ArcFace (beyond the paper)
+# --------------------------------------------------------------------------
+
+
+def cosface_logits(embeddings, kernel, labels, scale=64.0, margin=0.35):
+    """CosFace / AM-Softmax: s·(cos θ_j − m·[j = y])  (Wang et al. 2018)."""
+    _, cos, _ = _cosine_logits(embeddings, kernel)
+    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    return scale * (cos - margin * mask)
+
+
+def _sine(cos):
+    """sin θ = √(1 − cos²θ) with a finite gradient at |cos θ| = 1."""
+    squared = 1.0 - ops.square(cos)
+    positive = squared > 0
+    safe = ops.where(positive, squared, ops.ones_like(squared))
+    return ops.where(positive, ops.sqrt(safe), ops.zeros_like(squared))
+
+
+def arcface_logits(
+    embeddings, kernel, labels, scale=64.0, margin=0.5, easy_margin=False
+):
+    """ArcFace: s·cos(θ_y + m) for the target, s·cos θ_j otherwise.
+
+    cos(θ + m) is monotonic only while θ + m ≤ π. Beyond that (cos θ ≤
+    cos(π − m)) the target logit continues as cos θ − m·sin(m), as in the
+    ArcFace paper's code; with `easy_margin` the margin applies only where
+    cos θ > 0 (Deng et al. 2019).
+    """
+    _, cos, _ = _cosine_logits(embeddings, kernel)
+    with_margin = cos * math.cos(margin) - _sine(cos) * math.sin(margin)
+    if easy_margin:
+        target = ops.where(cos > 0, with_margin, cos)
+    else:
+        threshold = math.cos(math.pi - margin)
+        fallback = cos - math.sin(math.pi - margin) * margin
+        target = ops.where(cos > threshold, with_margin, fallback)
+    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    return scale * (mask * target + (1.0 - mask) * cos)
+
+
+class _ScaledMarginHead(_MarginHead):
+    """CosFace and ArcFace: margins on s·cos θ logits; plain s·cos θ at inference."""
+
+    def __init__(self, num_classes, scale, margin, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        _check_positive("scale", scale)
+        _check_positive("margin", margin, allow_zero=True)
+        self.scale = scale
+        self.margin = margin
+
+    def call(self, inputs, training=None):
+        embeddings, labels = _with_labels(self, inputs)
+        if not training:
+            _, cos, _ = _cosine_logits(embeddings, self.kernel)
+            return self.scale * cos
+        return self._margin_logits(embeddings, labels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"scale": self.scale, "margin": self.margin})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CosFace(_ScaledMarginHead):
+    """CosFace head: logits s·(cos θ_j − m·[j = y]) in training, s·cos θ_j after.
+
+    Args:
+        num_classes: number of identities.
+        scale: s.
+        margin: m, subtracted from the target cosine.
+
+    Input: `[embeddings, labels]`. Output: float32 logits.
+    Reference: https://arxiv.org/abs/1801.09414
+    """
+
+    def __init__(self, num_classes, scale=64.0, margin=0.35, **kwargs):
+        super().__init__(num_classes, scale, margin, **kwargs)
+
+    def _margin_logits(self, embeddings, labels):
+        return cosface_logits(
+            embeddings, self.kernel, labels, self.scale, self.margin
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ArcFace(_ScaledMarginHead):
+    """ArcFace head: logits s·cos(θ_y + m) for the target in training.
+
+    Args:
+        num_classes: number of identities.
+        scale: s.
+        margin: additive angular margin m in radians, in [0, π).
+        easy_margin: apply the margin only where cos θ > 0.
+
+    Input: `[embeddings, labels]`. Output: float32 logits.
+    Reference: https://arxiv.org/abs/1801.07698
+    """
+
+    def __init__(
+        self, num_classes, scale=64.0, margin=0.5, easy_margin=False, **kwargs
+    ):
+        super().__init__(num_classes, scale, margin, **kwargs)
+        if margin >= math.pi:
+            raise ValueError(
+                "`margin` is an angle in radians and must be below π "
+                f"(0.5 is usual). Received: margin={margin!r}"
+            )
+        self.easy_margin = bool(easy_margin)
+
+    def _margin_logits(self, embeddings, labels):
+        return arcface_logits(
+            embeddings,
+            self.kernel,
+            labels,
+            self.scale,
+            self.margin,
+            self.easy_margin,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config["easy_margin"] = self.easy_margin
+        return config
+
+
+# --------------------------------------------------------------------------
+# The paper's baselines: l2-constrained softmax and center loss
+# --------------------------------------------------------------------------
+
+
+def l2_constrained(embeddings, alpha):
+    """α · x / ‖x‖  (Ranjan et al. 2017); a zero vector stays zero."""
+    return alpha * _normalize(_float32(embeddings))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class L2Constrained(keras.layers.Layer):
+    """Scales every feature to norm α before the classifier (L2-softmax).
+
+    Follow it with `keras.layers.Dense(num_classes)` for the paper's
+    l2-constrained softmax row (α = 10, 20, 30).
+
+    Args:
+        alpha: the fixed norm α.
+
+    Input shape: `(batch_size, embedding_dim)`. Output shape: the same,
+    float32.
+    Reference: https://arxiv.org/abs/1703.09507
+    """
+
+    def __init__(self, alpha=16.0, **kwargs):
+        super().__init__(**kwargs)
+        _check_positive("alpha", alpha)
+        self.alpha = alpha
+
+    def build(self, input_shape):
+        _check_rank2(self, input_shape)
+
+    def call(self, embeddings):
+        return l2_constrained(embeddings, self.alpha)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config
+
+
+def center_loss(embeddings, centers, labels, loss_weight):
+    """λ/(2m) · Σ_i ‖x_i − c_{y_i}‖²  (Wen et al. 2016, eq. 3 with the 1/m)."""
+    x = _float32(embeddings)
+    own = ops.take(_float32(centers), _labels(labels), axis=0)
+    return loss_weight * 0.5 * ops.mean(ops.sum(ops.square(x - own), axis=-1))
+
+
+def center_update(embeddings, centers, labels, alpha):
+    """Wen et al.'s center update: c_j ← c_j − α·Σ_{y_i=j}(c_j − x_i)/(1 + n_j)."""
+    x = _float32(embeddings)
+    centers = _float32(centers)
+    labels = _labels(labels)
+    num_classes = ops.shape(centers)[0]
+    mask = ops.one_hot(labels, num_classes, dtype="float32")  # (m, C)
+    counts = ops.sum(mask, axis=0)  # n_j
+    sums = ops.matmul(ops.transpose(mask), x)  # Σ_{y_i=j} x_i
+    delta = (counts[:, None] * centers - sums) / (1.0 + counts[:, None])
+    return centers - alpha * delta
+
+
+def _labels(labels):
+    return ops.cast(ops.reshape(labels, (-1,)), "int32")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CenterLoss(keras.layers.Layer):
+    """Center loss (Wen et al. 2016): pulls features to their class center.
+
+    Adds  λ/(2m) · Σ_i ‖x_i − c_{y_i}‖²  with `add_loss` and returns the
+    embeddings unchanged. The centers are the non-trainable weight
+    `centers` (float32), updated during training after the loss is taken,
+    by the paper's rule with rate α. Under several replicas each replica
+    updates from its own batch and the results are averaged.
+
+    Args:
+        num_classes: number of identities.
+        loss_weight: λ.
+        alpha: the center learning rate α.
+
+    Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`.
+    Output: the embeddings.
+    Reference: https://ydwen.github.io/papers/WenECCV16.pdf
+    """
+
+    def __init__(self, num_classes, loss_weight=0.003, alpha=0.5, **kwargs):
+        super().__init__(**kwargs)
+        _check_num_classes(num_classes)
+        _check_positive("loss_weight", loss_weight, allow_zero=True)
+        _check_positive("alpha", alpha, allow_zero=True)
+        self.num_classes = num_classes
+        self.loss_weight = loss_weight
+        self.alpha = alpha
+
+    def build(self, input_shape):
+        embeddings_shape = _embeddings_shape(self, input_shape)
+        self.centers = _replica_local_weight(
+            self,
+            "centers",
+            (self.num_classes, embeddings_shape[-1]),
+            "zeros",
+            "float32",
+            "mean",
+        )
+
+    def call(self, inputs, training=None):
+        embeddings, labels = _with_labels(self, inputs)
+        centers = ops.convert_to_tensor(self.centers)
+        self.add_loss(
+            center_loss(embeddings, centers, labels, self.loss_weight)
+        )
+        if training:
+            frozen = ops.stop_gradient(_float32(embeddings))
+            self.centers.assign(
+                center_update(frozen, centers, labels, self.alpha)
+            )
+        return embeddings
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "loss_weight": self.loss_weight,
+                "alpha": self.alpha,
+            }
+        )
+        return config

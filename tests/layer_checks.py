@@ -1,0 +1,92 @@
+"""Backend-neutral helpers for the layer tests (not public API).
+
+In the spirit of Keras' `run_layer_test`: values and gradients come back as
+NumPy arrays whichever Keras backend runs, so one test module checks the
+layers under TensorFlow, JAX and PyTorch against the same float64 NumPy
+references.
+"""
+
+import numpy as np
+
+import keras
+
+
+def backend():
+    return keras.backend.backend()
+
+
+def value_and_grads(fn, *args, mode="eager"):
+    """Returns fn(*args) and d fn / d args, all as NumPy arrays.
+
+    `fn` maps backend tensors to a scalar. `mode` (TensorFlow only) runs it
+    eagerly, in a `tf.function`, or in a `tf.function(jit_compile=True)`.
+    """
+    name = backend()
+    args = [np.asarray(a) for a in args]
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        def compute(*tensors):
+            with tf.GradientTape() as tape:
+                tape.watch(tensors)
+                value = fn(*tensors)
+            return value, tape.gradient(value, tensors)
+
+        if mode == "function":
+            compute = tf.function(compute)
+        elif mode == "jit":
+            compute = tf.function(compute, jit_compile=True)
+        value, grads = compute(*[tf.constant(a) for a in args])
+        return value.numpy(), [g.numpy() for g in grads]
+    if name == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(
+            lambda *a: fn(*a), argnums=tuple(range(len(args)))
+        )(*args)
+        return np.asarray(value), [np.asarray(g) for g in grads]
+    if name == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        value = fn(*tensors)
+        value.backward()
+        return (
+            value.detach().numpy(),
+            [t.grad.detach().numpy() for t in tensors],
+        )
+    raise NotImplementedError(f"no gradient helper for backend {name}")
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def numeric_grad(fn, x, step=1e-6):
+    """Central finite differences of a float64 NumPy function at x."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.zeros_like(x)
+    flat = x.reshape(-1)
+    out = grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + step
+        upper = fn(x)
+        flat[i] = saved - step
+        lower = fn(x)
+        flat[i] = saved
+        out[i] = (upper - lower) / (2 * step)
+    return grad
+
+
+def roundtrip_keras_file(model, path):
+    """Saves `model` as a .keras file and loads it back."""
+    model.save(path)
+    return keras.saving.load_model(path)
+
+
+def config_roundtrip(layer):
+    """from_config(get_config()) gives an equal config."""
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    return clone

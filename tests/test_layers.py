@@ -1,0 +1,766 @@
+"""Layers against float64 NumPy references written here from the formulas.
+
+The references deliberately take another route than the layers: A-Softmax's
+ψ uses arccos and floor(mθ/π) where the layer uses Chebyshev polynomials and
+threshold counting; ring loss gradients use the closed forms of design.md §1;
+the other gradients are central finite differences of the float64 formulas.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+import ring_loss_tf
+from ring_loss_tf import layers as rl
+from tests import layer_checks as lc
+
+ON_TF = lc.backend() == "tensorflow"
+MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------
+# float64 NumPy references
+# --------------------------------------------------------------------------
+
+
+def np_ring_loss(x, radius, loss_weight):
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    return loss_weight / (2 * len(x)) * np.sum((norms - radius) ** 2)
+
+
+def np_ring_grads(x, radius, loss_weight):
+    """The closed forms of design.md §1."""
+    x = x.astype(np.float64)
+    m = len(x)
+    norms = np.linalg.norm(x, axis=1)
+    d_radius = -(loss_weight / m) * np.sum(norms - radius)
+    scale = np.zeros_like(norms)
+    nonzero = norms > 0
+    scale[nonzero] = 1 - radius / norms[nonzero]
+    d_x = (loss_weight / m) * scale[:, None] * x
+    return d_x, d_radius
+
+
+def np_cos(x, kernel):
+    x = x.astype(np.float64)
+    w = kernel.astype(np.float64)
+    w = w / np.linalg.norm(w, axis=0, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, (x @ w) / norms, 0.0)
+    return np.clip(cos, -1, 1), norms
+
+
+def np_psi(cos, margin):
+    theta = np.arccos(np.clip(cos, -1, 1))
+    k = np.floor(margin * theta / np.pi)
+    k = np.minimum(k, margin)  # θ = π exactly gives k = m in both forms
+    return (-1.0) ** k * np.cos(margin * theta) - 2 * k
+
+
+def np_lambda(t, base=1000.0, gamma=0.12, power=1.0, minimum=5.0):
+    return max(minimum, base * (1 + gamma * t) ** (-power))
+
+
+def np_a_softmax(x, kernel, labels, margin, lam):
+    cos, norms = np_cos(x, kernel)
+    logits = norms * cos
+    rows = np.arange(len(x))
+    c = cos[rows, labels]
+    target = norms[:, 0] * (lam * c + np_psi(c, margin)) / (1 + lam)
+    logits[rows, labels] = target
+    return logits
+
+
+def np_cosface(x, kernel, labels, scale, margin):
+    cos, _ = np_cos(x, kernel)
+    cos[np.arange(len(x)), labels] -= margin
+    return scale * cos
+
+
+def np_arcface(x, kernel, labels, scale, margin, easy_margin=False):
+    cos, _ = np_cos(x, kernel)
+    rows = np.arange(len(x))
+    c = cos[rows, labels]
+    theta = np.arccos(c)
+    with_margin = np.cos(theta + margin)
+    if easy_margin:
+        target = np.where(c > 0, with_margin, c)
+    else:
+        target = np.where(
+            theta + margin <= np.pi, with_margin, c - np.sin(margin) * margin
+        )
+    cos[rows, labels] = target
+    return scale * cos
+
+
+def np_center_loss(x, centers, labels, loss_weight):
+    diff = x.astype(np.float64) - centers.astype(np.float64)[labels]
+    return loss_weight / (2 * len(x)) * np.sum(diff**2)
+
+
+def np_center_update(x, centers, labels, alpha):
+    x = x.astype(np.float64)
+    new = centers.astype(np.float64).copy()
+    for j in range(len(centers)):
+        members = labels == j
+        delta = np.sum(centers[j] - x[members], axis=0) / (1 + members.sum())
+        new[j] = centers[j] - alpha * delta
+    return new
+
+
+def random_case(seed, batch=6, dim=5, classes=7, scale=3.0):
+    r = rng(seed)
+    x = (r.standard_normal((batch, dim)) * scale).astype(np.float32)
+    kernel = r.standard_normal((dim, classes)).astype(np.float32)
+    labels = r.integers(0, classes, batch).astype(np.int32)
+    return x, kernel, labels
+
+
+# --------------------------------------------------------------------------
+# Ring loss
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "batch,dim", [(1, 2), (8, 2), (16, 64), (4, 512)]
+)
+def test_ring_loss_value_and_closed_form_gradients(batch, dim, mode):
+    r = rng(batch * 1000 + dim)
+    x = (r.standard_normal((batch, dim)) * 4).astype(np.float32)
+    radius = np.float32(r.uniform(1, 10))
+    weight = 0.01
+    value, (d_x, d_radius) = lc.value_and_grads(
+        lambda a, b: rl.ring_loss(a, b, weight), x, radius, mode=mode
+    )
+    ref_dx, ref_dr = np_ring_grads(x, radius, weight)
+    np.testing.assert_allclose(value, np_ring_loss(x, radius, weight), rtol=1e-5)
+    np.testing.assert_allclose(d_x, ref_dx, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(d_radius, ref_dr, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ring_loss_zero_embedding_has_zero_finite_gradient(mode):
+    x = np.array([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]], np.float32)
+    value, (d_x, d_radius) = lc.value_and_grads(
+        lambda a, b: rl.ring_loss(a, b, 1.0), x, np.float32(2.0), mode=mode
+    )
+    ref_dx, ref_dr = np_ring_grads(x, 2.0, 1.0)
+    assert np.all(np.isfinite(d_x))
+    np.testing.assert_array_equal(d_x[0], 0.0)  # the limit at F_i = 0
+    np.testing.assert_allclose(d_x, ref_dx, rtol=1e-6)
+    np.testing.assert_allclose(d_radius, ref_dr, rtol=1e-6)
+    np.testing.assert_allclose(value, np_ring_loss(x, 2.0, 1.0), rtol=1e-6)
+
+
+def test_safe_norm_keeps_tiny_norms_exact():
+    x = np.array([[1e-9, 0.0], [3e-20, 4e-20], [0.0, 0.0]], np.float32)
+    value, (grad,) = lc.value_and_grads(
+        lambda a: ops.sum(rl.safe_norm(a)), x
+    )
+    np.testing.assert_allclose(
+        lc.to_numpy(rl.safe_norm(ops.convert_to_tensor(x)))[:1], [1e-9],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        lc.to_numpy(rl.safe_norm(ops.convert_to_tensor(x)))[1], 5e-20,
+        rtol=1e-6,
+    )
+    # The gradient of ‖x‖ is x/‖x‖: unit length for the tiny rows.
+    np.testing.assert_allclose(grad[0], [1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(grad[1], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(grad[2], [0.0, 0.0])
+    assert np.all(np.isfinite(grad))
+
+
+def test_ring_loss_layer_matches_function_and_returns_input():
+    x, _, _ = random_case(1)
+    layer = ring_loss_tf.RingLoss(loss_weight=0.05, radius_init=2.5)
+    out = layer(x)
+    np.testing.assert_array_equal(lc.to_numpy(out), x)
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.losses[0]), np_ring_loss(x, 2.5, 0.05), rtol=1e-5
+    )
+    assert layer.radius.dtype == "float32"
+    assert layer.radius.trainable and layer.radius.shape == ()
+
+
+def test_ring_loss_auto_radius_is_first_training_batch_mean():
+    x, _, _ = random_case(2)
+    layer = ring_loss_tf.RingLoss(loss_weight=0.01)
+    layer(x, training=False)  # inference does not initialise
+    assert float(lc.to_numpy(layer.radius_initialized)) == 0.0
+    layer(x, training=True)
+    mean_norm = np.linalg.norm(x.astype(np.float64), axis=1).mean()
+    np.testing.assert_allclose(lc.to_numpy(layer.radius), mean_norm, rtol=1e-6)
+    assert float(lc.to_numpy(layer.radius_initialized)) == 1.0
+    layer(x * 10, training=True)  # a later batch does not re-initialise
+    np.testing.assert_allclose(lc.to_numpy(layer.radius), mean_norm, rtol=1e-6)
+
+
+def test_ring_loss_first_batch_loss_keeps_gradient_to_radius():
+    """R's first-batch value is the batch mean, but ∂L/∂R still flows."""
+    x, _, _ = random_case(3)
+    if not ON_TF:
+        pytest.importorskip("tensorflow")  # tape-based check below
+    import tensorflow as tf
+
+    layer = ring_loss_tf.RingLoss(loss_weight=0.5)
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        loss = layer.losses[0]
+    (grad,) = tape.gradient(loss, [layer.radius.value])
+    mean_norm = np.linalg.norm(x.astype(np.float64), axis=1).mean()
+    _, ref = np_ring_grads(x, mean_norm, 0.5)
+    np.testing.assert_allclose(grad.numpy(), ref, atol=1e-5)
+
+
+def test_initialize_radius_then_call_does_not_assign():
+    x, _, _ = random_case(4)
+    layer = ring_loss_tf.RingLoss()
+    value = layer.initialize_radius(x)
+    np.testing.assert_allclose(
+        value, np.linalg.norm(x, axis=1).mean(), rtol=1e-6
+    )
+    layer.radius.assign(7.0)
+    layer(x, training=True)
+    assert float(lc.to_numpy(layer.radius)) == 7.0
+    # Once initialised, initialize_radius does not reset R.
+    assert layer.initialize_radius(x * 3) == 7.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"loss_weight": -0.1}, "loss_weight"),
+        ({"loss_weight": float("nan")}, "loss_weight"),
+        ({"radius_init": 0.0}, "radius_init"),
+        ({"radius_init": -1}, "radius_init"),
+        ({"radius_init": "mean"}, "radius_init.*'auto'"),
+        ({"radius_init": True}, "radius_init"),
+    ],
+)
+def test_ring_loss_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ring_loss_tf.RingLoss(**kwargs)
+
+
+def test_ring_loss_rejects_rank_3_input():
+    with pytest.raises(ValueError, match=r"\(batch_size, embedding_dim\)"):
+        ring_loss_tf.RingLoss()(np.zeros((2, 3, 4), np.float32))
+
+
+# --------------------------------------------------------------------------
+# A-Softmax
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+def test_psi_matches_arccos_form_and_is_continuous_decreasing(margin):
+    theta = np.linspace(0, np.pi, 20001)
+    cos = np.cos(theta).astype(np.float32)
+    psi = lc.to_numpy(rl.a_softmax_psi(ops.convert_to_tensor(cos), margin))
+    ref = np_psi(cos.astype(np.float64), margin)
+    np.testing.assert_allclose(psi, ref, atol=2e-5)
+    steps = np.diff(psi.astype(np.float64))
+    assert np.all(steps <= 1e-5), "ψ must decrease monotonically"
+    # Continuity: no step larger than the steepest slope times the grid step.
+    max_slope = margin + 2 * margin / np.pi + 1
+    assert np.max(np.abs(steps)) <= max_slope * (theta[1] - theta[0]) * 1.5
+    np.testing.assert_allclose(psi[0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(psi[-1], -2.0 * margin + (-1) ** margin * (
+        (-1) ** margin), atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [0, 1, 100, 1659, 10000])
+def test_lambda_schedule(t):
+    value = float(lc.to_numpy(rl.a_softmax_lambda(t)))
+    np.testing.assert_allclose(value, np_lambda(t), rtol=1e-6)
+
+
+def test_lambda_schedule_known_points():
+    assert float(lc.to_numpy(rl.a_softmax_lambda(1))) == pytest.approx(
+        1000 / 1.12, rel=1e-6
+    )
+    assert float(lc.to_numpy(rl.a_softmax_lambda(1659))) == 5.0
+    assert float(lc.to_numpy(rl.a_softmax_lambda(1658))) > 5.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+@pytest.mark.parametrize("lam", [0.0, 5.0, 892.857])
+def test_a_softmax_logits_and_gradients(margin, lam, mode):
+    x, kernel, labels = random_case(10 + margin)
+    cotangent = rng(99).standard_normal((len(x), kernel.shape[1]))
+
+    def ours(a, w):
+        logits = rl.a_softmax_logits(a, w, labels, margin, lam)
+        return ops.sum(logits * cotangent.astype(np.float32))
+
+    def ref(a, w):
+        return np.sum(np_a_softmax(a, w, labels, margin, lam) * cotangent)
+
+    value, (d_x, d_w) = lc.value_and_grads(ours, x, kernel, mode=mode)
+    np.testing.assert_allclose(value, ref(x, kernel), rtol=1e-4)
+    logits = lc.to_numpy(
+        rl.a_softmax_logits(x, kernel, labels, margin, lam)
+    )
+    np.testing.assert_allclose(
+        logits, np_a_softmax(x, kernel, labels, margin, lam), atol=1e-4,
+        rtol=1e-4,
+    )
+    x64, k64 = x.astype(np.float64), kernel.astype(np.float64)
+    np.testing.assert_allclose(
+        d_x, lc.numeric_grad(lambda a: ref(a, k64), x64), rtol=2e-3, atol=2e-3
+    )
+    np.testing.assert_allclose(
+        d_w, lc.numeric_grad(lambda w: ref(x64, w), k64), rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("margin", [1, 2, 3, 4])
+def test_a_softmax_edge_cases_are_finite(margin, mode):
+    r = rng(5)
+    kernel = r.standard_normal((4, 3)).astype(np.float32)
+    unit = kernel[:, 0] / np.linalg.norm(kernel[:, 0])
+    x = np.stack(
+        [
+            np.zeros(4),  # ‖x‖ = 0
+            2.0 * unit,  # cos θ = 1 with its own class
+            -3.0 * unit,  # cos θ = −1 with class 0
+            1e-30 * unit,  # tiny norm: no epsilon may swamp it
+        ]
+    ).astype(np.float32)
+    labels = np.array([0, 0, 0, 0], np.int32)
+
+    def ours(a, w):
+        return ops.sum(rl.a_softmax_logits(a, w, labels, margin, 3.0))
+
+    value, (d_x, d_w) = lc.value_and_grads(ours, x, kernel, mode=mode)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(d_x)) and np.all(np.isfinite(d_w))
+    logits = lc.to_numpy(rl.a_softmax_logits(x, kernel, labels, margin, 3.0))
+    assert np.all(np.isfinite(logits))
+    np.testing.assert_array_equal(logits[0], 0.0)
+    ref = np_a_softmax(x[1:3], kernel, labels[1:3], margin, 3.0)
+    np.testing.assert_allclose(logits[1:3], ref, atol=1e-4)
+    # cos θ of the tiny vector is still ±1-exact, not swamped by an epsilon.
+    cos = lc.to_numpy(rl._cosine_logits(x, kernel)[1])
+    np.testing.assert_allclose(cos[3], cos[1], atol=1e-6)
+
+
+def test_a_softmax_large_case_1000_classes_512_dim():
+    x, kernel, labels = random_case(7, batch=32, dim=512, classes=1000)
+    logits = lc.to_numpy(rl.a_softmax_logits(x, kernel, labels, 4, 5.0))
+    np.testing.assert_allclose(
+        logits, np_a_softmax(x, kernel, labels, 4, 5.0), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_a_softmax_layer_schedule_and_inference():
+    x, _, labels = random_case(8)
+    layer = ring_loss_tf.ASoftmax(7, margin=4)
+    eval_logits = lc.to_numpy(layer([x, labels], training=False))
+    assert int(lc.to_numpy(layer.iterations)) == 0
+    kernel = lc.to_numpy(layer.kernel)
+    cos, norms = np_cos(x, kernel)
+    np.testing.assert_allclose(eval_logits, norms * cos, rtol=1e-5, atol=1e-5)
+    for step in (1, 2, 3):
+        logits = lc.to_numpy(layer([x, labels], training=True))
+        assert int(lc.to_numpy(layer.iterations)) == step
+        ref = np_a_softmax(x, kernel, labels, 4, np_lambda(step))
+        np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        float(lc.to_numpy(layer.current_lambda())), np_lambda(3), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"margin": 5}, "margin"),
+        ({"margin": 0}, "margin"),
+        ({"margin": 2.5}, "margin"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"lambda_min": -1.0}, "lambda_min"),
+    ],
+)
+def test_a_softmax_rejects_bad_arguments(kwargs, match):
+    args = {"num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ring_loss_tf.ASoftmax(**args)
+
+
+def test_heads_reject_a_call_without_labels():
+    with pytest.raises(ValueError, match=r"head\(\[embeddings, labels\]\)"):
+        ring_loss_tf.ASoftmax(3)(np.ones((2, 4), np.float32))
+
+
+# --------------------------------------------------------------------------
+# CosFace, ArcFace, L2Constrained, CenterLoss
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "name,fn,ref",
+    [
+        (
+            "cosface",
+            lambda a, w, y: rl.cosface_logits(a, w, y, 30.0, 0.35),
+            lambda a, w, y: np_cosface(a, w, y, 30.0, 0.35),
+        ),
+        (
+            "arcface",
+            lambda a, w, y: rl.arcface_logits(a, w, y, 30.0, 0.5),
+            lambda a, w, y: np_arcface(a, w, y, 30.0, 0.5),
+        ),
+        (
+            "arcface_easy",
+            lambda a, w, y: rl.arcface_logits(a, w, y, 30.0, 0.5, True),
+            lambda a, w, y: np_arcface(a, w, y, 30.0, 0.5, True),
+        ),
+    ],
+)
+def test_margin_heads_logits_and_gradients(name, fn, ref, mode):
+    x, kernel, labels = random_case(20)
+    cotangent = rng(98).standard_normal((len(x), kernel.shape[1]))
+
+    def ours(a, w):
+        return ops.sum(fn(a, w, labels) * cotangent.astype(np.float32))
+
+    def reference(a, w):
+        return np.sum(ref(a, w, labels) * cotangent)
+
+    value, (d_x, d_w) = lc.value_and_grads(ours, x, kernel, mode=mode)
+    np.testing.assert_allclose(value, reference(x, kernel), rtol=1e-4)
+    x64, k64 = x.astype(np.float64), kernel.astype(np.float64)
+    np.testing.assert_allclose(
+        d_x, lc.numeric_grad(lambda a: reference(a, k64), x64), rtol=2e-3,
+        atol=2e-3,
+    )
+    np.testing.assert_allclose(
+        d_w, lc.numeric_grad(lambda w: reference(x64, w), k64), rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+def test_arcface_beyond_pi_branch_and_edges():
+    kernel = np.eye(2, dtype=np.float32)
+    # θ_y = 170° (θ + m > π), θ_y = 0° (cos = 1), θ_y = 180° (cos = −1), x = 0.
+    angles = np.deg2rad([170.0, 0.0, 180.0])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    x = np.concatenate([x, np.zeros((1, 2), np.float32)])
+    labels = np.zeros(4, np.int32)
+    logits = lc.to_numpy(rl.arcface_logits(x, kernel, labels, 10.0, 0.5))
+    ref = np_arcface(x[:3], kernel, labels[:3], 10.0, 0.5)
+    np.testing.assert_allclose(logits[:3], ref, atol=1e-4)
+    _, (d_x, d_w) = lc.value_and_grads(
+        lambda a, w: ops.sum(rl.arcface_logits(a, w, labels, 10.0, 0.5)),
+        x,
+        kernel,
+    )
+    assert np.all(np.isfinite(d_x)) and np.all(np.isfinite(d_w))
+
+
+def test_cosface_and_arcface_layers_match_functions():
+    x, _, labels = random_case(21)
+    for layer, fn in [
+        (ring_loss_tf.CosFace(7, scale=16.0, margin=0.2), rl.cosface_logits),
+        (ring_loss_tf.ArcFace(7, scale=16.0, margin=0.3), rl.arcface_logits),
+    ]:
+        train = lc.to_numpy(layer([x, labels], training=True))
+        kernel = lc.to_numpy(layer.kernel)
+        np.testing.assert_allclose(
+            train,
+            lc.to_numpy(fn(x, kernel, labels, layer.scale, layer.margin)),
+            rtol=1e-6,
+        )
+        infer = lc.to_numpy(layer([x, labels], training=False))
+        cos, _ = np_cos(x, kernel)
+        np.testing.assert_allclose(infer, layer.scale * cos, atol=1e-4)
+
+
+def test_arcface_rejects_margin_beyond_pi():
+    with pytest.raises(ValueError, match="radians"):
+        ring_loss_tf.ArcFace(3, margin=4.0)
+
+
+def test_l2_constrained_scales_to_alpha_and_keeps_zero():
+    x, _, _ = random_case(30)
+    x[0] = 0.0
+    out = lc.to_numpy(ring_loss_tf.L2Constrained(alpha=20.0)(x))
+    np.testing.assert_allclose(
+        np.linalg.norm(out[1:], axis=1), 20.0, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        out[1:], 20.0 * x[1:] / np.linalg.norm(x[1:], axis=1, keepdims=True),
+        rtol=1e-5,
+    )
+    np.testing.assert_array_equal(out[0], 0.0)
+    _, (grad,) = lc.value_and_grads(
+        lambda a: ops.sum(rl.l2_constrained(a, 20.0)), x
+    )
+    assert np.all(np.isfinite(grad))
+    with pytest.raises(ValueError, match="alpha"):
+        ring_loss_tf.L2Constrained(alpha=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_center_loss_value_gradient_and_update(mode):
+    x, _, labels = random_case(40, batch=12, classes=4)
+    centers = rng(41).standard_normal((4, x.shape[1])).astype(np.float32)
+    value, (d_x,) = lc.value_and_grads(
+        lambda a: rl.center_loss(a, centers, labels, 0.1), x, mode=mode
+    )
+    np.testing.assert_allclose(
+        value, np_center_loss(x, centers, labels, 0.1), rtol=1e-5
+    )
+    ref_dx = 0.1 / len(x) * (x - centers[labels])
+    np.testing.assert_allclose(d_x, ref_dx, rtol=1e-4, atol=1e-7)
+    layer = ring_loss_tf.CenterLoss(4, loss_weight=0.1, alpha=0.5)
+    layer.build([x.shape, labels.shape])
+    layer.centers.assign(centers)
+    out = layer([x, labels], training=True)
+    np.testing.assert_array_equal(lc.to_numpy(out), x)
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.losses[0]),
+        np_center_loss(x, centers, labels, 0.1),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.centers),
+        np_center_update(x, centers, labels, 0.5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    before = lc.to_numpy(layer.centers)
+    layer([x, labels], training=False)
+    np.testing.assert_array_equal(lc.to_numpy(layer.centers), before)
+
+
+# --------------------------------------------------------------------------
+# Keras integration: fit, save/load, config, mixed precision
+# --------------------------------------------------------------------------
+
+
+def build_model(head, num_classes=5, dim=8, ring=True, radius_init="auto"):
+    images = keras.Input((dim,), name="features")
+    labels = keras.Input((), dtype="int32", name="labels")
+    embeddings = keras.layers.Dense(dim, name="embed")(images)
+    if ring:
+        embeddings = ring_loss_tf.RingLoss(
+            loss_weight=0.1, radius_init=radius_init, name="ring"
+        )(embeddings)
+    if head == "asoftmax":
+        logits = ring_loss_tf.ASoftmax(num_classes, name="head")(
+            [embeddings, labels]
+        )
+    elif head == "centerloss":
+        embeddings = ring_loss_tf.CenterLoss(num_classes, 0.01, name="center")(
+            [embeddings, labels]
+        )
+        logits = keras.layers.Dense(num_classes, name="head")(embeddings)
+    elif head == "arcface":
+        logits = ring_loss_tf.ArcFace(num_classes, scale=8.0, name="head")(
+            [embeddings, labels]
+        )
+    elif head == "cosface":
+        logits = ring_loss_tf.CosFace(num_classes, scale=8.0, name="head")(
+            [embeddings, labels]
+        )
+    elif head == "l2softmax":
+        normed = ring_loss_tf.L2Constrained(10.0, name="l2")(embeddings)
+        logits = keras.layers.Dense(num_classes, name="head")(normed)
+    else:
+        logits = keras.layers.Dense(num_classes, name="head")(embeddings)
+    return keras.Model([images, labels], logits)
+
+
+def toy_data(seed=0, n=64, dim=8, classes=5):
+    r = rng(seed)
+    x = (r.standard_normal((n, dim)) * 3).astype(np.float32)
+    y = r.integers(0, classes, n).astype(np.int32)
+    return x, y
+
+
+@pytest.mark.parametrize("jit", [False, True] if ON_TF else [False])
+def test_fit_reports_ring_loss_moves_radius_and_counts_iterations(jit):
+    keras.utils.set_random_seed(0)
+    x, y = toy_data()
+    model = build_model("asoftmax", radius_init=1.0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    embed = keras.Model(model.inputs[0], model.get_layer("embed").output)
+    # The reported loss is cross-entropy plus the ring loss.
+    feats = lc.to_numpy(embed(x))
+    eval_loss = model.evaluate([x, y], y, batch_size=64, verbose=0)
+    logits = lc.to_numpy(model([x, y], training=False)).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    ce = np.mean(
+        np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y]
+    )
+    np.testing.assert_allclose(
+        eval_loss, ce + np_ring_loss(feats, 1.0, 0.1), rtol=1e-4
+    )
+    history = model.fit([x, y], y, batch_size=16, epochs=2, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+    head = model.get_layer("head")
+    assert int(lc.to_numpy(head.iterations)) == 2 * (64 // 16)
+    radius = float(lc.to_numpy(model.get_layer("ring").radius))
+    mean_norm = np.linalg.norm(lc.to_numpy(embed(x)), axis=1).mean()
+    assert radius > 1.1, "R moves from 1.0 toward the mean norm"
+    assert abs(radius - mean_norm) < abs(1.0 - mean_norm)
+
+
+@pytest.mark.parametrize(
+    "head", ["softmax", "asoftmax", "centerloss", "arcface", "cosface",
+             "l2softmax"]
+)
+def test_keras_file_roundtrip_restores_all_state(head, tmp_path):
+    keras.utils.set_random_seed(1)
+    x, y = toy_data(1)
+    model = build_model(head)
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit([x, y], y, batch_size=16, epochs=1, verbose=0)
+    loaded = lc.roundtrip_keras_file(model, str(tmp_path / "m.keras"))
+    for a, b in zip(model.weights, loaded.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(lc.to_numpy(a), lc.to_numpy(b))
+    ring = loaded.get_layer("ring")
+    assert float(lc.to_numpy(ring.radius_initialized)) == 1.0
+    np.testing.assert_array_equal(
+        lc.to_numpy(model([x, y], training=False)),
+        lc.to_numpy(loaded([x, y], training=False)),
+    )
+    if head == "asoftmax":
+        assert int(lc.to_numpy(loaded.get_layer("head").iterations)) == 4
+    if head == "centerloss":
+        centers = lc.to_numpy(loaded.get_layer("center").centers)
+        assert np.any(centers != 0)
+    # A reloaded model keeps training without re-initialising R.
+    before = float(lc.to_numpy(ring.radius))
+    ring(x * 100, training=True)
+    assert float(lc.to_numpy(ring.radius)) == before
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ring_loss_tf.RingLoss(0.02, radius_init=3.0, name="r"),
+        ring_loss_tf.RingLoss(),
+        ring_loss_tf.ASoftmax(10, margin=2, lambda_base=100.0,
+                              lambda_gamma=0.1, lambda_power=2.0,
+                              lambda_min=1.0),
+        ring_loss_tf.CosFace(10, scale=30.0, margin=0.2),
+        ring_loss_tf.ArcFace(10, scale=30.0, margin=0.3, easy_margin=True),
+        ring_loss_tf.L2Constrained(alpha=30.0),
+        ring_loss_tf.CenterLoss(10, loss_weight=0.5, alpha=0.1),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_config_roundtrip(layer):
+    clone = lc.config_roundtrip(layer)
+    for key, value in layer.get_config().items():
+        if key not in ("dtype",):
+            assert getattr(clone, key, value) == value
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("head", ["asoftmax", "arcface", "centerloss"])
+def test_mixed_precision_runs_finite_with_float32_state(policy, head):
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(2)
+        x, y = toy_data(2)
+        model = build_model(head)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = model.fit([x, y], y, batch_size=16, epochs=1, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        ring = model.get_layer("ring")
+        assert ring.radius.dtype == "float32"
+        assert ring.losses[0].dtype == "float32"
+        assert np.isfinite(float(lc.to_numpy(ring.radius)))
+        if head != "centerloss":  # its classifier is a plain Dense
+            logits = model([x, y], training=False)
+            assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+        else:
+            centers = model.get_layer("center").centers
+            assert centers.dtype == "float32"
+            assert np.all(np.isfinite(lc.to_numpy(centers)))
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+# --------------------------------------------------------------------------
+# Distribution (TensorFlow): state updated inside a compiled replica step
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ON_TF, reason="tf.distribute exists only on TensorFlow")
+def test_replica_step_updates_state_once_per_step():
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    x, y = toy_data(3, n=16)
+    with strategy.scope():
+        model = build_model("asoftmax")
+        optimizer = keras.optimizers.SGD(0.1)
+        model.build([x.shape, y.shape])
+    ring = model.get_layer("ring")
+    embed = keras.Model(model.inputs[0], model.get_layer("embed").output)
+    ring.initialize_radius(embed(x))
+    expected_radius = np.linalg.norm(lc.to_numpy(embed(x)), axis=1).mean()
+
+    @tf.function(jit_compile=True)
+    def forward_backward(features, labels):
+        with tf.GradientTape() as tape:
+            logits = model([features, labels], training=True)
+            loss = tf.reduce_sum(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            ) / len(x) + tf.add_n(model.losses) / 2
+        return tape.gradient(loss, model.trainable_variables)
+
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+    )
+    batches = iter(dataset)
+    for step in (1, 2):
+        # strategy.run takes a Python step that calls the compiled function
+        # (passing the compiled function itself places every replica's
+        # variables on the first device).
+        grads = strategy.run(
+            lambda *batch: forward_backward(*batch), args=next(batches)
+        )
+        grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        assert int(model.get_layer("head").iterations.numpy()) == step
+    np.testing.assert_allclose(
+        ring.radius.numpy(), expected_radius, rtol=1e-3
+    )
