@@ -1,0 +1,241 @@
+"""Evaluates an embedding model: verification, identification, low resolution.
+
+Quick start (after `python train.py`, on the embedded KanjiVG test split:
+500 unseen characters, the 10-fold pairs.txt and a gallery/probe/distractor
+split of them):
+
+    python evaluate.py --model=runs/default --low_res=2,4 --flip
+
+prints a table, and writes results.json and PNG plots (ROC on a log-FAR axis,
+CMC, feature-norm histograms) to --output_dir. On face data:
+
+    python evaluate.py --model=runs/casia/export \\
+        --lfw_dir=/data/lfw --pairs=/data/lfw/pairs.txt \\
+        --bin=/data/agedb_30.bin,/data/cfp_fp.bin \\
+        --gallery=/data/mf/gallery --probes=/data/mf/probes \\
+        --distractors=/data/mf/distractors_1M.npy
+
+--model is an exported SavedModel directory or a training --model_dir (its
+export/ is used); the model's own layers are not needed to load it.
+--compare=other_run,... evaluates more models on the same data and overlays
+their curves in the plots.
+"""
+
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
+    "model", None,
+    "SavedModel directory, or a training --model_dir holding export/.")
+flags.DEFINE_list(
+    "compare", [],
+    "More models (same forms as --model) evaluated on the same data; their "
+    "curves are overlaid in the plots.")
+
+# Data. With none of these: the embedded KanjiVG test split.
+flags.DEFINE_string("lfw_dir", None,
+                    "LFW-layout image directory (<identity>/<identity>_"
+                    "<nnnn>.<ext>); needs --pairs.")
+flags.DEFINE_string("pairs", None, "LFW-format pairs.txt over --lfw_dir.")
+flags.DEFINE_list("bin", [],
+                  "insightface verification .bin files (lfw.bin, "
+                  "cfp_fp.bin, agedb_30.bin), comma-separated.")
+flags.DEFINE_string("gallery", None,
+                    "Identification gallery: a folder per identity.")
+flags.DEFINE_string("probes", None,
+                    "Identification probes: a folder per identity (names "
+                    "matching --gallery).")
+flags.DEFINE_string(
+    "distractors", None,
+    "Identification distractors: a folder of image folders, or a .npy of "
+    "precomputed embeddings (n, embedding_dim), memory-mapped.")
+flags.DEFINE_string("cache_dir", None,
+                    "Embedded set: where it is generated (as train.py).")
+flags.DEFINE_integer("num_train_identities", 1000,
+                     "Embedded set: as given to train.py.")
+flags.DEFINE_integer("num_test_identities", 500,
+                     "Embedded set: as given to train.py.")
+flags.DEFINE_integer("train_samples_per_identity", 40,
+                     "Embedded set: as given to train.py.")
+flags.DEFINE_integer("test_samples_per_identity", 10,
+                     "Embedded set: as given to train.py.")
+flags.DEFINE_integer("seed", 0, "Embedded set: train.py's --seed.")
+
+# Protocol.
+flags.DEFINE_list("low_res", [],
+                  "Low-resolution factors, e.g. 2,4,8: probe images "
+                  "downsampled by each and resized back.")
+flags.DEFINE_enum("low_res_side", "probe", ["probe", "both"],
+                  "Downsample the probe (right) image of each pair, or both.")
+flags.DEFINE_boolean("flip", False,
+                     "Embed image + horizontal mirror (sum of both).")
+flags.DEFINE_enum("metric", "cosine", ["cosine", "l2"],
+                  "Pair score: cosine similarity, or minus the squared "
+                  "Euclidean distance of the raw embeddings.")
+flags.DEFINE_integer("max_rank", 100, "CMC length.")
+
+# Model input.
+flags.DEFINE_string("signature", None,
+                    "SavedModel signature (default serving_default).")
+flags.DEFINE_string("output_key", None,
+                    "Signature output with the embedding (default "
+                    "'embedding', or the only output).")
+flags.DEFINE_enum("input_normalization", "auto", ["auto", "none", "unit"],
+                  "For float model inputs: auto = (x - 127.5) / 128 as in "
+                  "training, none = 0..255, unit = x / 255.")
+flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+
+# Output.
+flags.DEFINE_string("output_dir", "eval_results",
+                    "Where results.json and the PNG plots go.")
+flags.DEFINE_boolean("plots", True,
+                     "Write PNG plots (needs matplotlib).")
+
+
+def _fail(message):
+    sys.exit(f"evaluate.py: {message}")
+
+
+def _check_flags():
+    if not FLAGS.model:
+        _fail("--model is required: a SavedModel directory or a training "
+              "--model_dir.")
+    if bool(FLAGS.lfw_dir) != bool(FLAGS.pairs):
+        _fail("--lfw_dir and --pairs go together (the images and the "
+              "pairs.txt over them).")
+    ident = [FLAGS.gallery, FLAGS.probes]
+    if any(ident) and not all(ident):
+        _fail("--gallery and --probes go together.")
+    if FLAGS.distractors and not FLAGS.gallery:
+        _fail("--distractors needs --gallery and --probes.")
+    for flag in ("lfw_dir", "pairs", "gallery", "probes", "distractors"):
+        value = getattr(FLAGS, flag)
+        if value and not os.path.exists(value):
+            _fail(f"--{flag}={value}: no such file or directory.")
+    for path in FLAGS.bin:
+        if not os.path.isfile(path):
+            _fail(f"--bin: {path}: no such file.")
+    factors = []
+    for value in FLAGS.low_res:
+        try:
+            factor = float(value)
+            if not factor >= 1:
+                raise ValueError
+        except ValueError:
+            _fail(f"--low_res: {value!r} is not a factor >= 1 (e.g. "
+                  "--low_res=2,4,8).")
+        factors.append(int(factor) if factor.is_integer() else factor)
+    if FLAGS.max_rank < 1 or FLAGS.batch_size < 1:
+        _fail("--max_rank and --batch_size must be >= 1.")
+    return factors
+
+
+def _cached(loader):
+    """Reads a set once per (image_size, channels), shared by --compare."""
+    cache = {}
+
+    def load(size, channels):
+        key = (tuple(size) if size else None, channels)
+        if key not in cache:
+            cache[key] = loader(size, channels)
+        return cache[key]
+
+    return load
+
+
+def _data_plan():
+    """(verification sets {name: loader}, identification dict or None)."""
+    from ring_loss_tf import data
+
+    sets, ident = {}, None
+    if FLAGS.lfw_dir:
+        sets[pathlib.Path(FLAGS.pairs).stem] = (
+            lambda size, channels: data.read_lfw_pairs(
+                FLAGS.pairs, FLAGS.lfw_dir, image_size=size,
+                channels=channels,
+            )
+        )
+    for path in FLAGS.bin:
+        name = pathlib.Path(path).stem
+        sets[name] = lambda size, channels, path=path: data.read_bin(
+            path, image_size=size, channels=channels
+        )
+    if FLAGS.gallery:
+        ident = {"gallery": FLAGS.gallery, "probes": FLAGS.probes,
+                 "distractors": FLAGS.distractors}
+    if sets or ident:
+        return {k: _cached(v) for k, v in sets.items()}, ident
+    from ring_loss_tf import kanji
+
+    root = kanji.prepare(
+        cache_dir=FLAGS.cache_dir,
+        seed=FLAGS.seed,
+        num_train_identities=FLAGS.num_train_identities,
+        num_test_identities=FLAGS.num_test_identities,
+        train_samples_per_identity=FLAGS.train_samples_per_identity,
+        test_samples_per_identity=FLAGS.test_samples_per_identity,
+    )
+    print(f"No data flag: the embedded test split at {root}")
+    sets["kanji-test"] = lambda size, channels: data.read_lfw_pairs(
+        root / "pairs.txt", root / "test", image_size=size, channels=channels
+    )
+    ident = {
+        "gallery": root / "identification" / "gallery",
+        "probes": root / "identification" / "probes",
+        "distractors": root / "identification" / "distractors",
+    }
+    return {k: _cached(v) for k, v in sets.items()}, ident
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]} (flags are --name=value).")
+    factors = _check_flags()
+    from ring_loss_tf import evaluation
+
+    sets, ident = _data_plan()
+    reports = []
+    for model in [FLAGS.model] + list(FLAGS.compare):
+        try:
+            embedder = evaluation.load_embedder(
+                model,
+                signature=FLAGS.signature,
+                output_key=FLAGS.output_key,
+                input_normalization=FLAGS.input_normalization,
+                batch_size=FLAGS.batch_size,
+            )
+        except (FileNotFoundError, ValueError) as error:
+            _fail(str(error))
+        try:
+            report = evaluation.evaluate_model(
+                embedder,
+                verification_sets=sets,
+                identification=ident,
+                metric=FLAGS.metric,
+                flip=FLAGS.flip,
+                low_res=factors,
+                low_res_side=FLAGS.low_res_side,
+                max_rank=FLAGS.max_rank,
+            )
+        except (FileNotFoundError, ValueError) as error:
+            # Our readers' messages name the file, line and fix.
+            _fail(str(error))
+        reports.append(report)
+        reports[-1].model["path"] = str(model)
+    print(evaluation.format_table(reports))
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    written = evaluation.write_outputs(
+        reports, FLAGS.output_dir, plots=FLAGS.plots,
+        extra={"command": command},
+    )
+    print("Wrote " + ", ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    app.run(main)
