@@ -150,12 +150,11 @@ def _pgm_header(contents):
         tf.where(raw >= 128, 63, tf.maximum(raw, 1)), "UTF-8"
     )
     ok = tf.strings.regex_full_match(head, _PGM_HEADER)
+    head = tf.where(ok, head, "P5 0 0 0 ")
     fields = tf.strings.split(
         tf.strings.regex_replace(head, _PGM_HEADER, r"\1 \2 \3")
     )
-    values = tf.strings.to_number(
-        tf.where(ok, fields[:3], tf.constant(["0", "0", "0"])), tf.int32
-    )
+    values = tf.strings.to_number(fields, tf.int32)
     header = tf.strings.regex_replace(
         head, r"(?s)(P5\s+\d+\s+\d+\s+\d+\s).*", r"\1"
     )
@@ -249,13 +248,21 @@ def decode_native(
     )
     with tf.control_dependencies([check]):
         is_pgm = tf.equal(tf.strings.substr(contents, 0, 2), b"P5")
-        image = tf.cond(
-            is_pgm,
-            lambda: _decode_pgm(contents),
-            lambda: tf.io.decode_image(
-                contents, channels=0, expand_animations=False
-            ),
-        )
+        is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+
+        def other():
+            return tf.cond(
+                is_jpeg,
+                # The accurate integer IDCT, as libjpeg's default (Pillow).
+                lambda: tf.io.decode_jpeg(
+                    contents, channels=0, dct_method="INTEGER_ACCURATE"
+                ),
+                lambda: tf.io.decode_image(
+                    contents, channels=0, expand_animations=False
+                ),
+            )
+
+        image = tf.cond(is_pgm, lambda: _decode_pgm(contents), other)
     return tf.ensure_shape(image, [None, None, None])
 
 

@@ -22,10 +22,10 @@ and, if flag > 0, `flag` float32 labels follow (the header's label is then
 unused); the rest is the encoded image. The `.idx` file is text, one
 "key<TAB>byte offset" line per record.
 
-insightface's convention: if record 0 has flag > 0, its labels (a, b) say
-that image records are the ids 1 .. a-1 and identity records the ids
-a .. b-1 (one per class, whose labels are the id range of its images); each
-image record's own label is its class.
+insightface's convention: if record 0 has flag > 0 and no image, its labels
+(a, b) say that image records are the ids 1 .. a-1 and identity records the
+ids a .. b-1 (one per class, whose labels are the id range of its images);
+each image record's own label is its class.
 """
 
 from __future__ import annotations
@@ -242,8 +242,9 @@ def image_records(reader: RecordIOReader) -> tuple[np.ndarray, int | None]:
     an image and the class count is unknown (None).
     """
     if 0 in reader.offsets:
-        header = reader.read_header(0)
-        if header.flag > 0 and len(header.label) >= 2:
+        header, payload = unpack(reader.read(0))
+        # A header record carries two labels and no image.
+        if header.flag >= 2 and not payload and header.label[0] >= 1:
             start, end = int(header.label[0]), int(header.label[1])
             keys = np.arange(1, start, dtype=np.int64)
             missing = [k for k in keys[:1].tolist() + keys[-1:].tolist()
