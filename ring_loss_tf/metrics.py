@@ -86,8 +86,14 @@ def pair_scores(
             f"Received: {a.shape} and {b.shape}"
         )
     if metric == "cosine":
-        return np.sum(l2_normalize(a) * l2_normalize(b), axis=1)
-    return -np.sum(np.square(a - b), axis=1)
+        dot = np.einsum("ij,ij->i", a, b)
+        norms = np.sqrt(
+            np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b)
+        )
+        # A zero row has no direction: its cosine with anything is 0.
+        return np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
+    d = a - b
+    return -np.einsum("ij,ij->i", d, d)
 
 
 def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
