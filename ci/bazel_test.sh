@@ -66,11 +66,14 @@ fi
 bazel() {
   command bazel "${startup[@]+"${startup[@]}"}" "$@"
 }
+events=$(mktemp)
 # Stop the server when done, so no JVM outlives the run.
-trap 'bazel shutdown >/dev/null 2>&1 || true' EXIT
+trap 'rm -f "$events"; bazel shutdown >/dev/null 2>&1 || true' EXIT
 
 common=(--repo_env=RING_LOSS_TF_PYTHON="$python")
-echo "Bazel: $(command bazel --version 2>/dev/null | head -1), python: $python"
+version=$(dpkg-query -W -f='${Version}' bazel-bootstrap 2>/dev/null ||
+  command bazel --version)
+echo "Bazel ${version}, python ${python}"
 
 start=$SECONDS
 bazel build "${common[@]}" //...
@@ -78,46 +81,58 @@ echo "bazel build //...: $((SECONDS - start)) s"
 
 start=$SECONDS
 status=0
-bazel test "${common[@]}" "${args[@]}" || status=$?
+bazel test "${common[@]}" --build_event_json_file="$events" "${args[@]}" ||
+  status=$?
 echo "bazel test ${args[*]}: $((SECONDS - start)) s (exit $status)"
 
-# Count test cases in the JUnit XML of each test target the patterns name.
-patterns=()
-for arg in "${args[@]}"; do
-  [[ $arg == -* ]] || patterns+=("$arg")
-done
-query="tests($(printf '%s + ' "${patterns[@]}"))"
-query=${query% + )}")"
-testlogs=$(bazel info "${common[@]}" bazel-testlogs 2>/dev/null)
-bazel query "${common[@]}" "$query" 2>/dev/null |
-  "$python" -c '
-import os, sys
+# Count the test cases of the test targets that ran (or were cached), from
+# the build events and each target's JUnit XML.
+"$python" - "$events" "$status" <<'EOF'
+import json
+import sys
 import xml.etree.ElementTree as ET
+from urllib.parse import unquote, urlparse
 
-testlogs = sys.argv[1]
-passed = failed = skipped = 0
-for label in sys.stdin.read().split():
-    package, name = label.lstrip("/").split(":")
-    xml = os.path.join(testlogs, package, name, "test.xml")
-    try:
-        suites = ET.parse(xml).getroot().iter("testsuite")
-        counts = [
-            [int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")]
-            for s in suites
+events_file, status = sys.argv[1], int(sys.argv[2])
+results = {}  # label -> (status, test.xml path); the last attempt wins
+with open(events_file) as events:
+    for line in events:
+        event = json.loads(line)
+        if "testResult" not in event.get("id", {}):
+            continue
+        result = event.get("testResult", {})
+        xml = [
+            unquote(urlparse(output["uri"]).path)
+            for output in result.get("testActionOutput", [])
+            if output.get("name") == "test.xml"
         ]
-    except (OSError, ET.ParseError):
-        counts = []
-    if not counts:  # crashed or timed out before pytest wrote its report
+        label = event["id"]["testResult"]["label"]
+        results[label] = (result.get("status"), xml[0] if xml else None)
+
+passed = failed = skipped = 0
+for label, (result, xml) in sorted(results.items()):
+    counts = []
+    try:
+        for suite in ET.parse(xml).getroot().iter("testsuite"):
+            counts.append(
+                [
+                    int(suite.get(key, 0))
+                    for key in ("tests", "failures", "errors", "skipped")
+                ]
+            )
+    except (TypeError, OSError, ET.ParseError):
+        pass
+    if result != "PASSED" and not any(c[1] + c[2] for c in counts):
+        # Crashed or timed out before pytest wrote its report.
+        print(f"{label}: {result}, no failing test case reported")
         failed += 1
-        print(f"{label}: no test report", file=sys.stderr)
-        continue
     for tests, failures, errors, skips in counts:
         failed += failures + errors
         skipped += skips
         passed += tests - failures - errors - skips
-if int(sys.argv[2]) and not failed:  # e.g. a build error: no test ran
+if status and not failed:  # e.g. a build error, before any test ran
     failed += 1
 line = f"bazel: {passed} passed, {failed} failed"
 print(line + (f", {skipped} skipped" if skipped else ""))
-' "$testlogs" "$status"
+EOF
 exit "$status"
