@@ -31,71 +31,112 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string(
-    "model", None,
-    "SavedModel directory, or a training --model_dir holding export/.")
+    "model",
+    None,
+    "SavedModel directory, or a training --model_dir holding export/.",
+)
 flags.DEFINE_list(
-    "compare", [],
+    "compare",
+    [],
     "More models (same forms as --model) evaluated on the same data; their "
-    "curves are overlaid in the plots.")
+    "curves are overlaid in the plots.",
+)
 
 # Data. With none of these: the embedded KanjiVG test split.
-flags.DEFINE_string("lfw_dir", None,
-                    "LFW-layout image directory (<identity>/<identity>_"
-                    "<nnnn>.<ext>); needs --pairs.")
-flags.DEFINE_string("pairs", None, "LFW-format pairs.txt over --lfw_dir.")
-flags.DEFINE_list("bin", [],
-                  "insightface verification .bin files (lfw.bin, "
-                  "cfp_fp.bin, agedb_30.bin), comma-separated.")
-flags.DEFINE_string("gallery", None,
-                    "Identification gallery: a folder per identity.")
-flags.DEFINE_string("probes", None,
-                    "Identification probes: a folder per identity (names "
-                    "matching --gallery).")
 flags.DEFINE_string(
-    "distractors", None,
+    "lfw_dir",
+    None,
+    "LFW-layout image directory (<identity>/<identity>_"
+    "<nnnn>.<ext>); needs --pairs.",
+)
+flags.DEFINE_string("pairs", None, "LFW-format pairs.txt over --lfw_dir.")
+flags.DEFINE_list(
+    "bin",
+    [],
+    "insightface verification .bin files (lfw.bin, "
+    "cfp_fp.bin, agedb_30.bin), comma-separated.",
+)
+flags.DEFINE_string(
+    "gallery", None, "Identification gallery: a folder per identity."
+)
+flags.DEFINE_string(
+    "probes",
+    None,
+    "Identification probes: a folder per identity (names "
+    "matching --gallery).",
+)
+flags.DEFINE_string(
+    "distractors",
+    None,
     "Identification distractors: a folder of image folders, or a .npy of "
-    "precomputed embeddings (n, embedding_dim), memory-mapped.")
-flags.DEFINE_string("cache_dir", None,
-                    "Embedded set: where it is generated (as train.py).")
-flags.DEFINE_integer("num_train_identities", 1000,
-                     "Embedded set: as given to train.py.")
-flags.DEFINE_integer("num_test_identities", 500,
-                     "Embedded set: as given to train.py.")
-flags.DEFINE_integer("train_samples_per_identity", 40,
-                     "Embedded set: as given to train.py.")
-flags.DEFINE_integer("test_samples_per_identity", 10,
-                     "Embedded set: as given to train.py.")
+    "precomputed embeddings (n, embedding_dim), memory-mapped.",
+)
+flags.DEFINE_string(
+    "cache_dir", None, "Embedded set: where it is generated (as train.py)."
+)
+flags.DEFINE_integer(
+    "num_train_identities", 1000, "Embedded set: as given to train.py."
+)
+flags.DEFINE_integer(
+    "num_test_identities", 500, "Embedded set: as given to train.py."
+)
+flags.DEFINE_integer(
+    "train_samples_per_identity", 40, "Embedded set: as given to train.py."
+)
+flags.DEFINE_integer(
+    "test_samples_per_identity", 10, "Embedded set: as given to train.py."
+)
 flags.DEFINE_integer("seed", 0, "Embedded set: train.py's --seed.")
 
 # Protocol.
-flags.DEFINE_list("low_res", [],
-                  "Low-resolution factors, e.g. 2,4,8: probe images "
-                  "downsampled by each and resized back.")
-flags.DEFINE_enum("low_res_side", "probe", ["probe", "both"],
-                  "Downsample the probe (right) image of each pair, or both.")
-flags.DEFINE_boolean("flip", False,
-                     "Embed image + horizontal mirror (sum of both).")
-flags.DEFINE_enum("metric", "cosine", ["cosine", "l2"],
-                  "Pair score: cosine similarity, or minus the squared "
-                  "Euclidean distance of the raw embeddings.")
+flags.DEFINE_list(
+    "low_res",
+    [],
+    "Low-resolution factors, e.g. 2,4,8: probe images "
+    "downsampled by each and resized back.",
+)
+flags.DEFINE_enum(
+    "low_res_side",
+    "probe",
+    ["probe", "both"],
+    "Downsample the probe (right) image of each pair, or both.",
+)
+flags.DEFINE_boolean(
+    "flip", False, "Embed image + horizontal mirror (sum of both)."
+)
+flags.DEFINE_enum(
+    "metric",
+    "cosine",
+    ["cosine", "l2"],
+    "Pair score: cosine similarity, or minus the squared "
+    "Euclidean distance of the raw embeddings.",
+)
 flags.DEFINE_integer("max_rank", 100, "CMC length.")
 
 # Model input.
-flags.DEFINE_string("signature", None,
-                    "SavedModel signature (default serving_default).")
-flags.DEFINE_string("output_key", None,
-                    "Signature output with the embedding (default "
-                    "'embedding', or the only output).")
-flags.DEFINE_enum("input_normalization", "auto", ["auto", "none", "unit"],
-                  "For float model inputs: auto = (x - 127.5) / 128 as in "
-                  "training, none = 0..255, unit = x / 255.")
+flags.DEFINE_string(
+    "signature", None, "SavedModel signature (default serving_default)."
+)
+flags.DEFINE_string(
+    "output_key",
+    None,
+    "Signature output with the embedding (default "
+    "'embedding', or the only output).",
+)
+flags.DEFINE_enum(
+    "input_normalization",
+    "auto",
+    ["auto", "none", "unit"],
+    "For float model inputs: auto = (x - 127.5) / 128 as in "
+    "training, none = 0..255, unit = x / 255.",
+)
 flags.DEFINE_integer("batch_size", 256, "Images per model call.")
 
 # Output.
-flags.DEFINE_string("output_dir", "eval_results",
-                    "Where results.json and the PNG plots go.")
-flags.DEFINE_boolean("plots", True,
-                     "Write PNG plots (needs matplotlib).")
+flags.DEFINE_string(
+    "output_dir", "eval_results", "Where results.json and the PNG plots go."
+)
+flags.DEFINE_boolean("plots", True, "Write PNG plots (needs matplotlib).")
 
 
 def _fail(message):
@@ -104,11 +145,15 @@ def _fail(message):
 
 def _check_flags():
     if not FLAGS.model:
-        _fail("--model is required: a SavedModel directory or a training "
-              "--model_dir.")
+        _fail(
+            "--model is required: a SavedModel directory or a training "
+            "--model_dir."
+        )
     if bool(FLAGS.lfw_dir) != bool(FLAGS.pairs):
-        _fail("--lfw_dir and --pairs go together (the images and the "
-              "pairs.txt over them).")
+        _fail(
+            "--lfw_dir and --pairs go together (the images and the "
+            "pairs.txt over them)."
+        )
     ident = [FLAGS.gallery, FLAGS.probes]
     if any(ident) and not all(ident):
         _fail("--gallery and --probes go together.")
@@ -128,8 +173,10 @@ def _check_flags():
             if not factor >= 1:
                 raise ValueError
         except ValueError:
-            _fail(f"--low_res: {value!r} is not a factor >= 1 (e.g. "
-                  "--low_res=2,4,8).")
+            _fail(
+                f"--low_res: {value!r} is not a factor >= 1 (e.g. "
+                "--low_res=2,4,8)."
+            )
         factors.append(int(factor) if factor.is_integer() else factor)
     if FLAGS.max_rank < 1 or FLAGS.batch_size < 1:
         _fail("--max_rank and --batch_size must be >= 1.")
@@ -157,7 +204,9 @@ def _data_plan():
     if FLAGS.lfw_dir:
         sets[pathlib.Path(FLAGS.pairs).stem] = (
             lambda size, channels: data.read_lfw_pairs(
-                FLAGS.pairs, FLAGS.lfw_dir, image_size=size,
+                FLAGS.pairs,
+                FLAGS.lfw_dir,
+                image_size=size,
                 channels=channels,
             )
         )
@@ -167,8 +216,11 @@ def _data_plan():
             path, image_size=size, channels=channels
         )
     if FLAGS.gallery:
-        ident = {"gallery": FLAGS.gallery, "probes": FLAGS.probes,
-                 "distractors": FLAGS.distractors}
+        ident = {
+            "gallery": FLAGS.gallery,
+            "probes": FLAGS.probes,
+            "distractors": FLAGS.distractors,
+        }
     if sets or ident:
         return {k: _cached(v) for k, v in sets.items()}, ident
     from ring_loss_tf import kanji
@@ -231,7 +283,9 @@ def main(argv):
     print(evaluation.format_table(reports))
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     written = evaluation.write_outputs(
-        reports, FLAGS.output_dir, plots=FLAGS.plots,
+        reports,
+        FLAGS.output_dir,
+        plots=FLAGS.plots,
         extra={"command": command},
     )
     print("Wrote " + ", ".join(str(p) for p in written))

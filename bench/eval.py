@@ -73,8 +73,9 @@ def _synthetic(num, dim, seed, chunk=65536):
     rng = np.random.default_rng(seed)
     for start in range(0, num, chunk):
         stop = min(start + chunk, num)
-        out[start:stop] = rng.standard_normal((stop - start, dim),
-                                              dtype=np.float32)
+        out[start:stop] = rng.standard_normal(
+            (stop - start, dim), dtype=np.float32
+        )
     return out
 
 
@@ -104,7 +105,11 @@ def bench_identification(args):
 
     def run_identify():
         return metrics.identify(
-            probes, labels, gallery, labels, distractors,
+            probes,
+            labels,
+            gallery,
+            labels,
+            distractors,
             chunk_size=args.chunk_size,
             probe_chunk_size=args.probe_chunk_size,
         )
@@ -163,7 +168,8 @@ def bench_embedding(args):
             model_path, batch_size=args.batch_size
         )
         images = data.load_images(
-            paths, image_size=embedder.image_size,
+            paths,
+            image_size=embedder.image_size,
             channels=embedder.channels,
         )
         embedder(images[: args.batch_size])  # warm-up (tracing)
@@ -187,8 +193,9 @@ def main():
     parser.add_argument("--num_distractors", type=int, default=1_000_000)
     parser.add_argument("--chunk_size", type=int, default=8192)
     parser.add_argument("--probe_chunk_size", type=int, default=2048)
-    parser.add_argument("--model", default=None,
-                        help="SavedModel for the embedding benchmark.")
+    parser.add_argument(
+        "--model", default=None, help="SavedModel for the embedding benchmark."
+    )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args()

@@ -184,7 +184,7 @@ class Embedder:
                 f"{self.name}: signature {signature!r} has inputs "
                 f"{sorted(inputs)}; an embedding model has one image input."
             )
-        (self._input_name, self._input_spec), = inputs.items()
+        ((self._input_name, self._input_spec),) = inputs.items()
         outputs = function.structured_outputs
         if not isinstance(outputs, dict):
             outputs = {"output_0": outputs}
@@ -313,9 +313,7 @@ class Embedder:
         return np.concatenate(outputs)
 
 
-def load_embedder(
-    model, *, name: str | None = None, **kwargs
-) -> Embedder:
+def load_embedder(model, *, name: str | None = None, **kwargs) -> Embedder:
     """An `Embedder` from a keras.Model, a SavedModel dir or a model_dir."""
     if isinstance(model, (str, os.PathLike)):
         path = resolve_model_path(model)
@@ -327,8 +325,9 @@ def load_embedder(
                 f"{type(error).__name__}: {str(error).splitlines()[0]}"
             ) from error
         return Embedder(loaded, name=name or _model_name(path), **kwargs)
-    return Embedder(model, name=name or getattr(model, "name", "model"),
-                    **kwargs)
+    return Embedder(
+        model, name=name or getattr(model, "name", "model"), **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -400,8 +399,7 @@ def evaluate_verification(
         low_images = downsample(pairs.images, factor)
         low, low_plain = embedder.embed_with_plain(low_images, flip=flip)
         left = low if low_res_side == "both" else emb
-        scores = metrics.pair_scores(left[pairs.left], low[pairs.right],
-                                     metric)
+        scores = metrics.pair_scores(left[pairs.left], low[pairs.right], metric)
         low_norm = np.linalg.norm(low_plain, axis=1)
         ok = plain_norm > 0
         out["low_res"][factor] = {
@@ -498,7 +496,12 @@ def evaluate_identification(
             "identity needs gallery images."
         )
     result = metrics.identify(
-        p, p_names, g, g_names, d, metric=metric,
+        p,
+        p_names,
+        g,
+        g_names,
+        d,
+        metric=metric,
         max_rank=min(max_rank, len(g) + (0 if d is None else len(d))),
     )
     return {
@@ -580,8 +583,13 @@ def evaluate_model(
         if callable(pairs):
             pairs = pairs(embedder.image_size, embedder.channels)
         verification[name] = evaluate_verification(
-            embedder, pairs, metric=metric, flip=flip, low_res=low_res,
-            low_res_side=low_res_side, fars=fars,
+            embedder,
+            pairs,
+            metric=metric,
+            flip=flip,
+            low_res=low_res,
+            low_res_side=low_res_side,
+            fars=fars,
         )
     ident = None
     if identification:
@@ -635,8 +643,10 @@ def format_table(reports: Sequence[ModelReport]) -> str:
                 + "".join(f"{'TAR@' + format(f, 'g'):>10}" for f in fars)
                 + f"{'EER %':>8}{'AUC %':>8}"
             )
-            lines += ["  Verification (TAR in %, n/a: FAR below "
-                      "1/impostors)", head]
+            lines += [
+                "  Verification (TAR in %, n/a: FAR below " "1/impostors)",
+                head,
+            ]
             rows = []
             for name, v in report.verification.items():
                 rows.append((name, v["result"]))
@@ -735,8 +745,13 @@ def write_outputs(
             for label, res, style in curves:
                 c = res.roc
                 keep = c.far > 0
-                ax.plot(c.far[keep], c.tar[keep], style, drawstyle="steps-post",
-                        label=f"{label} (AUC {100 * res.auc:.2f}%)")
+                ax.plot(
+                    c.far[keep],
+                    c.tar[keep],
+                    style,
+                    drawstyle="steps-post",
+                    label=f"{label} (AUC {100 * res.auc:.2f}%)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("false accept rate")
         ax.set_ylabel("true accept rate")
@@ -777,8 +792,12 @@ def write_outputs(
         for r in with_ident:
             res = r.identification["result"]
             ranks = np.arange(1, res.cmc.size + 1)
-            ax.plot(ranks, 100 * res.cmc, drawstyle="steps-post",
-                    label=f"{r.model['name']} (rank-1 {100 * res.rank1:.2f}%)")
+            ax.plot(
+                ranks,
+                100 * res.cmc,
+                drawstyle="steps-post",
+                label=f"{r.model['name']} (rank-1 {100 * res.rank1:.2f}%)",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("rank")
         ax.set_ylabel("identification rate (%)")

@@ -167,9 +167,7 @@ def roc(scores: np.ndarray, issame: np.ndarray) -> Roc:
     )
 
 
-def tar_at_far(
-    curve: Roc, far: float
-) -> tuple[float | None, float | None]:
+def tar_at_far(curve: Roc, far: float) -> tuple[float | None, float | None]:
     """TAR at a target FAR, without interpolation, and its threshold.
 
     TAR@FAR=f is the highest TAR among the ROC's operating points whose FAR

@@ -56,12 +56,26 @@ def _pairs_lines():
     for fold in range(2):
         for j in range(3):
             k = 5 * fold + j
-            rows.append((f"{_name(k)}\t1\t{2 + j % 3}", True, fold,
-                         (k, 1), (k, 2 + j % 3)))
+            rows.append(
+                (
+                    f"{_name(k)}\t1\t{2 + j % 3}",
+                    True,
+                    fold,
+                    (k, 1),
+                    (k, 2 + j % 3),
+                )
+            )
         for j in range(3):
             k1, k2 = 5 * fold + j, 5 * fold + j + 2
-            rows.append((f"{_name(k1)} {1 + j} {_name(k2)} {2 + j}", False,
-                         fold, (k1, 1 + j), (k2, 2 + j)))
+            rows.append(
+                (
+                    f"{_name(k1)} {1 + j} {_name(k2)} {2 + j}",
+                    False,
+                    fold,
+                    (k1, 1 + j),
+                    (k2, 2 + j),
+                )
+            )
     return rows
 
 
@@ -125,7 +139,8 @@ def world(tmp_path_factory):
 
     module = Uint8Serving(model)
     tf.saved_model.save(
-        module, str(root / "uint8_model"),
+        module,
+        str(root / "uint8_model"),
         signatures={"serving_default": module.serve},
     )
 
@@ -133,8 +148,9 @@ def world(tmp_path_factory):
         x = (np.asarray(batch, np.float32) - 127.5) / 128.0
         return np.asarray(model(x, training=False), np.float64)
 
-    return dict(root=root, images=images, rows=rows, model=model,
-                reference=reference)
+    return dict(
+        root=root, images=images, rows=rows, model=model, reference=reference
+    )
 
 
 def _embedder(world, which="float", **kwargs):
@@ -185,8 +201,7 @@ def test_flip_sums_image_and_mirror(world):
     e = _embedder(world)
     batch = np.stack(list(world["images"].values())[:7])
     want = world["reference"](batch) + world["reference"](batch[:, :, ::-1])
-    np.testing.assert_allclose(e(batch, flip=True), want, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(e(batch, flip=True), want, rtol=1e-5, atol=1e-5)
 
 
 def _reference_pair_embeddings(world, flip=False):
@@ -208,8 +223,10 @@ def test_verification_end_to_end(world, metric, flip):
     )
     ea, eb = _reference_pair_embeddings(world, flip)
     if metric == "cosine":
-        scores = np.sum(ea * eb, 1) / np.linalg.norm(ea, axis=1) / (
-            np.linalg.norm(eb, axis=1)
+        scores = (
+            np.sum(ea * eb, 1)
+            / np.linalg.norm(ea, axis=1)
+            / (np.linalg.norm(eb, axis=1))
         )
     else:
         scores = -np.sum((ea - eb) ** 2, axis=1)
@@ -273,14 +290,18 @@ def test_identification_end_to_end(world, tmp_path):
     root, images, ref = world["root"], world["images"], world["reference"]
     out = evaluation.evaluate_identification(
         _embedder(world),
-        root / "gallery", root / "probes", root / "distractors",
+        root / "gallery",
+        root / "probes",
+        root / "distractors",
         max_rank=10,
     )
     g_keys = [(k, 1) for k in range(6)]
     p_keys = [(k, n) for k in range(6) for n in range(2, PER_ID + 1)]
     d_keys = [(k, n) for k in range(6, NUM_IDS) for n in range(1, PER_ID + 1)]
-    g, p, d = (ref(np.stack([images[k] for k in keys]))
-               for keys in (g_keys, p_keys, d_keys))
+    g, p, d = (
+        ref(np.stack([images[k] for k in keys]))
+        for keys in (g_keys, p_keys, d_keys)
+    )
     want = _brute_ranks(
         p, [_name(k) for k, _ in p_keys], g, [_name(k) for k, _ in g_keys], d
     )
@@ -291,14 +312,18 @@ def test_identification_end_to_end(world, tmp_path):
     # Precomputed distractor embeddings (.npy) give the same ranks.
     np.save(tmp_path / "d.npy", d.astype(np.float32))
     again = evaluation.evaluate_identification(
-        _embedder(world), root / "gallery", root / "probes",
+        _embedder(world),
+        root / "gallery",
+        root / "probes",
         tmp_path / "d.npy",
     )
     np.testing.assert_array_equal(again["result"].ranks, want)
     np.save(tmp_path / "bad.npy", np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match=r"bad.npy.*\(n, 8\)"):
         evaluation.evaluate_identification(
-            _embedder(world), root / "gallery", root / "probes",
+            _embedder(world),
+            root / "gallery",
+            root / "probes",
             tmp_path / "bad.npy",
         )
 
@@ -328,7 +353,11 @@ def _run(args, cwd, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
         [sys.executable, str(REPO / "evaluate.py")] + args,
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -400,9 +400,7 @@ def test_identify_errors():
 def test_cmc_curve_matches_counting():
     ranks = np.random.default_rng(17).integers(1, 30, size=200)
     cmc = metrics.cmc_curve(ranks, 40)
-    np.testing.assert_allclose(
-        cmc, [np.mean(ranks <= k) for k in range(1, 41)]
-    )
+    np.testing.assert_allclose(cmc, [np.mean(ranks <= k) for k in range(1, 41)])
 
 
 # ---------------------------------------------------------------------------
