@@ -79,6 +79,8 @@ def _seeded(initializer, seed):
     """A fresh initializer with `seed`, so building twice gives equal weights."""
     if initializer == "glorot_uniform":
         return keras.initializers.GlorotUniform(seed=seed)
+    if initializer == "he_normal":
+        return keras.initializers.HeNormal(seed=seed)
     return keras.initializers.RandomNormal(
         stddev=initializer.stddev, seed=seed
     )
@@ -139,23 +141,39 @@ def sphereface4(input_shape=(112, 96, 3), embedding_dim=512, seed=None):
     )
 
 
-def small_cnn(input_shape=(32, 32, 1), embedding_dim=128, seed=None):
+def small_cnn(
+    input_shape=(32, 32, 1), embedding_dim=128, seed=None, widths=(16, 32, 64)
+):
     """A small PReLU CNN for the embedded 32×32 grey characters (CPU default).
 
-    Six 3×3 convs (32/32/64/64/128/128 channels, stride 2 on the first of each
-    pair, so 32×32 → 16 → 8 → 4), PReLU, no BatchNorm (like SphereFace), then
-    a fully-connected embedding. About 0.55M parameters for 32×32×1.
+    Three stages of two 3×3 convs (`widths` channels; stride 2 on the first
+    conv of each stage, so 32×32 → 16 → 8 → 4), PReLU, no BatchNorm (like
+    SphereFace), then a fully-connected embedding. He-normal initialisation
+    keeps the activation scale through the PReLUs (Glorot shrinks it about
+    2× per layer here, so the first features would have norms near 0.1).
 
-    Same arguments and output as `sphereface20`.
+    Args:
+        input_shape, embedding_dim, seed: as `sphereface20`.
+        widths: channels of the three stages.
+
+    Returns:
+        A `keras.Model` from images to `(batch, embedding_dim)` embeddings.
     """
     _check_common(input_shape, embedding_dim)
+    if len(widths) != 3 or any(
+        not isinstance(w, int) or w <= 0 for w in widths
+    ):
+        raise ValueError(
+            "`widths` must be three positive ints (channels per stage). "
+            f"Received: widths={widths!r}"
+        )
     seeds = _Seeds(seed)
     images = keras.Input(input_shape, name="images")
     x = images
-    for stage, filters in enumerate((32, 64, 128), start=1):
+    for stage, filters in enumerate(widths, start=1):
         for j, strides in ((1, 2), (2, 1)):
             x = _conv(
-                x, filters, strides, f"conv{stage}_{j}", "glorot_uniform", seeds
+                x, filters, strides, f"conv{stage}_{j}", "he_normal", seeds
             )
             x = _prelu(x, f"conv{stage}_{j}_prelu")
     x = keras.layers.Flatten(name="flatten")(x)

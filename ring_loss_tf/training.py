@@ -274,6 +274,14 @@ def build_models(
         raise ArgumentError(
             "head", head, "unknown head", f"use one of {', '.join(HEADS)}"
         )
+    if seed is not None and head in ("asoftmax", "cosface", "arcface"):
+        # The margin heads take no initializer argument: draw their kernel
+        # from the seed too, so equal seeds give equal models.
+        head_layer.kernel.assign(
+            keras.initializers.GlorotUniform(seed=seed + 1)(
+                head_layer.kernel.shape
+            )
+        )
     train_model = keras.Model(
         [images, labels], [logits, embeddings], name="training_model"
     )
@@ -950,7 +958,7 @@ def evaluate_verification(embedding_model, pairs_path, lfw_dir, image_size,
     pairs = data.read_lfw_pairs(
         pairs_path, lfw_dir, image_size=tuple(image_size), channels=channels
     )
-    images = data.normalize_images(pairs.images)
+    images = data.normalize(pairs.images).numpy()
     embeddings = embed(embedding_model, images)
     scores = metrics.pair_scores(
         embeddings[pairs.left], embeddings[pairs.right]
