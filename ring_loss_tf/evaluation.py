@@ -637,27 +637,29 @@ def format_table(reports: Sequence[ModelReport]) -> str:
             f"flip={s['flip']}"
         )
         if report.verification:
-            head = (
-                f"  {'set':<16}{'genuine/impostor':>18}"
-                f"{'accuracy %':>16}"
-                + "".join(f"{'TAR@' + format(f, 'g'):>10}" for f in fars)
-                + f"{'EER %':>8}{'AUC %':>8}"
-            )
-            lines += [
-                "  Verification (TAR in %, n/a: FAR below " "1/impostors)",
-                head,
-            ]
             rows = []
             for name, v in report.verification.items():
                 rows.append((name, v["result"]))
                 for factor, low in v["low_res"].items():
                     rows.append((f"{name} 1/{factor:g}", low["result"]))
+            width = max(len(name) for name, _ in rows) + 2
+            head = (
+                f"  {'set':<{width}}{'genuine/impostor':>17}"
+                f"{'accuracy %':>16}"
+                + "".join(f"{'TAR@' + format(f, '.0e'):>11}" for f in fars)
+                + f"{'EER %':>8}{'AUC %':>8}"
+            )
+            lines += [
+                "  Verification (10-fold accuracy mean ± std; TAR in %, "
+                "n/a: FAR below 1/impostors)",
+                head,
+            ]
             for name, r in rows:
                 acc = f"{_pct(r.accuracy_mean)} ± {_pct(r.accuracy_std)}"
                 lines.append(
-                    f"  {name:<16}"
-                    f"{f'{r.num_genuine}/{r.num_impostor}':>18}{acc:>16}"
-                    + "".join(f"{_pct(r.tar_at_far[f]):>10}" for f in fars)
+                    f"  {name:<{width}}"
+                    f"{f'{r.num_genuine}/{r.num_impostor}':>17}{acc:>16}"
+                    + "".join(f"{_pct(r.tar_at_far[f]):>11}" for f in fars)
                     + f"{_pct(r.eer):>8}{_pct(r.auc):>8}"
                 )
             for name, v in report.verification.items():
