@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every Bazel target and runs Bazel tests offline with a virtualenv's
-# Python; installs Bazel 4 from Debian's packages first if it is missing.
+# Python; installs Bazel 4 from Debian's packages (bazel-bootstrap) first if
+# it is missing.
 #
 # usage: ci/bazel_test.sh [--python PATH] [BAZEL_TEST_ARG...]
 #
@@ -24,7 +25,7 @@ while (($#)); do
   case $1 in
     --python) python=${2:?"--python needs a path"}; shift 2 ;;
     --python=*) python=${1#--python=}; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | cut -c3-; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -47,7 +48,9 @@ if [[ $python != /* ]]; then
   python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 fi
 
-if ! command -v bazel >/dev/null; then
+# Debian's bazel-bootstrap installs Bazel 4 as bazel-4 (and bazel); prefer it
+# to any other `bazel` on PATH, e.g. a Bazelisk that would download Bazel.
+if ! command -v bazel-4 >/dev/null; then
   sudo=()
   [[ $(id -u) == 0 ]] || sudo=(sudo)
   start=$SECONDS
@@ -64,7 +67,7 @@ if [[ -n ${BAZEL_OUTPUT_USER_ROOT:-} ]]; then
   startup=(--output_user_root="$BAZEL_OUTPUT_USER_ROOT")
 fi
 bazel() {
-  command bazel "${startup[@]+"${startup[@]}"}" "$@"
+  command bazel-4 "${startup[@]+"${startup[@]}"}" "$@"
 }
 events=$(mktemp)
 # Stop the server when done, so no JVM outlives the run.
@@ -72,7 +75,7 @@ trap 'rm -f "$events"; bazel shutdown >/dev/null 2>&1 || true' EXIT
 
 common=(--repo_env=RING_LOSS_TF_PYTHON="$python")
 version=$(dpkg-query -W -f='${Version}' bazel-bootstrap 2>/dev/null ||
-  command bazel --version)
+  command bazel-4 --version)
 echo "Bazel ${version}, python ${python}"
 
 start=$SECONDS
