@@ -20,6 +20,11 @@ _ENV = "RING_LOSS_TF_PYTHON"
 _BUILD = """\
 load("@bazel_tools//tools/python:toolchain.bzl", "py_runtime_pair")
 
+# The Python version and every installed distribution: data of //:ring_loss_tf,
+# so that changing the virtualenv re-runs the tests instead of reusing cached
+# results.
+exports_files(["installed.txt"])
+
 py_runtime(
     name = "py3_runtime",
     interpreter_path = "{python}",
@@ -39,10 +44,18 @@ toolchain(
 )
 """
 
+# Prints the major version and the missing modules, then the Python version
+# and every installed distribution, one a line.
 _CHECK = """\
-import importlib.util, sys
+import importlib.metadata, importlib.util, sys
 missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
 print(sys.version_info[0], " ".join(missing))
+print(sys.version.replace("\\n", " "))
+for name in sorted(
+    f"{d.metadata['Name']}=={d.version}"
+    for d in importlib.metadata.distributions()
+):
+    print(name)
 """
 
 def _python_interpreter_impl(rctx):
@@ -71,7 +84,8 @@ def _python_interpreter_impl(rctx):
             result.stderr,
             _ENV,
         ))
-    fields = result.stdout.strip().split(" ")
+    lines = result.stdout.strip().split("\n")
+    fields = lines[0].strip().split(" ")
     if fields[0] != "3":
         fail("{} ({}) is not Python 3. Set {} to the virtualenv's python."
             .format(python, origin, _ENV))
@@ -85,6 +99,7 @@ def _python_interpreter_impl(rctx):
             _ENV,
         ))
     rctx.file("WORKSPACE", "")
+    rctx.file("installed.txt", "\n".join(lines[1:]) + "\n")
     rctx.file("BUILD", _BUILD.format(python = python))
 
 python_interpreter = repository_rule(
