@@ -13,9 +13,10 @@ The training pipeline (`training_dataset`):
     position c = 0, 1, 2, ...  (this worker's share when sharded)
     example    = index_shuffle(c mod n, seed=(seed, c div n))  # per epoch
     image      = read -> check -> decode -> channels -> resize (in parallel)
-    image      = augment_image(image, stateless seed (seed, c))
-    image      = (image - 127.5) / 128
-    batch(drop_remainder) -> prefetch, AUTOTUNE everywhere
+    batch(drop_remainder)
+    images     = augment_batch(images, stateless seed (seed, first c))
+    images     = (images - 127.5) / 128
+    prefetch, AUTOTUNE everywhere
 
 Every random choice is a stateless function of the seed and the position,
 so the order is reproducible, sharding splits one global order, and the
@@ -223,24 +224,78 @@ def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def decode_image(
-    contents: tf.Tensor, channels: int, name: tf.Tensor | str = "image"
+    contents: tf.Tensor,
+    channels: int,
+    name: tf.Tensor | str = "image",
+    expect: str | None = None,
 ) -> tf.Tensor:
     """Encoded PNG/JPEG/BMP/GIF/PGM bytes -> uint8 (h, w, channels).
 
     First checks the bytes with `image_bytes_ok` and fails with an
     InvalidArgumentError whose message names `name` (the file) if they look
-    corrupt or truncated. Then `to_channels`.
+    corrupt or truncated. Then `to_channels`. `expect` ("png" or "jpeg"), the
+    format most files have, adds a fast path of a few ops for whole files of
+    that format; any other file takes the general path.
     """
-    image = decode_native(contents, name)
+    image = decode_native(contents, name, expect)
     image = to_channels(image, channels)
     return tf.ensure_shape(image, [None, None, channels])
 
 
+def _png_whole(contents):
+    length = tf.strings.length(contents)
+    return tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 8), b"\x89PNG\r\n\x1a\n"),
+        tf.equal(
+            tf.strings.substr(contents, tf.maximum(length - 8, 0), 4), b"IEND"
+        ),
+    )
+
+
+def _jpeg_whole(contents):
+    length = tf.strings.length(contents)
+    return tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8"),
+        tf.equal(
+            tf.strings.substr(contents, tf.maximum(length - 2, 0), 2),
+            b"\xff\xd9",
+        ),
+    )
+
+
+def _decode_jpeg(contents):
+    # The accurate integer IDCT, libjpeg's default (as in Pillow).
+    return tf.io.decode_jpeg(
+        contents, channels=0, dct_method="INTEGER_ACCURATE"
+    )
+
+
+_FAST_PATHS = {
+    "png": (_png_whole, lambda c: tf.io.decode_png(c, channels=0)),
+    "jpeg": (_jpeg_whole, _decode_jpeg),
+}
+
+
 def decode_native(
-    contents: tf.Tensor, name: tf.Tensor | str = "image"
+    contents: tf.Tensor,
+    name: tf.Tensor | str = "image",
+    expect: str | None = None,
 ) -> tf.Tensor:
     """Like `decode_image`, keeping the file's channels (1 to 4)."""
     contents = tf.convert_to_tensor(contents, tf.string)
+    if expect is not None:
+        if expect not in _FAST_PATHS:
+            raise ValueError(
+                f"`expect` must be None or one of {sorted(_FAST_PATHS)}. "
+                f"Received: expect={expect!r}"
+            )
+        whole, decode = _FAST_PATHS[expect]
+        image = tf.cond(
+            whole(contents),
+            lambda: decode(contents),
+            lambda: decode_native(contents, name),
+        )
+        return tf.ensure_shape(image, [None, None, None])
     check = tf.debugging.Assert(
         image_bytes_ok(contents),
         [f"Corrupt or truncated image file. {_CORRUPT_FIX} File:", name],
@@ -253,10 +308,7 @@ def decode_native(
         def other():
             return tf.cond(
                 is_jpeg,
-                # The accurate integer IDCT, as libjpeg's default (Pillow).
-                lambda: tf.io.decode_jpeg(
-                    contents, channels=0, dct_method="INTEGER_ACCURATE"
-                ),
+                lambda: _decode_jpeg(contents),
                 lambda: tf.io.decode_image(
                     contents, channels=0, expand_animations=False
                 ),
@@ -298,34 +350,63 @@ def max_translation(image_size: Sequence[int]) -> int:
     return max(1, int(round(min(image_size[:2]) / 16)))
 
 
-def augment_image(
-    image: tf.Tensor, seed: tf.Tensor, mode: str
-) -> tf.Tensor:
-    """Stateless random augmentation of one (h, w, c) float image.
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, mode: str) -> tf.Tensor:
+    """Stateless random augmentation of a (b, h, w, c) float batch.
 
-    "face": horizontal flip with probability 1/2, then a translation of up to
-    `max_translation` pixels each way (symmetric padding, random crop);
-    "characters": the translation only (a mirrored character is another
-    character); "none": the image unchanged. `seed` is an int32/int64 tensor
-    of shape (2,): the same seed gives the same result.
+    "face": each image is mirrored left-right with probability 1/2 and
+    shifted by whole pixels, up to `max_translation` each way, uniformly;
+    "characters": the shift only (a mirrored character is another
+    character); "none": unchanged. Pixels shifted in from outside mirror the
+    border ("d c b a | a b c d", numpy's "symmetric" padding), so the image
+    keeps its background. One projective-transform op for the batch, exact
+    at whole-pixel shifts. `seed`: int tensor of shape (2,); the same seed
+    gives the same result.
     """
     if mode not in AUGMENTATIONS:
         raise ValueError(
             f"`augment` must be one of {AUGMENTATIONS}. Received: {mode!r}"
         )
+    images = tf.convert_to_tensor(images)
     if mode == "none":
-        return image
-    image = tf.convert_to_tensor(image)
+        return images
+    height, width = images.shape[1], images.shape[2]
+    shift = max_translation((height, width))
+    batch = tf.shape(images)[0]
     seed = tf.cast(seed, tf.int64)
-    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    shift_seed = tf.random.experimental.stateless_fold_in(seed, 2)
-    if mode == "face":
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    shift = max_translation(image.shape[:2])
-    padded = tf.pad(
-        image, [[shift, shift], [shift, shift], [0, 0]], mode="SYMMETRIC"
+    offsets = tf.random.stateless_uniform(
+        tf.stack([batch, 2]), seed, minval=-shift, maxval=shift + 1,
+        dtype=tf.int32,
     )
-    return tf.image.stateless_random_crop(padded, tf.shape(image), shift_seed)
+    offsets = tf.cast(offsets, tf.float32)
+    if mode == "face":
+        flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        flip = tf.random.stateless_uniform(tf.stack([batch]), flip_seed) < 0.5
+    else:
+        flip = tf.zeros(tf.stack([batch]), tf.bool)
+    # Output pixel (x, y) reads input (sx * x + dx', y + dy) with sx = -1
+    # and dx' = width - 1 + dx for a mirrored image.
+    sign = tf.where(flip, -1.0, 1.0)
+    dx = tf.where(flip, width - 1.0, 0.0) + offsets[:, 0]
+    zero = tf.zeros_like(sign)
+    one = tf.ones_like(sign)
+    transforms = tf.stack(
+        [sign, zero, dx, zero, one, offsets[:, 1], zero, zero], axis=1
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.constant([height, width], tf.int32),
+        fill_value=tf.constant(0.0, images.dtype),
+        interpolation="NEAREST",
+        fill_mode="REFLECT",
+    )
+
+
+def augment_image(
+    image: tf.Tensor, seed: tf.Tensor, mode: str
+) -> tf.Tensor:
+    """`augment_batch` of one (h, w, c) image."""
+    return augment_batch(tf.convert_to_tensor(image)[None], seed, mode)[0]
 
 
 # --------------------------------------------------------------------------
@@ -564,7 +645,7 @@ def training_dataset(
     by (x - 127.5) / 128, and int32 (batch_size,). Each epoch visits every
     example once in an order drawn from `seed` and the epoch number
     (`tf.random.experimental.index_shuffle`); augmentation draws from `seed`
-    and the example's position. With `input_context`, pipeline k of K takes
+    and the batch's first position. With `input_context`, pipeline k of K takes
     positions k, k + K, ... of that one order, and `batch_size` is per
     pipeline (per replica). Batches are whole (drop_remainder).
 
@@ -578,7 +659,7 @@ def training_dataset(
         batch_size: images per batch (per replica with `input_context`).
         image_size: (height, width) the images are resized to.
         channels: 1 (grey) or 3 (RGB).
-        augment: "face", "characters" or "none" (see `augment_image`).
+        augment: "face", "characters" or "none" (see `augment_batch`).
         seed: the order and augmentation seed.
         input_context: from `strategy.distribute_datasets_from_function`.
         repeat: loop over epochs forever (True) or stop after one.
@@ -614,23 +695,31 @@ def training_dataset(
         _recordio_loader(source)
     )
 
+    expect = _expected_format(source)
+
     def element(position):
         epoch = position // num
         index = tf.random.experimental.index_shuffle(
             position % num, tf.stack([seed_tensor, epoch]), last
         )
-        image, label = load(index)
-        image = resize_image(decode_image(image[0], channels, image[1]),
-                             (height, width))
-        image = augment_image(
-            image, tf.stack([seed_tensor, position]), augment
-        )
-        return normalize(image), label
+        (contents, name), label = load(index)
+        image = decode_image(contents, channels, name, expect)
+        return resize_image(image, (height, width)), label, position
+
+    def finish(images, labels, positions):
+        # Augmentation is vectorised over the batch (a few ops per batch,
+        # not per image), seeded by the batch's first position.
+        batch_seed = tf.stack([seed_tensor, positions[0]])
+        images = augment_batch(images, batch_seed, augment)
+        return normalize(images), labels
 
     dataset = positions.map(
         element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
     dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.map(
+        finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
@@ -639,6 +728,17 @@ def training_dataset(
             tf.data.experimental.ExternalStatePolicy.IGNORE
         )
     return dataset.with_options(options)
+
+
+def _expected_format(source):
+    """The fast-path format of `decode_image` for most of a source's files."""
+    if source.kind == "recordio":
+        return "jpeg"
+    suffixes = collections.Counter(
+        os.path.splitext(str(p))[1].lower() for p in source.paths[:1000]
+    )
+    suffix = suffixes.most_common(1)[0][0]
+    return {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(suffix)
 
 
 def _folder_loader(source):
@@ -943,7 +1043,9 @@ def read_lfw_pairs(
 
 
 def _pair_line_numbers(pairs_path) -> list[int]:
-    text = pathlib.Path(pairs_path).read_text(encoding="utf-8", errors="replace")
+    text = pathlib.Path(pairs_path).read_text(
+        encoding="utf-8", errors="replace"
+    )
     numbers = [n for n, l in enumerate(text.splitlines(), 1) if l.strip()]
     return numbers[1:]
 

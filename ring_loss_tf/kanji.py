@@ -146,7 +146,8 @@ def parse_path(d: str) -> list[np.ndarray]:
                 continue
         elif command is None:
             raise ValueError(
-                f"SVG path data must start with a command (M). Received: d={d!r}"
+                "SVG path data must start with a command (M). "
+                f"Received: d={d!r}"
             )
         arity = _ARITY[command.upper()]
         values = [tok[1] for tok in tokens[i : i + arity]]
@@ -495,7 +496,8 @@ def _run_tasks(tasks, total, num_workers, progress):
 
     # fork: children need only numpy and Pillow, and spawning would import
     # the package (and Keras) again in each worker.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    methods = multiprocessing.get_all_start_methods()
+    method = "fork" if "fork" in methods else None
     context = multiprocessing.get_context(method)
     with context.Pool(num_workers) as pool:
         for n in pool.imap_unordered(_render_chunk, tasks, chunksize=1):

@@ -156,7 +156,9 @@ def test_normalize():
 
 def shifted_versions(image, shift):
     """Every crop of the symmetric-padded image at offsets within +-shift."""
-    padded = np.pad(image, [(shift, shift), (shift, shift), (0, 0)], "symmetric")
+    padded = np.pad(
+        image, [(shift, shift), (shift, shift), (0, 0)], "symmetric"
+    )
     h, w = image.shape[:2]
     return [
         padded[dy : dy + h, dx : dx + w]
@@ -655,7 +657,8 @@ def test_make_pairs_file_round_trip(tmp_path, num_identities):
     keys = set()
     for k in range(10):
         fold = pairs.fold == k
-        assert pairs.issame[fold].sum() == 2 and (~pairs.issame[fold]).sum() == 2
+        assert pairs.issame[fold].sum() == 2
+        assert (~pairs.issame[fold]).sum() == 2
     for a, b, same in zip(pairs.left, pairs.right, pairs.issame):
         assert a != b and (identity[a] == identity[b]) == same
         key = (pairs.names[a], pairs.names[b])
@@ -773,3 +776,40 @@ def test_read_bin_refuses_code_and_non_pickles(tmp_path):
         data.read_bin(tmp_path / "odd.bin")
     with pytest.raises(FileNotFoundError, match="not found"):
         data.read_bin(tmp_path / "none.bin")
+
+
+@pytest.mark.parametrize("mode", ["face", "characters"])
+def test_augment_batch_draws_per_image(mode):
+    image = RNG.uniform(0, 255, size=(16, 16, 1)).astype(np.float32)
+    batch = np.repeat(image[None], 24, axis=0)
+    seed = np.array([3, 9], np.int64)
+    eager, in_data = run_both(
+        lambda x, k: data.augment_batch(x, k, mode), batch, seed
+    )
+    np.testing.assert_array_equal(eager, in_data)
+    shift = data.max_translation((16, 16))
+    candidates = shifted_versions(image, shift)
+    mirrored = shifted_versions(image[:, ::-1], shift)
+    kinds = set()
+    for out in eager:
+        plain = [np.array_equal(out, c) for c in candidates]
+        flipped = [np.array_equal(out, c) for c in mirrored]
+        assert any(plain) or (mode == "face" and any(flipped))
+        kinds.add((any(plain) and not any(flipped), tuple(plain + flipped)))
+    assert len(kinds) > 5  # each image draws its own shift (and flip)
+
+
+def test_decode_fast_path_falls_back_for_other_formats():
+    rgb = smooth_rgb()
+    png, bmp = encode(rgb, "PNG"), encode(rgb, "BMP")
+    for contents, expect in ((png, "jpeg"), (bmp, "png"), (png, "png")):
+        eager, in_data = run_both(
+            lambda c: data.decode_image(c, 3, "x", expect),
+            tf.constant(contents),
+        )
+        np.testing.assert_array_equal(eager, rgb)
+        np.testing.assert_array_equal(in_data, rgb)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)File:.*cut"):
+        data.decode_image(png[:-30], 3, "cut", "png")
+    with pytest.raises(ValueError, match="expect"):
+        data.decode_image(png, 3, "x", "webp")
