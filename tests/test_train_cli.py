@@ -1,0 +1,132 @@
+"""train.py as a user runs it: flag errors, and one tiny end-to-end run.
+
+Every bad flag must stop at start with exactly one line naming the flag and
+the fix (these run before TensorFlow is imported, so they are quick). The
+end-to-end run trains a few steps on a tiny embedded set, and the printed
+table is recomputed here from the exported SavedModel alone.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--head=svm"],
+         r"--head=svm: unknown head; use one of softmax, asoftmax, "
+         r"l2softmax, centerloss, cosface, arcface"),
+        (["--lambda_ring=-0.01"],
+         r"--lambda_ring=-0.01: must be >= 0; use 0 to disable"),
+        (["--cpu_replicas=2", "--batch_size=255"],
+         r"--batch_size=255: not divisible by the 2 replicas.*use a multiple "
+         r"of 2, e.g. 254"),
+        (["--data_dir=/no/such/faces"],
+         r"--data_dir=/no/such/faces: no such directory; give a directory "
+         r"holding train/"),
+        (["--backbone=vgg"], r"--backbone=vgg: unknown backbone"),
+        (["--ring_radius=-2"], r"--ring_radius=-2: must be auto or a positive"),
+        (["--head=asoftmax", "--margin=5"],
+         r"--margin=5.0: A-Softmax's margin m must be 1, 2, 3 or 4"),
+        (["--steps=0"], r"--steps=0: must be positive"),
+        (["--image_size=4"], r"--image_size=4: expected SIZE or HEIGHT,WIDTH"),
+        (["--test_samples_per_identity=1"],
+         r"--test_samples_per_identity=1: must be >= 2"),
+    ],
+)
+def test_flag_errors_stop_with_one_line(tmp_path, args, pattern):
+    result = _run([f"--model_dir={tmp_path / 'run'}", *args], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert re.search(r"^train\.py: error: " + pattern, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_dir_without_train_folder(tmp_path):
+    (tmp_path / "faces").mkdir()
+    result = _run([f"--data_dir={tmp_path / 'faces'}"], tmp_path)
+    assert result.returncode == 2
+    assert "has no train/ folder or train.rec" in result.stderr
+
+
+def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
+    from ring_loss_tf import data
+    from ring_loss_tf import metrics
+
+    model_dir = tmp_path / "run"
+    cache = tmp_path / "cache"
+    result = _run(
+        [
+            f"--model_dir={model_dir}",
+            f"--cache_dir={cache}",
+            "--num_train_identities=10",
+            "--num_test_identities=8",
+            "--train_samples_per_identity=4",
+            "--test_samples_per_identity=4",
+            "--steps=4",
+            "--batch_size=8",
+            "--log_every=2",
+            "--warmup_steps=0",
+            "--lambda_ring=0.01",
+            "--nojit",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^Training: small_cnn → RingLoss\(λ=0.01\) → softmax, "
+                     r"10 classes, 40 images", out, re.M), out
+    progress = re.findall(
+        r"^step (\d)/4  loss [\d.]+  ce [\d.]+  ring [\d.]+  R [\d.]+  "
+        r"\|F\| [\d.]+  lr [\d.e-]+  \d+ img/s", out, re.M)
+    assert progress == ["1", "2", "4"], out
+    export_dir = model_dir / "export"
+    assert f"Exported the embedding model to {export_dir}" in out
+    assert (model_dir / "config.json").is_file()
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    assert list((model_dir / "train").iterdir())  # TensorBoard events
+    match = re.search(
+        r"\| 10-fold accuracy \| TAR@FAR=1e-3 \| TAR@FAR=1e-4 \|\n"
+        r"\|---\|---\|---\|\n"
+        r"\| ([\d.]+)% ± ([\d.]+) \| (\S+) \| (\S+) \|",
+        out,
+    )
+    assert match, out
+    # Recompute the table from the export alone.
+    (root,) = cache.glob("kanji-*")
+    pairs = data.read_lfw_pairs(root / "pairs.txt", root / "test",
+                                image_size=(32, 32), channels=1)
+    loaded = tf.saved_model.load(str(export_dir))
+    embeddings = loaded.serve(data.normalize(pairs.images)).numpy()
+    scores = metrics.pair_scores(embeddings[pairs.left],
+                                 embeddings[pairs.right])
+    expected = metrics.verify(scores, pairs.issame, fold=pairs.fold)
+    assert float(match.group(1)) == pytest.approx(
+        100 * expected.accuracy_mean, abs=0.006)
+    assert float(match.group(2)) == pytest.approx(
+        100 * expected.accuracy_std, abs=0.006)
+    assert np.all(np.isfinite(embeddings))
