@@ -87,6 +87,51 @@ def _replica_local_weight(layer, name, shape, initializer, dtype, aggregation):
     return variable
 
 
+_OFFSET_CLASSES = {}
+
+
+def _radius_offset_weight(layer):
+    """JAX only: the non-trainable part of R, folded into `radius` when stored.
+
+    Keras-JAX trains functionally: inside a training step only the optimizer
+    writes trainable variables, so the first-batch assignment of the
+    trainable `radius` would be dropped. The step writes the jump to the
+    batch mean into this non-trainable offset instead (R = radius + offset),
+    and whenever a value reaches the variable itself (Keras syncing the
+    step's state back at the end of `fit`, before a callback, an eager call)
+    it is moved into `radius`. Outside a step the offset is therefore always
+    0 and `radius` is R; the optimizer's update of R is the same either way.
+    """
+    base = type(layer.radius)
+    cls = _OFFSET_CLASSES.get(base)
+    if cls is None:
+
+        class _RadiusOffset(base):
+            def _direct_assign(self, value):
+                radius = getattr(self, "_radius", None)
+                if radius is not None and radius._value is not None:
+                    # Keras restores trainable state before non-trainable
+                    # state, so `radius` already holds the step's value.
+                    radius.assign(ops.add(radius.value, value))
+                    value = ops.zeros_like(value)
+                super()._direct_assign(value)
+
+        cls = _OFFSET_CLASSES[base] = _RadiusOffset
+    with keras.name_scope(layer.name, caller=layer):
+        variable = cls(
+            initializer="zeros",
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+            name="radius_offset",
+        )
+    variable._radius = layer.radius
+    layer._track_variable(variable)
+    return variable
+
+
 def _float32(x):
     return ops.cast(x, "float32")
 
@@ -180,7 +225,11 @@ class RingLoss(keras.layers.Layer):
     exclude it from weight decay. With `radius_init="auto"` R starts at the
     mean embedding norm of the first training batch the layer sees; the
     non-trainable weight `radius_initialized` records that this happened, so
-    a reloaded or resumed model does not initialise R again.
+    a reloaded or resumed model does not initialise R again. On JAX, whose
+    training step cannot assign a trainable variable, the layer has one more
+    non-trainable weight, `radius_offset`, holding the first-batch jump until
+    the step's state is stored back; outside a step it is 0 and `radius` is
+    R on every backend, and `.keras` files hold the same two weights.
 
     Args:
         loss_weight: λ of eq. 2, in the paper's ½·mean form (ports without
@@ -224,6 +273,7 @@ class RingLoss(keras.layers.Layer):
         # need not emit the first-batch assignment (which would be a
         # cross-replica update inside a distributed, compiled step).
         self._radius_init_done_outside = False
+        self.radius_offset = None  # JAX only, made in `build`
 
     def build(self, input_shape):
         _check_rank2(self, input_shape)
@@ -248,8 +298,13 @@ class RingLoss(keras.layers.Layer):
             autocast=False,
             aggregation="mean",
         )
+        self.radius_offset = None
+        if keras.backend.backend() == "jax":
+            self.radius_offset = _radius_offset_weight(self)
 
     def call(self, embeddings, training=None):
+        if self.radius_offset is not None:
+            return self._functional_call(embeddings, training)
         features = _float32(embeddings)
         radius = self.radius
         if (
@@ -269,6 +324,53 @@ class RingLoss(keras.layers.Layer):
             self.radius_initialized.assign(ops.ones_like(pending))
         self.add_loss(ring_loss(features, radius, self.loss_weight))
         return embeddings
+
+    def _functional_call(self, embeddings, training):
+        """`call` for JAX: R = radius + radius_offset, see `_radius_offset_weight`.
+
+        The first training batch moves the offset so that R equals the batch
+        mean norm; the gradient still flows to `radius` through the sum.
+        """
+        features = _float32(embeddings)
+        offset = self.radius_offset
+        radius = ops.convert_to_tensor(self.radius) + ops.convert_to_tensor(
+            offset
+        )
+        if (
+            training
+            and self.radius_init == "auto"
+            and not self._radius_init_done_outside
+        ):
+            pending = 1.0 - self.radius_initialized
+            batch_mean = ops.stop_gradient(ops.mean(safe_norm(features)))
+            jump = pending * (batch_mean - ops.stop_gradient(radius))
+            radius = radius + jump
+            offset.assign(ops.convert_to_tensor(offset) + jump)
+            self.radius_initialized.assign(ops.ones_like(pending))
+        self.add_loss(ring_loss(features, radius, self.loss_weight))
+        return embeddings
+
+    def save_own_variables(self, store):
+        # The file holds R and the flag, as on every backend: the JAX-only
+        # offset is folded into R (it is 0 outside a training step anyway).
+        if self.radius_offset is None:
+            return super().save_own_variables(store)
+        radius = ops.add(self.radius.value, self.radius_offset.value)
+        store["0"] = ops.convert_to_numpy(radius)
+        store["1"] = ops.convert_to_numpy(self.radius_initialized.value)
+
+    def load_own_variables(self, store):
+        if self.radius_offset is None:
+            return super().load_own_variables(store)
+        if len(store.keys()) != 2:
+            raise ValueError(
+                f"Layer '{self.name}' expected 2 variables (radius, "
+                f"radius_initialized), but the file lists {len(store.keys())}"
+                "; it was not saved from a RingLoss layer."
+            )
+        self.radius.assign(store["0"])
+        self.radius_initialized.assign(store["1"])
+        self.radius_offset.assign(0.0)
 
     def initialize_radius(self, embeddings):
         """Sets R to the mean norm of `embeddings` unless already initialised.

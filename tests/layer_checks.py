@@ -19,7 +19,8 @@ def value_and_grads(fn, *args, mode="eager"):
     """Returns fn(*args) and d fn / d args, all as NumPy arrays.
 
     `fn` maps backend tensors to a scalar. `mode` (TensorFlow only) runs it
-    eagerly, in a `tf.function`, or in a `tf.function(jit_compile=True)`.
+    eagerly, in a `tf.function`, or in a `tf.function(jit_compile=True)`;
+    JAX runs it under `jax.jit`, PyTorch eagerly with autograd.
     """
     name = backend()
     args = [np.asarray(a) for a in args]
@@ -41,8 +42,12 @@ def value_and_grads(fn, *args, mode="eager"):
     if name == "jax":
         import jax
 
-        value, grads = jax.value_and_grad(
-            lambda *a: fn(*a), argnums=tuple(range(len(args)))
+        # Jitted, as JAX code runs in a training step (and one compilation
+        # is faster than compiling every op of an eager trace).
+        value, grads = jax.jit(
+            jax.value_and_grad(
+                lambda *a: fn(*a), argnums=tuple(range(len(args)))
+            )
         )(*args)
         return np.asarray(value), [np.asarray(g) for g in grads]
     if name == "torch":
@@ -56,6 +61,62 @@ def value_and_grads(fn, *args, mode="eager"):
             [t.grad.detach().numpy() for t in tensors],
         )
     raise NotImplementedError(f"no gradient helper for backend {name}")
+
+
+def first_training_call(layer, x):
+    """Runs `layer(x, training=True)` as a training step of each backend does.
+
+    Returns the layer's first loss, its gradient with respect to every
+    trainable weight (NumPy, in `layer.trainable_weights` order), and the
+    values every weight holds after the call, by name. TensorFlow and
+    PyTorch call the layer statefully under a tape / autograd; JAX runs
+    `stateless_call` under `jax.value_and_grad` as `fit` does, then stores
+    the returned state back (trainable first, as Keras does).
+    """
+    name = backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            layer(x, training=True)
+            loss = layer.losses[0]
+        grads = tape.gradient(
+            loss, [v.value for v in layer.trainable_weights]
+        )
+        grads = [g.numpy() for g in grads]
+    elif name == "torch":
+        for v in layer.trainable_weights:
+            v.value.grad = None
+        layer(x, training=True)
+        loss = layer.losses[0]
+        loss.backward()
+        grads = [v.value.grad.detach().numpy() for v in layer.trainable_weights]
+        loss = loss.detach()
+    elif name == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_weights]
+        non_trainable = [v.value for v in layer.non_trainable_weights]
+
+        def compute(trainable):
+            _, state, losses = layer.stateless_call(
+                trainable, non_trainable, x, training=True,
+                return_losses=True,
+            )
+            return losses[0], state
+
+        (loss, state), grads = jax.value_and_grad(compute, has_aux=True)(
+            trainable
+        )
+        grads = [np.asarray(g) for g in grads]
+        for v, value in zip(layer.trainable_weights, trainable):
+            v.assign(value)
+        for v, value in zip(layer.non_trainable_weights, state):
+            v.assign(value)
+    else:
+        raise NotImplementedError(f"no training call for backend {name}")
+    after = {v.name: to_numpy(v) for v in layer.weights}
+    return to_numpy(loss), grads, after
 
 
 def to_numpy(x):

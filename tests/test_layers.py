@@ -21,6 +21,19 @@ from tests import layer_checks as lc
 
 ON_TF = lc.backend() == "tensorflow"
 MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
+# `fit` as each backend's users run it: XLA and not on TensorFlow, jitted on
+# JAX (its eager `fit` only runs slower), eager on PyTorch.
+FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(lc.backend(), [False])
+# Under JAX and PyTorch (tests/test_backends.py runs this module under both)
+# cases that only repeat a check on another size or setting are trimmed:
+# every formula, gradient, edge case and state check still runs.
+# RING_LOSS_TF_ALL_CASES=1 runs every case on every backend.
+ALL_CASES = ON_TF or os.environ.get("RING_LOSS_TF_ALL_CASES") == "1"
+
+
+def cases(every, trimmed):
+    """`every` on TensorFlow (or with ALL_CASES), else `trimmed`."""
+    return every if ALL_CASES else trimmed
 
 
 def rng(seed=0):
@@ -133,7 +146,8 @@ def random_case(seed, batch=6, dim=5, classes=7, scale=3.0):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
-    "batch,dim", [(1, 2), (8, 2), (16, 64), (4, 512)]
+    "batch,dim",
+    cases([(1, 2), (8, 2), (16, 64), (4, 512)], [(1, 2), (4, 512)]),
 )
 def test_ring_loss_value_and_closed_form_gradients(batch, dim, mode):
     r = rng(batch * 1000 + dim)
@@ -210,21 +224,30 @@ def test_ring_loss_auto_radius_is_first_training_batch_mean():
 
 
 def test_ring_loss_first_batch_loss_keeps_gradient_to_radius():
-    """R's first-batch value is the batch mean, but ∂L/∂R still flows."""
-    x, _, _ = random_case(3)
-    if not ON_TF:
-        pytest.importorskip("tensorflow")  # tape-based check below
-    import tensorflow as tf
+    """R's first-batch value is the batch mean, but ∂L/∂R still flows.
 
+    Run as each backend's training step runs the layer: on JAX through
+    `stateless_call`, where the trainable `radius` cannot be assigned, so
+    the jump goes through `radius_offset` and is folded into `radius` when
+    the step's state is stored back.
+    """
+    x, _, _ = random_case(3)
     layer = ring_loss_tf.RingLoss(loss_weight=0.5)
     layer.build(x.shape)
-    with tf.GradientTape() as tape:
-        layer(x, training=True)
-        loss = layer.losses[0]
-    (grad,) = tape.gradient(loss, [layer.radius.value])
+    loss, (grad,), after = lc.first_training_call(layer, x)
     mean_norm = np.linalg.norm(x.astype(np.float64), axis=1).mean()
     _, ref = np_ring_grads(x, mean_norm, 0.5)
-    np.testing.assert_allclose(grad.numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(grad, ref, atol=1e-5)
+    np.testing.assert_allclose(loss, np_ring_loss(x, mean_norm, 0.5), rtol=1e-5)
+    np.testing.assert_allclose(after["radius"], mean_norm, rtol=1e-6)
+    assert after["radius_initialized"] == 1.0
+    assert after.get("radius_offset", 0.0) == 0.0
+    # A second training call neither re-initialises nor leaves an offset.
+    loss, (grad,), after = lc.first_training_call(layer, 2 * x)
+    _, ref = np_ring_grads(2 * x, mean_norm, 0.5)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4)
+    np.testing.assert_allclose(after["radius"], mean_norm, rtol=1e-6)
+    assert after.get("radius_offset", 0.0) == 0.0
 
 
 def test_initialize_radius_then_call_does_not_assign():
@@ -299,15 +322,20 @@ def test_lambda_schedule_known_points():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("margin", [1, 2, 3, 4])
-@pytest.mark.parametrize("lam", [0.0, 5.0, 892.857])
+@pytest.mark.parametrize(
+    "margin,lam",
+    cases(
+        [(m, lam) for lam in (0.0, 5.0, 892.857) for m in (1, 2, 3, 4)],
+        [(1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0), (4, 0.0), (4, 892.857)],
+    ),
+)
 def test_a_softmax_logits_and_gradients(margin, lam, mode):
     x, kernel, labels = random_case(10 + margin)
     cotangent = rng(99).standard_normal((len(x), kernel.shape[1]))
 
     def ours(a, w):
         logits = rl.a_softmax_logits(a, w, labels, margin, lam)
-        return ops.sum(logits * cotangent.astype(np.float32))
+        return ops.sum(logits * ops.convert_to_tensor(cotangent, "float32"))
 
     def ref(a, w):
         return np.sum(np_a_softmax(a, w, labels, margin, lam) * cotangent)
@@ -441,7 +469,8 @@ def test_margin_heads_logits_and_gradients(name, fn, ref, mode):
     cotangent = rng(98).standard_normal((len(x), kernel.shape[1]))
 
     def ours(a, w):
-        return ops.sum(fn(a, w, labels) * cotangent.astype(np.float32))
+        weights = ops.convert_to_tensor(cotangent, "float32")
+        return ops.sum(fn(a, w, labels) * weights)
 
     def reference(a, w):
         return np.sum(ref(a, w, labels) * cotangent)
@@ -598,7 +627,7 @@ def toy_data(seed=0, n=64, dim=8, classes=5):
     return x, y
 
 
-@pytest.mark.parametrize("jit", [False, True] if ON_TF else [False])
+@pytest.mark.parametrize("jit", FIT_JIT)
 def test_fit_reports_ring_loss_moves_radius_and_counts_iterations(jit):
     keras.utils.set_random_seed(0)
     x, y = toy_data()
@@ -630,9 +659,48 @@ def test_fit_reports_ring_loss_moves_radius_and_counts_iterations(jit):
     assert abs(radius - mean_norm) < abs(1.0 - mean_norm)
 
 
+def test_fit_initialises_auto_radius_from_first_batch():
+    """`fit`'s first step sets R to the batch's mean norm, on every backend.
+
+    At R = mean norm, ∂L_R/∂R = 0: after one full-batch SGD step R is exactly
+    the mean norm of the embeddings before the step. The second step then
+    trains R by its closed-form gradient from there, without re-initialising.
+    """
+    keras.utils.set_random_seed(4)
+    x, y = toy_data(4)
+    model = build_model("softmax")
+    lr, weight = 0.05, 0.1
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    embed = keras.Model(model.inputs[0], model.get_layer("embed").output)
+    ring = model.get_layer("ring")
+
+    def norms():
+        return np.linalg.norm(
+            lc.to_numpy(embed(x)).astype(np.float64), axis=1
+        )
+
+    first = norms().mean()
+    model.fit([x, y], y, batch_size=len(x), epochs=1, verbose=0)
+    np.testing.assert_allclose(lc.to_numpy(ring.radius), first, rtol=1e-5)
+    assert float(lc.to_numpy(ring.radius_initialized)) == 1.0
+    second = norms()
+    model.fit([x, y], y, batch_size=len(x), epochs=1, verbose=0)
+    d_radius = -(weight / len(x)) * np.sum(second - first)  # design.md §1
+    expected = first - lr * d_radius
+    np.testing.assert_allclose(lc.to_numpy(ring.radius), expected, rtol=1e-5)
+    assert abs(expected - first) > 1e-4, "the second step moves R"
+
+
 @pytest.mark.parametrize(
-    "head", ["softmax", "asoftmax", "centerloss", "arcface", "cosface",
-             "l2softmax"]
+    "head",
+    cases(
+        ["softmax", "asoftmax", "centerloss", "arcface", "cosface",
+         "l2softmax"],
+        ["asoftmax", "centerloss"],  # every kind of state, with RingLoss
+    ),
 )
 def test_keras_file_roundtrip_restores_all_state(head, tmp_path):
     keras.utils.set_random_seed(1)
@@ -686,7 +754,9 @@ def test_config_roundtrip(layer):
             assert getattr(clone, key, value) == value
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "policy", cases(["mixed_float16", "mixed_bfloat16"], ["mixed_float16"])
+)
 @pytest.mark.parametrize("head", ["asoftmax", "arcface", "centerloss"])
 def test_mixed_precision_runs_finite_with_float32_state(policy, head):
     keras.config.set_dtype_policy(policy)
@@ -702,7 +772,10 @@ def test_mixed_precision_runs_finite_with_float32_state(policy, head):
         assert np.all(np.isfinite(history.history["loss"]))
         ring = model.get_layer("ring")
         assert ring.radius.dtype == "float32"
-        assert ring.losses[0].dtype == "float32"
+        if not ring.losses:  # a JAX step leaves none: call it eagerly
+            ring(ops.convert_to_tensor(x, "float16"), training=False)
+        loss_dtype = keras.backend.standardize_dtype(ring.losses[0].dtype)
+        assert loss_dtype == "float32"
         assert np.isfinite(float(lc.to_numpy(ring.radius)))
         if head != "centerloss":  # its classifier is a plain Dense
             logits = model([x, y], training=False)
@@ -720,8 +793,7 @@ def test_mixed_precision_runs_finite_with_float32_state(policy, head):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not ON_TF, reason="tf.distribute exists only on TensorFlow")
-def test_replica_step_updates_state_once_per_step():
+def _test_replica_step_updates_state_once_per_step():
     import tensorflow as tf
 
     strategy = tf.distribute.MirroredStrategy(
@@ -763,4 +835,11 @@ def test_replica_step_updates_state_once_per_step():
         assert int(model.get_layer("head").iterations.numpy()) == step
     np.testing.assert_allclose(
         ring.radius.numpy(), expected_radius, rtol=1e-3
+    )
+
+
+# tf.distribute exists only on TensorFlow: the test is not defined elsewhere.
+if ON_TF:
+    test_replica_step_updates_state_once_per_step = (
+        _test_replica_step_updates_state_once_per_step
     )
