@@ -349,9 +349,13 @@ def downsample(images: np.ndarray, factor: float) -> np.ndarray:
     small = (max(1, round(h / factor)), max(1, round(w / factor)))
     if small == (h, w):
         return images.copy()
-    x = tf.image.resize(tf.cast(images, tf.float32), small, method="area")
-    x = tf.image.resize(x, (h, w), method="bilinear")
-    return np.clip(np.round(x.numpy()), 0, 255).astype(np.uint8)
+    out = np.empty_like(images)
+    for start in range(0, len(images), 1024):  # bounded float32 copies
+        x = tf.cast(images[start : start + 1024], tf.float32)
+        x = tf.image.resize(x, small, method="area")
+        x = tf.image.resize(x, (h, w), method="bilinear")
+        out[start : start + 1024] = np.clip(np.round(x.numpy()), 0, 255)
+    return out
 
 
 # ---------------------------------------------------------------------------
