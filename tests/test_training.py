@@ -426,7 +426,7 @@ def test_two_worker_processes_equal_one_process(tmp_path):
     logs = []
     for process in processes:
         try:
-            logs.append(process.communicate(timeout=240)[0])
+            logs.append(process.communicate(timeout=600)[0])
         except subprocess.TimeoutExpired:
             for p in processes:
                 p.kill()
