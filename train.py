@@ -26,7 +26,9 @@ import sys
 from absl import app
 from absl import flags
 
-_HEADS = ("softmax", "asoftmax", "l2softmax", "centerloss", "cosface", "arcface")
+_HEADS = (
+    "softmax", "asoftmax", "l2softmax", "centerloss", "cosface", "arcface"
+)
 _BACKBONES = ("small_cnn", "sphereface4", "sphereface20")
 
 FLAGS = flags.FLAGS

@@ -76,7 +76,7 @@ def _conv(x, filters, strides, name, initializer, seeds):
 
 
 def _seeded(initializer, seed):
-    """A fresh initializer with `seed`, so building twice gives equal weights."""
+    """A fresh initializer with `seed`: building twice gives equal weights."""
     if initializer == "glorot_uniform":
         return keras.initializers.GlorotUniform(seed=seed)
     if initializer == "he_normal":

@@ -39,7 +39,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 
@@ -50,7 +49,9 @@ import tensorflow as tf
 from ring_loss_tf import backbones
 from ring_loss_tf import layers
 
-HEADS = ("softmax", "asoftmax", "l2softmax", "centerloss", "cosface", "arcface")
+HEADS = (
+    "softmax", "asoftmax", "l2softmax", "centerloss", "cosface", "arcface"
+)
 LR_SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("face", "characters", "none")
@@ -139,8 +140,9 @@ def build_strategy(devices=None):
                 "each worker uses its local devices. Received: "
                 f"devices={devices!r}"
             )
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.RING
+        experimental = tf.distribute.experimental
+        options = experimental.CommunicationOptions(
+            implementation=experimental.CommunicationImplementation.RING
         )
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=options
@@ -150,7 +152,9 @@ def build_strategy(devices=None):
         devices = [d.name for d in gpus] or ["/cpu:0"]
     devices = list(devices)
     cpu_only = all("CPU" in d.upper() for d in devices)
-    cross_device_ops = tf.distribute.ReductionToOneDevice() if cpu_only else None
+    cross_device_ops = None
+    if cpu_only:
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=cross_device_ops
     )
@@ -268,7 +272,9 @@ def build_models(
         logits = head_layer([features, labels])
     elif head in ("cosface", "arcface"):
         cls = layers.CosFace if head == "cosface" else layers.ArcFace
-        head_layer = cls(num_classes, name=head, **margin_kwargs, **scale_kwargs)
+        head_layer = cls(
+            num_classes, name=head, **margin_kwargs, **scale_kwargs
+        )
         logits = head_layer([features, labels])
     else:
         raise ArgumentError(
@@ -412,14 +418,14 @@ class Trainer:
     ):
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
-        if global_batch_size % self.num_replicas:
+        n = self.num_replicas
+        if global_batch_size % n:
             raise ArgumentError(
                 "batch_size",
                 global_batch_size,
-                f"not divisible by the {self.num_replicas} replicas",
-                "use a multiple of "
-                f"{self.num_replicas}, e.g. "
-                f"{max(1, global_batch_size // self.num_replicas) * self.num_replicas}",
+                f"not divisible by the {n} replicas",
+                f"use a multiple of {n}, e.g. "
+                f"{max(1, global_batch_size // n) * n}",
             )
         self.global_batch_size = global_batch_size
         self.per_replica_batch_size = global_batch_size // self.num_replicas
@@ -650,7 +656,9 @@ def run_loop(
         Stats of the last step (dict of floats), or None if no step ran.
     """
     step = int(trainer.step.numpy())
-    stop = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    stop = total_steps
+    if stop_at_step is not None:
+        stop = min(stop_at_step, total_steps)
     last = None
     interval_start, interval_steps = time.perf_counter(), 0
     steps_per_second = None
@@ -876,12 +884,15 @@ def _check_arguments(a):
     if a["channels"] is not None and a["channels"] not in (1, 3):
         bad("channels", "must be 1 or 3", "use 1 (grey) or 3 (RGB)")
     data_dir = a["data_dir"]
-    if data_dir is not None and not (pathlib.Path(data_dir) / "train").is_dir():
+    if data_dir is not None and not (
+        (pathlib.Path(data_dir) / "train").is_dir()
+        or (pathlib.Path(data_dir) / "train.rec").is_file()
+    ):
         if not pathlib.Path(data_dir).is_dir():
             bad("data_dir", "no such directory",
                 "give a directory holding train/ (one folder per identity), "
                 "or omit it to use the embedded character set")
-        bad("data_dir", "has no train/ sub-directory",
+        bad("data_dir", "has no train/ folder or train.rec",
             "put one folder of images per identity under <data_dir>/train")
     if a["model_dir"] is None or str(a["model_dir"]) == "":
         bad("model_dir", "is empty", "give a directory for checkpoints")
@@ -1092,7 +1103,9 @@ def train(
         augment = augment or "face"
     if embedding_dim is None:
         embedding_dim = 128 if backbone == "small_cnn" else 512
-    source = data.open_training_source(root / "train")
+    # A folder per identity under train/, or insightface's train.rec.
+    train_path = root / "train" if (root / "train").is_dir() else root
+    source = data.open_training_source(train_path)
     num_classes = source.num_classes
     if steps is None:
         steps = max(1, math.ceil(epochs * source.num_examples / batch_size))
@@ -1160,18 +1173,20 @@ def train(
     restored = trainer.attach_checkpoint(iterator, max_to_keep=max_to_keep)
     if chief:
         start = int(trainer.step.numpy())
+        ring_text = f"RingLoss(λ={lambda_ring}) → " if lambda_ring else ""
         print_fn(
             f"{'Resuming from ' + restored if restored else 'Training'}: "
-            f"{backbone} → "
-            f"{'RingLoss(λ=' + str(lambda_ring) + ') → ' if lambda_ring else ''}"
-            f"{head}, {num_classes} classes, {source.num_examples} images, "
+            f"{backbone} → {ring_text}{head}, {num_classes} classes, "
+            f"{source.num_examples} images, "
             f"batch {batch_size} on {strategy.num_replicas_in_sync} "
             f"replica(s), steps {start}→{steps}, jit={jit}, "
             f"mixed_precision={policy or 'off'}"
         )
     writer = None
     if chief:
-        writer = tf.summary.create_file_writer(str(pathlib.Path(model_dir) / "train"))
+        writer = tf.summary.create_file_writer(
+            str(pathlib.Path(model_dir) / "train")
+        )
     try:
         last = run_loop(
             trainer,
