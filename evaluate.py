@@ -7,7 +7,12 @@ split of them):
     python evaluate.py --model=runs/default --low_res=2,4 --flip
 
 prints a table, and writes results.json and PNG plots (ROC on a log-FAR axis,
-CMC, feature-norm histograms) to --output_dir. On face data:
+CMC, feature-norm histograms) to --output_dir. Measured with an untrained
+small_cnn export and --low_res=2,4 (the set already generated): 1 min 42 s
+wall, 34 s CPU on 2 shared cores; 10,000 genuine + 10,000 impostor pairs,
+2,250 probes vs 250 gallery + 2,500 distractors; at chance as it should be
+(accuracy 53.5 %, AUC 54.6 %). A trained model's figures: see the README.
+On face data:
 
     python evaluate.py --model=runs/casia/export \\
         --lfw_dir=/data/lfw --pairs=/data/lfw/pairs.txt \\
