@@ -11,8 +11,9 @@ folders (gallery, probes, distractors).
 The training pipeline (`training_dataset`):
 
     position c = 0, 1, 2, ...  (this worker's share when sharded)
-    example    = index_shuffle(c mod n, seed=(seed, c div n))  # per epoch
-    image      = read -> check -> decode -> channels -> resize (in parallel)
+    example    = shuffled_index(c): permutation of epoch c div n at c mod n
+    image      = read -> check -> decode -> channels -> resize (in parallel;
+                 small folder sets: once, into memory, then gathered)
     batch(drop_remainder)
     images     = augment_batch(images, stateless seed (seed, first c))
     images     = (images - 127.5) / 128
@@ -47,6 +48,8 @@ from ring_loss_tf import recordio
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".gif")
 AUGMENTATIONS = ("face", "characters", "none")
+# `training_dataset` keeps a folder set's decoded images in memory up to this.
+IN_MEMORY_LIMIT_BYTES = 256 * 2**20
 _PAIRS_FORMAT = (
     "format: a header 'num_folds pairs_per_fold', then per fold "
     "pairs_per_fold lines 'name n1 n2' (same identity) and as many "
@@ -638,14 +641,15 @@ def training_dataset(
     seed: int,
     input_context: tf.distribute.InputContext | None = None,
     repeat: bool = True,
+    in_memory: bool | None = None,
 ) -> tf.data.Dataset:
     """The training input pipeline.
 
     Yields `(images, labels)`: float32 (batch_size, h, w, channels) scaled
     by (x - 127.5) / 128, and int32 (batch_size,). Each epoch visits every
     example once in an order drawn from `seed` and the epoch number
-    (`tf.random.experimental.index_shuffle`); augmentation draws from `seed`
-    and the batch's first position. With `input_context`, pipeline k of K takes
+    (`shuffled_index`); augmentation draws from `seed` and the batch's first
+    position. With `input_context`, pipeline k of K takes
     positions k, k + K, ... of that one order, and `batch_size` is per
     pipeline (per replica). Batches are whole (drop_remainder).
 
@@ -663,6 +667,11 @@ def training_dataset(
         seed: the order and augmentation seed.
         input_context: from `strategy.distribute_datasets_from_function`.
         repeat: loop over epochs forever (True) or stop after one.
+        in_memory: decode a folder source once into memory (uint8, with
+            the same ops) and gather batches from it, giving the very same
+            batches as streaming, much faster. Default: when the decoded
+            images fit in `IN_MEMORY_LIMIT_BYTES` (the default KanjiVG set
+            takes 41 MB); a corrupt file then fails here, naming it.
     """
     height, width = _check_size(image_size, channels)
     if augment not in AUGMENTATIONS:
@@ -690,21 +699,14 @@ def training_dataset(
     else:
         positions = tf.data.Dataset.range(shard, num, shards)
     seed_tensor = tf.constant(int(seed), tf.int64)
-    last = tf.constant(num - 1, tf.int64)
-    load = _folder_loader(source) if source.kind == "folder" else (
-        _recordio_loader(source)
-    )
-
-    expect = _expected_format(source)
-
-    def element(position):
-        epoch = position // num
-        index = tf.random.experimental.index_shuffle(
-            position % num, tf.stack([seed_tensor, epoch]), last
+    if in_memory is None:
+        size = num * height * width * channels
+        in_memory = source.kind == "folder" and size <= IN_MEMORY_LIMIT_BYTES
+    if in_memory and source.kind != "folder":
+        raise ValueError(
+            "`in_memory=True` needs a folder source; RecordIO sets stream. "
+            f"Received: a {source.kind} source"
         )
-        (contents, name), label = load(index)
-        image = decode_image(contents, channels, name, expect)
-        return resize_image(image, (height, width)), label, position
 
     def finish(images, labels, positions):
         # Augmentation is vectorised over the batch (a few ops per batch,
@@ -713,10 +715,38 @@ def training_dataset(
         images = augment_batch(images, batch_seed, augment)
         return normalize(images), labels
 
-    dataset = positions.map(
-        element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    if in_memory:
+        # Decoded once with the same ops; a batch is then one gather.
+        pixels = tf.constant(
+            load_images(source.paths, image_size=(height, width),
+                        channels=channels)
+        )
+        labels = tf.constant(source.labels, tf.int32)
+
+        def gather(batch_positions):
+            index = shuffled_index(batch_positions, seed_tensor, num)
+            images = tf.cast(tf.gather(pixels, index), tf.float32)
+            return images, tf.gather(labels, index), batch_positions
+
+        dataset = positions.batch(batch_size, drop_remainder=True).map(
+            gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+    else:
+        load = _folder_loader(source) if source.kind == "folder" else (
+            _recordio_loader(source)
+        )
+        expect = _expected_format(source)
+
+        def element(position):
+            index = shuffled_index(position, seed_tensor, num)
+            (contents, name), label = load(index)
+            image = decode_image(contents, channels, name, expect)
+            return resize_image(image, (height, width)), label, position
+
+        dataset = positions.map(
+            element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.map(
         finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -728,6 +758,34 @@ def training_dataset(
             tf.data.experimental.ExternalStatePolicy.IGNORE
         )
     return dataset.with_options(options)
+
+
+def shuffled_index(
+    positions: tf.Tensor, seed: tf.Tensor, num_examples: int
+) -> tf.Tensor:
+    """Example index at each stream position: a fresh permutation per epoch.
+
+    index = P_e(c mod n) for position c in epoch e = c div n, where P_e is
+    the stateless pseudo-random permutation of 0 .. n-1 of
+    `RandomIndexShuffle` with seed (seed, e, 0). Works on a scalar or a
+    vector of int64 positions.
+    """
+    positions = tf.convert_to_tensor(positions, tf.int64)
+    seed = tf.cast(seed, tf.int64)
+    seeds = tf.stack(
+        [
+            tf.fill(tf.shape(positions), seed),
+            positions // num_examples,
+            tf.zeros_like(positions),
+        ],
+        axis=-1,
+    )
+    return tf.raw_ops.RandomIndexShuffle(
+        index=positions % num_examples,
+        seed=seeds,
+        max_index=tf.constant(num_examples - 1, tf.int64),
+        rounds=4,
+    )
 
 
 def _expected_format(source):

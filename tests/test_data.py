@@ -242,19 +242,19 @@ def test_missing_dir_and_no_images(tmp_path):
             data.open_training_source(tmp_path / "hollow")
 
 
-def test_corrupt_image_error_names_the_file(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_corrupt_image_error_names_the_file(tmp_path, in_memory):
     root = make_folder(tmp_path / "set", [3, 3])
     bad = root / "id01" / "1.png"
     bad.write_bytes(bad.read_bytes()[:30])  # truncated
     source = data.open_training_source(root)
-    dataset = data.training_dataset(
-        source, batch_size=6, image_size=(8, 8), channels=1, augment="none",
-        seed=0, repeat=False,
-    )
     with pytest.raises(
         tf.errors.InvalidArgumentError, match=r"(?s)truncated.*id01/1\.png"
     ):
-        list(dataset)
+        list(data.training_dataset(
+            source, batch_size=6, image_size=(8, 8), channels=1,
+            augment="none", seed=0, repeat=False, in_memory=in_memory,
+        ))
 
 
 def test_skip_corrupt_skips_and_counts_in_one_warning(tmp_path):
@@ -281,7 +281,8 @@ def test_skip_corrupt_skips_and_counts_in_one_warning(tmp_path):
 # The training pipeline
 
 
-def test_training_dataset_epoch_labels_shapes_and_order(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_dataset_epoch_labels_shapes_and_order(tmp_path, in_memory):
     root = make_folder(tmp_path / "set", [3, 4, 5])
     source = data.open_training_source(root)
     assert (source.num_classes, source.num_examples) == (3, 12)
@@ -290,7 +291,8 @@ def test_training_dataset_epoch_labels_shapes_and_order(tmp_path):
     def epoch(seed, **kwargs):
         dataset = data.training_dataset(
             source, batch_size=4, image_size=(8, 8), channels=3,
-            augment="none", seed=seed, repeat=False, **kwargs,
+            augment="none", seed=seed, repeat=False, in_memory=in_memory,
+            **kwargs,
         )
         return labels_and_values(dataset)
 
@@ -306,7 +308,7 @@ def test_training_dataset_epoch_labels_shapes_and_order(tmp_path):
 
     images, labels = next(iter(data.training_dataset(
         source, batch_size=5, image_size=(10, 6), channels=3,
-        augment="face", seed=0,
+        augment="face", seed=0, in_memory=in_memory,
     )))
     assert images.shape == (5, 10, 6, 3) and images.dtype == tf.float32
     assert labels.shape == (5,) and labels.dtype == tf.int32
@@ -346,7 +348,7 @@ def test_training_dataset_sharding_splits_one_order(tmp_path):
     root = make_folder(tmp_path / "set", [4, 4, 4])
     source = data.open_training_source(root)
     common = dict(batch_size=2, image_size=(8, 8), channels=1,
-                  augment="none", seed=5, repeat=False)
+                  augment="none", seed=5, repeat=False, in_memory=False)
     whole = labels_and_values(data.training_dataset(source, **common))
     shards = [
         labels_and_values(data.training_dataset(
@@ -363,14 +365,17 @@ def test_training_dataset_sharding_splits_one_order(tmp_path):
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
 
 
-def test_folder_iterator_checkpoint_restores_the_next_batches(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_folder_iterator_checkpoint_restores_the_next_batches(
+    tmp_path, in_memory
+):
     root = make_folder(tmp_path / "set", [3, 4, 3])
     source = data.open_training_source(root)
 
     def make():
         return data.training_dataset(
             source, batch_size=3, image_size=(8, 8), channels=1,
-            augment="face", seed=11,
+            augment="face", seed=11, in_memory=in_memory,
         )
 
     check_checkpoint(make, tmp_path / "ckpt")
@@ -398,6 +403,10 @@ def test_training_dataset_argument_errors(tmp_path):
     source = data.open_training_source(make_folder(tmp_path / "set", [2, 2]))
     good = dict(batch_size=2, image_size=(8, 8), channels=1, augment="none",
                 seed=0)
+    rec, _ = write_rec(tmp_path / "rec", [2, 2])
+    with pytest.raises(ValueError, match="needs a folder source"):
+        data.training_dataset(data.open_training_source(rec), **good,
+                              in_memory=True)
     for bad, message in [
         (dict(augment="flip"), "augment"),
         (dict(channels=2), "channels"),
@@ -813,3 +822,46 @@ def test_decode_fast_path_falls_back_for_other_formats():
         data.decode_image(png[:-30], 3, "cut", "png")
     with pytest.raises(ValueError, match="expect"):
         data.decode_image(png, 3, "x", "webp")
+
+
+def test_in_memory_and_streaming_give_the_same_batches(tmp_path):
+    root = tmp_path / "set"
+    for label in range(3):
+        (root / f"id{label}").mkdir(parents=True)
+        for k in range(5):
+            image = RNG.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+            (root / f"id{label}" / f"{k}.png").write_bytes(
+                encode(image, "PNG"))
+    source = data.open_training_source(root)
+    streams = [
+        iter(data.training_dataset(
+            source, batch_size=4, image_size=(8, 6), channels=1,
+            augment="face", seed=9, in_memory=in_memory,
+        ))
+        for in_memory in (True, False)
+    ]
+    for _ in range(8):  # two epochs
+        (a, la), (b, lb) = next(streams[0]), next(streams[1])
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+def test_shuffled_index_is_a_permutation_per_epoch():
+    n = 37
+    positions = np.arange(3 * n)
+    eager = data.shuffled_index(positions, 5, n).numpy()
+    scalar = [int(data.shuffled_index(p, 5, n)) for p in positions[:5]]
+    in_data = np.concatenate(list(
+        tf.data.Dataset.from_tensor_slices(positions).batch(10).map(
+            lambda p: data.shuffled_index(p, 5, n)
+        ).as_numpy_iterator()
+    ))
+    np.testing.assert_array_equal(eager, in_data)
+    np.testing.assert_array_equal(eager[:5], scalar)
+    epochs = eager.reshape(3, n)
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[0], np.arange(n))
+    other_seed = data.shuffled_index(positions[:n], 6, n).numpy()
+    assert not np.array_equal(other_seed, epochs[0])
