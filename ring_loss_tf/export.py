@@ -1,23 +1,306 @@
-"""Export of the embedding model as a TensorFlow SavedModel.
+"""Export of the embedding model: SavedModel, TFLite, ONNX, `.keras`.
 
-The SavedModel has one serving signature, `serve`, taking a float32 batch of
-normalised images `(batch_size, height, width, channels)` (what the data
-pipeline feeds the backbone) and returning float32 embeddings
-`(batch_size, embedding_dim)`. It loads with `tf.saved_model.load` in a
-process where `ring_loss_tf` cannot be imported (design.md §3).
+The SavedModel holds the preprocessing, so a deployment needs neither this
+package nor Keras custom objects (`tf.saved_model.load`, TF Serving):
 
-The directory is written beside the target under a temporary name and renamed
-into place, so a reader never sees a half-written export.
+- `serving_default`: `images`, uint8 `(batch, height, width, 3)` RGB of any
+  height × width → `embedding` (raw, float32 `(batch, embedding_dim)`) and
+  `normalized_embedding` (L2-normalised; ring loss makes the norm itself
+  meaningful, so both are returned).
+- `serve_image_bytes`: `image_bytes`, a string batch `(batch,)` of encoded
+  JPEG/PNG/BMP/GIF files (each of its own size) → the same two outputs.
+- `serve`: the backbone alone, float32 images already at the input size and
+  normalised (what the training pipeline feeds it) → the raw embedding.
+
+Preprocessing, as the training pipeline (`ring_loss_tf.data`) does it:
+colour → grey with the ITU-R 601-2 weights (rounded) for one-channel
+backbones; bilinear resize with antialiasing to the input size (the filter
+of `tf.image.resize(..., antialias=True)`, written as two small matrix
+products so that TFLite and ONNX convert it; an image at the input size
+passes through exactly); then (x − 127.5) / 128. Unlike the training
+pipeline the resized pixels are not rounded to whole grey levels (a
+difference below half a grey level, and rounding would make the converted
+models disagree at ties).
+
+The training-only parts (heads, RingLoss's loss) are not exported.
+`model.tflite` (TFLite builtins only) and `model.onnx` (tf2onnx, dynamic
+batch, height and width) are converted from `serving_default` of the
+written SavedModel and checked against the Keras model before the export is
+moved into place (design.md §3: a converted model can be silently wrong).
+
+Everything is written to a temporary directory beside the target and renamed
+into place: an interrupted or failed export leaves the previous one intact.
+
+Command line (reads a training `--model_dir`: config.json + checkpoint):
+
+    python -m ring_loss_tf.export --model_dir runs/sm_r --output exported \
+        [--tflite] [--onnx] [--keras] [--overwrite]
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
+from typing import Sequence
 
 import keras
+import numpy as np
+import tensorflow as tf
+
+SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serve_image_bytes"
+BACKBONE_SIGNATURE = "serve"
+TFLITE_FILE = "model.tflite"
+ONNX_FILE = "model.onnx"
+KERAS_FILE = "training_model.keras"
+ONNX_OPSET = 17
+ONNX_INSTALL = "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
+# Converted models must match the Keras model within this, relative to the
+# largest embedding component (at least 1).
+TOLERANCE = 1e-4
+# ITU-R 601-2 luma, as Pillow and `ring_loss_tf.data.to_channels`.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class ExportError(RuntimeError):
+    """A conversion failed or its output does not match the Keras model."""
+
+
+def _input_geometry(embedding_model):
+    shape = tuple(embedding_model.inputs[0].shape)
+    if (
+        len(shape) != 4
+        or any(not isinstance(d, int) for d in shape[1:])
+        or shape[3] not in (1, 3)
+    ):
+        raise ValueError(
+            "`embedding_model` must take images (batch, height, width, 1 or "
+            f"3) of a fixed size. Received input shape: {shape}"
+        )
+    return shape[1], shape[2], shape[3]
+
+
+def _resize_matrix(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
+    """(out_size, in_size) weights of the antialiased bilinear resize.
+
+    Row o holds max(0, 1 − |s + ½ − c_o| / k), s = 0 … in_size − 1, with the
+    sample centre c_o = (o + ½) · in/out and the kernel width k = max(in/out,
+    1), normalised to sum 1: the triangle kernel of TensorFlow's
+    ScaleAndTranslate op (`tf.image.resize(..., antialias=True)`). For
+    in_size == out_size it is the identity exactly.
+    """
+    in_float = tf.cast(in_size, tf.float32)
+    inv_scale = 1.0 / (float(out_size) / in_float)
+    one_over_kernel_scale = 1.0 / tf.maximum(inv_scale, 1.0)
+    centres = (tf.range(out_size, dtype=tf.float32) + 0.5) * inv_scale
+    sources = tf.cast(tf.range(in_size), tf.float32) + 0.5
+    distance = tf.abs(sources[None, :] - centres[:, None])
+    weights = tf.nn.relu(1.0 - distance * one_over_kernel_scale)
+    # Row sums as a product with ones: TFLite's SUM over one axis of this
+    # dynamically shaped matrix summed all of it (TF 2.21).
+    sums = tf.matmul(weights, tf.ones_like(sources)[:, None])
+    return weights / sums
+
+
+def preprocess(images: tf.Tensor, image_size, channels: int) -> tf.Tensor:
+    """uint8/float RGB (b, h, w, 3), values 0..255 → the backbone's input.
+
+    Returns float32 `(b, *image_size, channels)`, normalised (x − 127.5)/128.
+    """
+    height, width = image_size
+    x = tf.cast(images, tf.float32)
+    if channels == 1:
+        x = tf.reduce_sum(x * tf.constant(_LUMA), axis=-1, keepdims=True)
+        x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
+    shape = tf.shape(x)
+    rows = _resize_matrix(shape[1], height)  # (H, h)
+    cols = _resize_matrix(shape[2], width)  # (W, w)
+    c = x.shape[-1]
+    # Plain 2-D products, the form every converter handles:
+    # (b·w·c, h) @ rows.T, then (b·H·c, w) @ cols.T.
+    x = tf.reshape(tf.transpose(x, [0, 2, 3, 1]), [-1, shape[1]])
+    x = tf.matmul(x, tf.transpose(rows))
+    x = tf.reshape(x, [shape[0], shape[2], c, height])  # (b, w, c, H)
+    x = tf.reshape(tf.transpose(x, [0, 3, 2, 1]), [-1, shape[2]])
+    x = tf.matmul(x, tf.transpose(cols))
+    x = tf.reshape(x, [shape[0], height, c, width])  # (b, H, c, W)
+    x = tf.transpose(x, [0, 1, 3, 2])
+    return (x - 127.5) / 128.0
+
+
+def _decode(contents):
+    # JPEG with the accurate integer IDCT, as the training pipeline decodes.
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+    image = tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_jpeg(
+            contents, channels=3, dct_method="INTEGER_ACCURATE"
+        ),
+        lambda: tf.io.decode_image(
+            contents, channels=3, expand_animations=False
+        ),
+    )
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def l2_normalize(embeddings: tf.Tensor) -> tf.Tensor:
+    """x / ‖x‖₂ per row; Σx² clamped at float32's smallest normal number.
+
+    The clamp leaves every non-zero norm unchanged (an additive epsilon
+    would not, design.md §1) and maps a zero row to zero.
+    """
+    squares = tf.reduce_sum(tf.square(embeddings), axis=-1, keepdims=True)
+    tiny = float(np.finfo(np.float32).tiny)
+    return embeddings * tf.math.rsqrt(tf.maximum(squares, tiny))
+
+
+def _archive(embedding_model):
+    height, width, channels = _input_geometry(embedding_model)
+
+    def embed(x):
+        return tf.cast(embedding_model(x, training=False), tf.float32)
+
+    def outputs(x):
+        embedding = embed(x)
+        return {
+            "embedding": embedding,
+            "normalized_embedding": l2_normalize(embedding),
+        }
+
+    def serve_images(images):
+        return outputs(preprocess(images, (height, width), channels))
+
+    def serve_bytes(image_bytes):
+        def one(contents):
+            image = _decode(contents)[None]
+            return preprocess(image, (height, width), channels)[0]
+
+        x = tf.map_fn(
+            one,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec(
+                (height, width, channels), tf.float32
+            ),
+        )
+        return outputs(x)
+
+    archive = keras.export.ExportArchive()
+    archive.track(embedding_model)
+    archive.add_endpoint(
+        SERVING_SIGNATURE,
+        serve_images,
+        input_signature=[
+            tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")
+        ],
+    )
+    archive.add_endpoint(
+        BYTES_SIGNATURE,
+        serve_bytes,
+        input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(
+        BACKBONE_SIGNATURE,
+        embed,
+        input_signature=[
+            tf.TensorSpec(
+                (None, height, width, channels), tf.float32, name="images"
+            )
+        ],
+    )
+    return archive
+
+
+def _check_images(embedding_model, seed=0):
+    """A uint8 batch at the input size and the Keras embeddings of it."""
+    height, width, channels = _input_geometry(embedding_model)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    x = preprocess(tf.constant(images), (height, width), channels)
+    expected = tf.cast(embedding_model(x, training=False), tf.float32)
+    return images, expected.numpy()
+
+
+def _compare(name, got, expected):
+    got = np.asarray(got, np.float32)
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    error = (
+        float(np.max(np.abs(got - expected)))
+        if got.shape == expected.shape
+        else np.inf
+    )
+    if not error <= TOLERANCE * scale:  # NaN fails too
+        raise ExportError(
+            f"{name}: the converted model's embeddings differ from the Keras "
+            f"model's by {error:.3g} (shape {got.shape}, allowed "
+            f"{TOLERANCE * scale:.3g}); the export was not written. Please "
+            "report it with your TensorFlow and converter versions."
+        )
+
+
+def _convert_tflite(saved_model_dir, path):
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=[SERVING_SIGNATURE]
+    )
+    path.write_bytes(converter.convert())
+
+
+def _run_tflite(path, images):
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    runner = interpreter.get_signature_runner(SERVING_SIGNATURE)
+    return runner(images=images)["embedding"]
+
+
+def _convert_onnx(saved_model_dir, path):
+    command = [
+        sys.executable, "-m", "tf2onnx.convert",
+        "--saved-model", str(saved_model_dir),
+        "--signature_def", SERVING_SIGNATURE,
+        "--opset", str(ONNX_OPSET),
+        "--output", str(path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    unsupported = [
+        line for line in result.stderr.splitlines() if "Unsupported ops" in line
+    ]
+    if result.returncode or unsupported or not path.is_file():
+        tail = (unsupported or result.stderr.strip().splitlines() or ["?"])[-1]
+        raise ExportError(f"tf2onnx failed on {saved_model_dir}: {tail}")
+
+
+def _run_onnx(path, images):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
+    names = [output.name for output in session.get_outputs()]
+    outputs = session.run(None, {"images": images})
+    return outputs[names.index("embedding")]
+
+
+def _require_onnx():
+    missing = [
+        module
+        for module in ("tf2onnx", "onnxruntime")
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {' and '.join(missing)}: {ONNX_INSTALL}."
+        )
+
+
+def _is_replaceable(path):
+    # Never delete a directory that is not an export (or empty) on overwrite.
+    return path.is_dir() and (
+        (path / "saved_model.pb").is_file() or not any(path.iterdir())
+    )
 
 
 def export_saved_model(
@@ -25,52 +308,193 @@ def export_saved_model(
     output_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    tflite: bool = False,
+    onnx: bool = False,
+    training_model: keras.Model | None = None,
 ) -> pathlib.Path:
-    """Writes `embedding_model` to `output_dir` as a SavedModel.
+    """Writes `embedding_model` with its preprocessing to `output_dir`.
+
+    See the module docstring for the signatures. Each converted model is
+    checked against `embedding_model` on random images before anything is
+    moved into place (≤ 1e-4 of the largest embedding component).
 
     Args:
-        embedding_model: a `keras.Model` from images to embeddings (a
-            backbone of `ring_loss_tf.backbones`).
+        embedding_model: a `keras.Model` from normalised images (batch,
+            height, width, 1 or 3) to embeddings (a backbone of
+            `ring_loss_tf.backbones`).
         output_dir: the SavedModel directory to create.
-        overwrite: replace an existing `output_dir`; without it an existing
-            directory is an error.
+        overwrite: replace an existing export (or empty directory) at
+            `output_dir`; without it an existing path is an error.
+        tflite: also write `output_dir/model.tflite`.
+        onnx: also write `output_dir/model.onnx` (needs the `onnx` extra).
+        training_model: if given, also write it with its heads and losses to
+            `output_dir/training_model.keras` for fine-tuning (loading it
+            needs `import ring_loss_tf`).
 
     Returns:
         `output_dir` as a `pathlib.Path`.
 
     Raises:
-        FileExistsError: `output_dir` exists and `overwrite` is False.
+        FileExistsError: `output_dir` exists and `overwrite` is False, or it
+            is not an export directory.
+        ImportError: `onnx=True` without tf2onnx / onnxruntime installed.
+        ExportError: a conversion failed or does not match the Keras model.
     """
     output_dir = pathlib.Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{output_dir}: the export directory already exists; pass "
-            "overwrite=True to replace it or choose another directory."
-        )
     if not isinstance(embedding_model, keras.Model):
         raise TypeError(
             "`embedding_model` must be a keras.Model from images to "
             f"embeddings. Received: {type(embedding_model).__name__}"
         )
+    _input_geometry(embedding_model)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir}: the export directory already exists; pass "
+            "overwrite=True (--overwrite) to replace it or choose another "
+            "directory."
+        )
+    if output_dir.exists() and not _is_replaceable(output_dir):
+        raise FileExistsError(
+            f"{output_dir}: exists and is not an export (no saved_model.pb) "
+            "nor empty; refusing to replace it. Choose another directory."
+        )
+    if onnx:
+        _require_onnx()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(
         tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent)
     )
-    previous = None
     try:
-        target = staging / "saved_model"
-        embedding_model.export(str(target), format="tf_saved_model", verbose=False)
-        if output_dir.exists():
-            # Move the old export aside first: the rename below needs a free
-            # name, and the old one is restored if that rename fails.
-            previous = staging / "previous"
-            os.rename(output_dir, previous)
-        try:
-            os.rename(target, output_dir)
-        except OSError:
-            if previous is not None:
-                os.rename(previous, output_dir)
-            raise
+        target = staging / "export"
+        _archive(embedding_model).write_out(str(target), verbose=False)
+        images, expected = _check_images(embedding_model)
+        loaded = tf.saved_model.load(str(target))
+        got = loaded.signatures[SERVING_SIGNATURE](images=tf.constant(images))
+        _compare("SavedModel", got["embedding"].numpy(), expected)
+        del loaded
+        if tflite:
+            _convert_tflite(target, target / TFLITE_FILE)
+            _compare("TFLite", _run_tflite(target / TFLITE_FILE, images),
+                     expected)  # fmt: skip
+        if onnx:
+            _convert_onnx(target, target / ONNX_FILE)
+            _compare("ONNX", _run_onnx(target / ONNX_FILE, images), expected)
+        if training_model is not None:
+            training_model.save(str(target / KERAS_FILE))
+        _move_into_place(target, output_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _move_into_place(new, output_dir, staging):
+    previous = None
+    if output_dir.exists():
+        # The rename needs a free name; the old export is restored if it
+        # fails, and deleted with `staging` if it succeeds.
+        previous = staging / "previous"
+        os.rename(output_dir, previous)
+    try:
+        os.rename(new, output_dir)
+    except OSError:
+        if previous is not None:
+            os.rename(previous, output_dir)
+        raise
+
+
+def load_training_models(model_dir: str | os.PathLike):
+    """Rebuilds the models of a training `model_dir` at its last checkpoint.
+
+    Reads `config.json` (written by `ring_loss_tf.training.train`), builds
+    the same backbone, ring and head, and restores the latest checkpoint.
+
+    Returns:
+        `ring_loss_tf.training.Models` (`embedding_model`, `train_model`, ...).
+
+    Raises:
+        FileNotFoundError: no config.json or no checkpoint in `model_dir`.
+    """
+    from ring_loss_tf import training
+
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / training.CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: --model_dir must be the directory "
+            "train.py wrote (config.json + checkpoints)."
+        )
+    latest = tf.train.latest_checkpoint(str(model_dir))
+    if latest is None:
+        raise FileNotFoundError(
+            f"{model_dir} has no checkpoint yet: train first (train.py "
+            "saves one every --checkpoint_every steps and at the end)."
+        )
+    config = json.loads(config_path.read_text())
+    models = training.build_models(
+        num_classes=config["num_classes"],
+        backbone=config["backbone"],
+        head=config["head"],
+        image_size=tuple(config["image_size"]),
+        channels=config["channels"],
+        embedding_dim=config["embedding_dim"],
+        lambda_ring=config["lambda_ring"] if config["ring"] else 0.0,
+        ring_radius=config.get("ring_radius", "auto"),
+        margin=config.get("margin"),
+        scale=config.get("scale"),
+        seed=config.get("seed"),
+    )
+    status = tf.train.Checkpoint(model=models.train_model).restore(latest)
+    status.expect_partial().assert_existing_objects_matched()
+    return models
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ring_loss_tf.export`; returns the exit status."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ring_loss_tf.export",
+        description="Export the embedding model of a training run.",
+    )
+    parser.add_argument("--model_dir", required=True,
+                        help="training directory (config.json + checkpoint)")
+    parser.add_argument("--output", required=True,
+                        help="SavedModel directory to write")
+    parser.add_argument("--tflite", action="store_true",
+                        help="also write model.tflite")
+    parser.add_argument("--onnx", action="store_true",
+                        help=f"also write model.onnx ({ONNX_INSTALL})")
+    parser.add_argument("--keras", action="store_true",
+                        help=f"also write {KERAS_FILE} (with heads)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export at --output")
+    args = parser.parse_args(argv)
+    try:
+        if args.onnx:
+            _require_onnx()
+        if pathlib.Path(args.output).exists() and not args.overwrite:
+            raise FileExistsError(
+                f"--output={args.output} already exists; add --overwrite to "
+                "replace it or choose another directory."
+            )
+        models = load_training_models(args.model_dir)
+        path = export_saved_model(
+            models.embedding_model,
+            args.output,
+            overwrite=args.overwrite,
+            tflite=args.tflite,
+            onnx=args.onnx,
+            training_model=models.train_model if args.keras else None,
+        )
+    except (FileExistsError, FileNotFoundError, ImportError) as error:
+        parser.error(str(error))
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    written = [p.name for p in sorted(path.iterdir())]
+    print(f"Exported {args.model_dir} to {path}: {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
