@@ -436,3 +436,36 @@ def test_two_worker_processes_equal_one_process(tmp_path):
     multi = {k.replace("|", "/"): v for k, v in np.load(out).items()}
     single = _state(_run(["/cpu:0"], head, 0.01))
     _assert_same_state(single, multi)
+
+
+def test_mixed_bfloat16_step_is_close_to_float32():
+    """mixed_bfloat16 (the CPU policy): bf16 compute, float32 weights and R."""
+    ((images, labels),) = _batches(1, seed=2)
+
+    def first_step(policy):
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            trainer = training.Trainer(
+                training.build_strategy(["/cpu:0"]),
+                _model_fn("softmax", 0.01),
+                global_batch_size=GLOBAL_BATCH,
+                learning_rate=0.05,
+                jit=False,
+                mixed_precision=None if policy == "float32" else policy,
+            )
+        finally:
+            keras.config.set_dtype_policy(previous)
+        trainer.initialize_radius(images)
+        stats, _ = trainer.train_step(images, labels)
+        return trainer, stats
+
+    mixed, mixed_stats = first_step("mixed_bfloat16")
+    full, full_stats = first_step("float32")
+    conv = mixed.models.embedding_model.get_layer("conv1_1")
+    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+    assert mixed.models.ring.radius.dtype == "float32"
+    assert not mixed.loss_scaling  # bfloat16 needs no loss scaling
+    for key in ("cross_entropy", "ring_loss", "feature_norm"):
+        assert mixed_stats[key] == pytest.approx(full_stats[key], rel=3e-2)
+    assert mixed.radius() == pytest.approx(full.radius(), rel=1e-2)
