@@ -1067,7 +1067,14 @@ def train(
 
     Returns:
         dict with "step", "last" (stats of the last step), "export_dir",
-        "verification" (a `metrics.VerificationResult` or None) and "table".
+        "verification" (a `metrics.VerificationResult` or None), "table"
+        (the printed markdown table) and "trainer" (the `Trainer`).
+
+    Raises:
+        ArgumentError: a bad argument (names it and the fix).
+        NonFiniteLossError: the loss became NaN/Inf (the last checkpoint is
+            kept).
+        ValueError: `model_dir` holds a checkpoint of another architecture.
     """
     arguments = dict(locals())
     arguments.pop("print_fn")
