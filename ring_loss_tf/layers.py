@@ -326,7 +326,7 @@ class RingLoss(keras.layers.Layer):
         return embeddings
 
     def _functional_call(self, embeddings, training):
-        """`call` for JAX: R = radius + radius_offset, see `_radius_offset_weight`.
+        """`call` on JAX: R = radius + radius_offset (`_radius_offset_weight`).
 
         The first training batch moves the offset so that R equals the batch
         mean norm; the gradient still flows to `radius` through the sum.

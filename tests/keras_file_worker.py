@@ -19,6 +19,9 @@ import keras
 
 import ring_loss_tf
 
+# Importing the layers must not pull in TensorFlow on the other backends.
+IMPORTED_TENSORFLOW = "tensorflow" in sys.modules
+
 NUM_CLASSES = 5
 DIM = 8
 
@@ -74,6 +77,7 @@ def main(out_dir, in_dir=None):
         result["after:lambda"] = keras.ops.convert_to_numpy(
             loaded.get_layer("head").current_lambda()
         )
+        result["imported_tensorflow"] = np.array(IMPORTED_TENSORFLOW)
         np.savez(os.path.join(out_dir, "loaded.npz"), **result)
     keras.utils.set_random_seed(0)
     model = build()

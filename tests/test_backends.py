@@ -4,8 +4,9 @@ Keras fixes its backend when it is imported, so each backend runs in its own
 process: tests/test_layers.py (the same float64 NumPy references) under
 KERAS_BACKEND=jax and =torch, and a `.keras` file handed round the backends,
 tensorflow → jax → torch → tensorflow, each loading the previous one's file
-and saving its own. The two layer runs start together when this module
-starts (two cores) and each test waits for its own.
+and saving its own (the session's own backend in this process). The two
+layer runs start together when this module starts and run beside the
+`.keras` test; their tests only wait for them.
 """
 
 import os
@@ -14,6 +15,10 @@ import sys
 
 import numpy as np
 import pytest
+
+import keras
+
+from tests import keras_file_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_BACKENDS = ("jax", "torch")
@@ -30,9 +35,13 @@ def backend_env(backend):
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def layer_runs():
-    """tests/test_layers.py under each other backend, started together."""
+    """tests/test_layers.py under each other backend, started together.
+
+    Autouse: both start with the module, so the `.keras` test below runs
+    while they do, and the tests that check them only wait.
+    """
     runs = {
         backend: subprocess.Popen(
             [sys.executable, "-m", "pytest", "tests/test_layers.py", "-q",
@@ -52,21 +61,24 @@ def layer_runs():
             process.wait()
 
 
-@pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_layer_module_passes_under_backend(backend, layer_runs):
-    output, _ = layer_runs[backend].communicate(timeout=TIMEOUT)
-    closing = output.strip().splitlines()[-1]
-    print(f"KERAS_BACKEND={backend}: {closing}")
-    assert layer_runs[backend].returncode == 0, output[-5000:]
-    # Every collected test ran and passed: none failed, skipped or errored.
-    assert " passed" in closing, closing
-    for word in ("failed", "skipped", "error", "xfail", "deselected"):
-        assert word not in closing, closing
-
-
 def _load_npz(path):
     with np.load(path) as archive:
         return {key: archive[key] for key in archive.files}
+
+
+def _worker(backend, out_dir, in_dir):
+    """One hand-over: in this process if it runs `backend`, else a child."""
+    if backend == keras.backend.backend():
+        keras_file_worker.main(str(out_dir), in_dir and str(in_dir))
+        return
+    command = [sys.executable, "-m", "tests.keras_file_worker", str(out_dir)]
+    if in_dir is not None:
+        command.append(str(in_dir))
+    result = subprocess.run(
+        command, cwd=ROOT, env=backend_env(backend), capture_output=True,
+        text=True, timeout=TIMEOUT, check=False,
+    )
+    assert result.returncode == 0, (backend, result.stderr[-5000:])
 
 
 def test_keras_files_load_across_backends(tmp_path):
@@ -75,19 +87,16 @@ def test_keras_files_load_across_backends(tmp_path):
     for i, backend in enumerate(CHAIN):
         out_dir = tmp_path / f"{i}-{backend}"
         out_dir.mkdir()
-        command = [sys.executable, "-m", "tests.keras_file_worker",
-                   str(out_dir)]
-        if previous is not None:
-            command.append(str(previous))
-        result = subprocess.run(
-            command, cwd=ROOT, env=backend_env(backend), capture_output=True,
-            text=True, timeout=TIMEOUT, check=False,
-        )
-        assert result.returncode == 0, (backend, result.stderr[-5000:])
+        _worker(backend, out_dir, previous)
         if previous is not None:
             saved = _load_npz(previous / "saved.npz")
             loaded = _load_npz(out_dir / "loaded.npz")
             where = f"saved under {CHAIN[i - 1]}, loaded under {backend}"
+            if backend != "tensorflow":
+                assert not loaded["imported_tensorflow"], (
+                    f"importing ring_loss_tf under {backend} imported "
+                    "TensorFlow"
+                )
             weight_keys = sorted(k for k in saved if k.startswith("weight:"))
             assert weight_keys == sorted(
                 k for k in loaded if k.startswith("weight:")
@@ -115,3 +124,15 @@ def test_keras_files_load_across_backends(tmp_path):
                 rtol=1e-6,
             )
         previous = out_dir
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_layer_module_passes_under_backend(backend, layer_runs):
+    output, _ = layer_runs[backend].communicate(timeout=TIMEOUT)
+    closing = output.strip().splitlines()[-1]
+    print(f"KERAS_BACKEND={backend}: {closing}")
+    assert layer_runs[backend].returncode == 0, output[-5000:]
+    # Every collected test ran and passed: none failed, skipped or errored.
+    assert " passed" in closing, closing
+    for word in ("failed", "skipped", "error", "xfail", "deselected"):
+        assert word not in closing, closing

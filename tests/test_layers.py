@@ -23,7 +23,9 @@ ON_TF = lc.backend() == "tensorflow"
 MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
 # `fit` as each backend's users run it: XLA and not on TensorFlow, jitted on
 # JAX (its eager `fit` only runs slower), eager on PyTorch.
-FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(lc.backend(), [False])
+FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(
+    lc.backend(), [False]
+)
 # Under JAX and PyTorch (tests/test_backends.py runs this module under both)
 # cases that only repeat a check on another size or setting are trimmed:
 # every formula, gradient, edge case and state check still runs.
