@@ -613,6 +613,16 @@ class Trainer:
             return float(keras.ops.convert_to_numpy(head.current_lambda()))
         return None
 
+    def peak_learning_rate(self):
+        """The base of a `LearningRate` schedule, else the current rate."""
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        schedule = getattr(optimizer, "_learning_rate", None)
+        if isinstance(schedule, LearningRate):
+            return schedule.base
+        return self.learning_rate()
+
     def learning_rate(self):
         optimizer = self.optimizer
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -794,7 +804,7 @@ def _nan_message(trainer, step, stats):
         kept = "no checkpoint was written yet"
     return (
         f"Training stopped at step {step}: the loss is not finite ({values}); "
-        f"{kept}. Try a lower lr (now {trainer.learning_rate():.4g}), "
+        f"{kept}. Try a lower lr (now {trainer.peak_learning_rate():.4g}), "
         "warmup_steps, a smaller lambda_ring, or training without "
         "mixed_precision."
     )

@@ -91,6 +91,7 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
             "--batch_size=8",
             "--log_every=2",
             "--warmup_steps=0",
+            "--lr=0.01",
             "--lambda_ring=0.01",
             "--nojit",
         ],
