@@ -5,10 +5,16 @@ Quick start (embedded KanjiVG character set, generated on first use):
     python train.py --lambda_ring=0.01
 
 trains the small CNN with softmax + Ring loss on 1,000 characters on the
-CPU, checkpoints to --model_dir, exports the embedding model to
-<model_dir>/export and prints 10-fold verification accuracy and TAR@FAR on
-500 unseen characters. Rerunning the same command resumes from the last
-checkpoint. See the README for the measured time and result.
+CPU (6 epochs, 938 steps of 256), checkpoints to --model_dir, exports the
+embedding model to <model_dir>/export and prints 10-fold verification
+accuracy and TAR@FAR on 500 unseen characters. Rerunning the same command
+resumes from the last checkpoint.
+
+Measured (2 cores shared with other jobs, load average about 11): 28.2 min
+wall including 6.8 min of data generation, peak RSS 1.14 GiB; 10-fold
+accuracy 97.98% ± 0.30, TAR@FAR=1e-3 76.98%, TAR@FAR=1e-4 54.47% (10,000
+genuine and 10,000 impostor pairs). `python bench/train.py --quick_start`
+measures it again.
 
 The paper's setting on a face folder (GPU):
 
