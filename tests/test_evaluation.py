@@ -419,3 +419,42 @@ def test_evaluate_py_flag_and_data_errors(world, tmp_path):
     assert proc.returncode != 0
     assert f"{bad} line 3" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bin_set_through_evaluate_model(world, tmp_path):
+    import io
+    import pickle
+
+    rows = world["rows"]
+    encoded = []
+    for row in rows:
+        for key in (row[3], row[4]):
+            buffer = io.BytesIO()
+            Image.fromarray(world["images"][key][..., 0]).save(
+                buffer, format="PNG"
+            )
+            encoded.append(buffer.getvalue())
+    issame = [r[1] for r in rows]
+    with open(tmp_path / "tiny.bin", "wb") as file:
+        pickle.dump((encoded, issame), file)
+    report = evaluation.evaluate_model(
+        _embedder(world),
+        verification_sets={
+            "tiny": lambda size, channels: data.read_bin(
+                tmp_path / "tiny.bin", image_size=size, channels=channels
+            )
+        },
+    )
+    r = report.verification["tiny"]["result"]
+    ea, eb = _reference_pair_embeddings(world)
+    scores = metrics.pair_scores(ea, eb)
+    assert r.auc == pytest.approx(roc_auc_score(issame, scores))
+    # insightface's folds: consecutive blocks of pairs.
+    fold = np.arange(len(rows)) * 10 // len(rows)
+    want = metrics.verify(scores, np.array(issame), fold=fold)
+    np.testing.assert_allclose(r.fold_accuracies, want.fold_accuracies)
+    table = evaluation.format_table([report])
+    assert "tiny" in table and f"{100 * r.auc:.2f}" in table
+    written = evaluation.write_outputs([report], tmp_path / "out", plots=False)
+    saved = json.loads(written[0].read_text())
+    assert saved["models"][0]["verification"]["tiny"]["auc"] == r.auc
