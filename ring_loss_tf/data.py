@@ -891,17 +891,67 @@ def load_images(
 
     Uses the training pipeline's `decode_image` and `resize_image`.
     `image_size=None` keeps the files' size (they must agree); `channels=None`
-    takes the first image's (1 for grey, else 3).
+    takes the first image's (1 for grey, else 3). PNGs that need no resizing
+    and no colour conversion (grey to grey or RGB, RGB to RGB) are decoded
+    with Pillow in threads, which gives the same pixels (PNG is lossless) at
+    a fraction of the per-image cost of a tf.data pipeline.
     """
     paths = [str(p) for p in paths]
     for p in paths[:1]:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"Image file not found: {p}")
+    if image_size is not None and channels is not None and paths:
+        height, width = _check_size(image_size, channels)
+        out = np.empty((len(paths), height, width, channels), np.uint8)
+        done = _load_lossless(paths, out)
+        rest = [i for i, ok in enumerate(done) if not ok]
+        if rest:
+            out[rest] = _load_with_tensorflow(
+                [paths[i] for i in rest], image_size, channels
+            )
+        return out
+    return _load_with_tensorflow(paths, image_size, channels)
+
+
+def _load_with_tensorflow(paths, image_size, channels):
     names = tf.constant(paths)
     items = tf.data.Dataset.from_tensor_slices(names).map(
         lambda p: (tf.io.read_file(p), p)
     )
     return _load_encoded(items, len(paths), image_size, channels, paths)
+
+
+def _load_lossless(paths, out) -> list[bool]:
+    """Fills out[i] from paths[i] with Pillow where that is exact."""
+    from PIL import Image
+
+    height, width, channels = out.shape[1:]
+
+    def load(i):
+        path = paths[i]
+        if not path.lower().endswith(".png"):
+            return False
+        try:
+            with Image.open(path) as image:
+                if image.format != "PNG" or image.size != (width, height):
+                    return False
+                if image.mode not in ("L", "RGB") or (
+                    image.mode == "RGB" and channels == 1
+                ):
+                    return False
+                pixels = np.asarray(image)
+        except Exception:  # left to the TensorFlow path, which names it
+            return False
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        out[i] = pixels if pixels.shape[-1] == channels else np.repeat(
+            pixels, channels, axis=-1
+        )
+        return True
+
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(load, range(len(paths)), chunksize=256))
 
 
 def read_image_folder(
