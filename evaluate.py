@@ -4,7 +4,7 @@ Quick start (after `python train.py`, on the embedded KanjiVG test split:
 500 unseen characters, the 10-fold pairs.txt and a gallery/probe/distractor
 split of them):
 
-    python evaluate.py --model=runs/default --low_res=2,4 --flip
+    python evaluate.py --model=runs/default --low_res=2,4,8
 
 prints a table, and writes results.json and PNG plots (ROC on a log-FAR axis,
 CMC, feature-norm histograms) to --output_dir. Measured on the model of
@@ -15,6 +15,7 @@ TAR@FAR=1e-4 54.47 % (the figures train.py printed for the same run), AUC
 99.80 %; 1/2, 1/4, 1/8 resolution probes: 93.57 %, 77.12 %, 59.58 %, mean
 norm 0.96×, 0.93×, 0.85× full resolution; identification of 2,250 probes
 vs 250 gallery + 2,500 distractors: rank-1 64.84 %, rank-5 83.20 %.
+
 On face data:
 
     python evaluate.py --model=runs/casia/export \\
