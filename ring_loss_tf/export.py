@@ -258,12 +258,18 @@ def _run_tflite(path, images):
 
 def _convert_onnx(saved_model_dir, path):
     command = [
-        sys.executable, "-m", "tf2onnx.convert",
-        "--saved-model", str(saved_model_dir),
-        "--signature_def", SERVING_SIGNATURE,
-        "--opset", str(ONNX_OPSET),
-        "--output", str(path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "tf2onnx.convert",
+        "--saved-model",
+        str(saved_model_dir),
+        "--signature_def",
+        SERVING_SIGNATURE,
+        "--opset",
+        str(ONNX_OPSET),
+        "--output",
+        str(path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     unsupported = [
         line for line in result.stderr.splitlines() if "Unsupported ops" in line
@@ -374,8 +380,9 @@ def export_saved_model(
         del loaded
         if tflite:
             _convert_tflite(target, target / TFLITE_FILE)
-            _compare("TFLite", _run_tflite(target / TFLITE_FILE, images),
-                     expected)  # fmt: skip
+            _compare(
+                "TFLite", _run_tflite(target / TFLITE_FILE, images), expected
+            )
         if onnx:
             _convert_onnx(target, target / ONNX_FILE)
             _compare("ONNX", _run_onnx(target / ONNX_FILE, images), expected)
@@ -456,18 +463,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m ring_loss_tf.export",
         description="Export the embedding model of a training run.",
     )
-    parser.add_argument("--model_dir", required=True,
-                        help="training directory (config.json + checkpoint)")
-    parser.add_argument("--output", required=True,
-                        help="SavedModel directory to write")
-    parser.add_argument("--tflite", action="store_true",
-                        help="also write model.tflite")
-    parser.add_argument("--onnx", action="store_true",
-                        help=f"also write model.onnx ({ONNX_INSTALL})")
-    parser.add_argument("--keras", action="store_true",
-                        help=f"also write {KERAS_FILE} (with heads)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing export at --output")
+    parser.add_argument(
+        "--model_dir",
+        required=True,
+        help="training directory (config.json + checkpoint)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="SavedModel directory to write"
+    )
+    parser.add_argument(
+        "--tflite", action="store_true", help="also write model.tflite"
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help=f"also write model.onnx ({ONNX_INSTALL})",
+    )
+    parser.add_argument(
+        "--keras",
+        action="store_true",
+        help=f"also write {KERAS_FILE} (with heads)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing export at --output",
+    )
     args = parser.parse_args(argv)
     try:
         if args.onnx:

@@ -29,9 +29,11 @@ SAVED_MODEL_CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
 
 def _tiny(channels=3, seed=3):
     return backbones.small_cnn(
-        input_shape=(*SIZE, channels), embedding_dim=8, seed=seed,
+        input_shape=(*SIZE, channels),
+        embedding_dim=8,
+        seed=seed,
         widths=(4, 4, 4),
-    )  # fmt: skip
+    )
 
 
 def _images(shape, seed):
@@ -80,8 +82,7 @@ def exported(tmp_path_factory):
     return model, path
 
 
-_HIDDEN_WORKER = textwrap.dedent(
-    """
+_HIDDEN_WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     import tensorflow as tf
@@ -105,8 +106,7 @@ _HIDDEN_WORKER = textwrap.dedent(
     for name, value in result.items():
         out[f"bytes/{name}"] = value.numpy()
     np.savez(sys.argv[3], **out)
-    """
-)
+    """)
 
 
 def test_saved_model_serves_without_the_package(exported, tmp_path):
@@ -127,15 +127,28 @@ def test_saved_model_serves_without_the_package(exported, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(hidden.parent))
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     worker = subprocess.Popen(
-        [sys.executable, "-c", _HIDDEN_WORKER, str(path),
-         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), *file_names],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            _HIDDEN_WORKER,
+            str(path),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+            *file_names,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     cli = subprocess.run(
         [str(SAVED_MODEL_CLI), "show", "--dir", str(path), "--all"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     _, stderr = worker.communicate()
     assert worker.returncode == 0, stderr[-3000:]
     out = np.load(tmp_path / "out.npz")
@@ -153,13 +166,19 @@ def test_saved_model_serves_without_the_package(exported, tmp_path):
     }
     for key, embedding in expected.items():
         np.testing.assert_allclose(
-            out[f"{key}/embedding"], embedding, rtol=0, atol=1e-5,
+            out[f"{key}/embedding"],
+            embedding,
+            rtol=0,
+            atol=1e-5,
             err_msg=key,
-        )  # fmt: skip
+        )
         np.testing.assert_allclose(
-            out[f"{key}/normalized_embedding"], _unit(embedding), rtol=0,
-            atol=1e-6, err_msg=key,
-        )  # fmt: skip
+            out[f"{key}/normalized_embedding"],
+            _unit(embedding),
+            rtol=0,
+            atol=1e-6,
+            err_msg=key,
+        )
     # A PNG at the input size is exactly the uint8 batch.
     np.testing.assert_array_equal(
         out["bytes/embedding"][0], out["at_size/embedding"][0]
@@ -201,7 +220,7 @@ def test_onnx_matches_keras_with_dynamic_batch(exported):
     session = onnxruntime.InferenceSession(
         str(path / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    (batch, height, width, channels) = session.get_inputs()[0].shape
+    batch, height, width, channels = session.get_inputs()[0].shape
     assert not isinstance(batch, int) and channels == 3
     names = [o.name for o in session.get_outputs()]
     for shape in [(1, *SIZE, 3), (5, *SIZE, 3), (2, 21, 14, 3)]:
@@ -280,8 +299,9 @@ def test_existing_directory_needs_overwrite_and_must_be_an_export(tmp_path):
     model = _tiny()
     target = tmp_path / "model"
     target.mkdir()
-    with pytest.raises(FileExistsError, match="already exists; pass "
-                       "overwrite=True"):  # fmt: skip
+    with pytest.raises(
+        FileExistsError, match="already exists; pass " "overwrite=True"
+    ):
         export.export_saved_model(model, target)
     (target / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not an export .* refusing"):
@@ -293,8 +313,11 @@ def test_existing_directory_needs_overwrite_and_must_be_an_export(tmp_path):
 def test_rejects_a_model_without_a_fixed_image_input(tmp_path):
     inputs = keras.Input((None, None, 3))
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
-    with pytest.raises(ValueError, match="of a fixed size. Received input "
-                       r"shape: \(None, None, None, 3\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="of a fixed size. Received input "
+        r"shape: \(None, None, None, 3\)",
+    ):
         export.export_saved_model(model, tmp_path / "model")
     assert not list(tmp_path.iterdir())
 
@@ -302,17 +325,29 @@ def test_rejects_a_model_without_a_fixed_image_input(tmp_path):
 def _training_dir(tmp_path):
     """A model_dir as train() leaves it: config.json and a checkpoint."""
     arguments = dict(
-        backbone="small_cnn", head="asoftmax", lambda_ring=0.01,
-        ring_radius=2.5, margin=None, scale=None, data_dir=None, seed=0,
-    )  # fmt: skip
+        backbone="small_cnn",
+        head="asoftmax",
+        lambda_ring=0.01,
+        ring_radius=2.5,
+        margin=None,
+        scale=None,
+        data_dir=None,
+        seed=0,
+    )
     config = training._config(arguments, 5, SIZE, 1, 8)
     model_dir = tmp_path / "run"
     training.check_resume_config(model_dir, config)
     models = training.build_models(
-        num_classes=5, backbone="small_cnn", head="asoftmax",
-        image_size=SIZE, channels=1, embedding_dim=8, lambda_ring=0.01,
-        ring_radius=2.5, seed=0,
-    )  # fmt: skip
+        num_classes=5,
+        backbone="small_cnn",
+        head="asoftmax",
+        image_size=SIZE,
+        channels=1,
+        embedding_dim=8,
+        lambda_ring=0.01,
+        ring_radius=2.5,
+        seed=0,
+    )
     # Weights unlike a fresh build from the same seed, so a missing restore
     # shows.
     rng = np.random.default_rng(8)
@@ -325,12 +360,17 @@ def _training_dir(tmp_path):
     return model_dir, models
 
 
-def test_cli_exports_a_training_dir_and_the_keras_round_trip(tmp_path,
-                                                             capsys):
+def test_cli_exports_a_training_dir_and_the_keras_round_trip(tmp_path, capsys):
     model_dir, models = _training_dir(tmp_path)
     output = tmp_path / "exported"
-    status = export.main([f"--model_dir={model_dir}", f"--output={output}",
-                          "--keras", "--tflite"])  # fmt: skip
+    status = export.main(
+        [
+            f"--model_dir={model_dir}",
+            f"--output={output}",
+            "--keras",
+            "--tflite",
+        ]
+    )
     assert status == 0
     assert f"Exported {model_dir} to {output}" in capsys.readouterr().out
     images = _images((3, *SIZE, 3), 9)
@@ -359,8 +399,7 @@ def test_cli_exports_a_training_dir_and_the_keras_round_trip(tmp_path,
         np.testing.assert_array_equal(have[key], want[key], err_msg=key)
 
 
-def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys,
-                                              monkeypatch):
+def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
     def error(argv):
         with pytest.raises(SystemExit) as info:
             export.main(argv)
@@ -378,10 +417,12 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys,
     )
     real_find_spec = export.importlib.util.find_spec
     monkeypatch.setattr(
-        export.importlib.util, "find_spec",
+        export.importlib.util,
+        "find_spec",
         lambda name: None if name == "tf2onnx" else real_find_spec(name),
-    )  # fmt: skip
-    line = error([f"--model_dir={missing}", f"--output={tmp_path / 'p'}",
-                  "--onnx"])  # fmt: skip
+    )
+    line = error(
+        [f"--model_dir={missing}", f"--output={tmp_path / 'p'}", "--onnx"]
+    )
     assert "ONNX export needs tf2onnx: pip install 'ring_loss_tf[onnx]'" in line
     assert not (tmp_path / "p").exists()
