@@ -9,6 +9,7 @@ definition ((x − 127.5) / 128, `tf.image.resize(..., antialias=True)`, the
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -264,11 +265,21 @@ def _save_fingerprint(path):
     }
 
 
+@pytest.fixture(scope="module")
+def old_export(tmp_path_factory):
+    model = _tiny(seed=1)
+    path = tmp_path_factory.mktemp("old") / "model"
+    export.export_saved_model(model, path)
+    return model, path
+
+
 @pytest.mark.parametrize("stage", ["save", "tflite"])
-def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch, stage):
-    old_model = _tiny(seed=1)
+def test_failed_export_keeps_the_previous_one(
+    tmp_path, monkeypatch, stage, old_export
+):
+    old_model, old_path = old_export
     target = tmp_path / "model"
-    export.export_saved_model(old_model, target)
+    shutil.copytree(old_path, target)
     before = _save_fingerprint(target)
 
     def fail(*args, **kwargs):
