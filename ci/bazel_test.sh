@@ -12,7 +12,8 @@
 #                   e.g. //tests:test_layers --test_filter=ring
 #
 # `bazel build //...` always runs first, so every binary and test target is
-# built even when only some tests run. The last line is the test-case count
+# built even when only some tests run, and each py_binary is started once with
+# --helpshort. The last line is the test-case count
 # of the tests that ran, from their JUnit XML: "bazel: N passed, M failed".
 # Set BAZEL_OUTPUT_USER_ROOT to keep Bazel's outputs elsewhere than
 # ~/.cache/bazel.
@@ -25,7 +26,7 @@ while (($#)); do
   case $1 in
     --python) python=${2:?"--python needs a path"}; shift 2 ;;
     --python=*) python=${1#--python=}; shift ;;
-    -h | --help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0" | cut -c3-; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -81,6 +82,23 @@ echo "Bazel ${version}, python ${python}"
 start=$SECONDS
 bazel build "${common[@]}" //...
 echo "bazel build //...: $((SECONDS - start)) s"
+
+# Each binary starts from its runfiles with the toolchain's python and parses
+# its flags: absl prints the help and exits 1, so check the text.
+start=$SECONDS
+bin=$(bazel info "${common[@]}" bazel-bin 2>/dev/null)
+binaries=$(bazel query "${common[@]}" 'kind(py_binary, //...)' 2>/dev/null)
+for target in $binaries; do
+  package=${target#//}
+  package=${package%%:*}
+  help=$("$bin/${package:+$package/}${target##*:}" --helpshort 2>&1 || true)
+  if [[ $help != *--helpfull* ]]; then
+    printf '%s\n' "$help" | tail -20
+    echo "$target --helpshort did not print the flags: see above" >&2
+    exit 1
+  fi
+done
+echo "--helpshort of" $binaries": $((SECONDS - start)) s"
 
 start=$SECONDS
 status=0
