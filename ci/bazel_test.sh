@@ -6,8 +6,8 @@
 # usage: ci/bazel_test.sh [--python PATH] [BAZEL_TEST_ARG...]
 #
 #   --python PATH   the virtualenv's python (default: $RING_LOSS_TF_PYTHON,
-#                   else python3 on PATH); it must import tensorflow, keras,
-#                   numpy, PIL, absl and pytest.
+#                   else python3 on PATH), with the project and its test
+#                   extra installed (pip install -e ".[test]").
 #   BAZEL_TEST_ARG  target patterns and `bazel test` flags (default: //...),
 #                   e.g. //tests:test_layers --test_filter=ring
 #
