@@ -3,7 +3,7 @@
 # Python; installs Bazel 4 from Debian's packages (bazel-bootstrap) first if
 # it is missing.
 #
-# usage: ci/bazel_test.sh [--python PATH] [BAZEL_TEST_ARG...]
+# usage: .ci/bazel_test.sh [--python PATH] [BAZEL_TEST_ARG...]
 #
 #   --python PATH   the virtualenv's python (default: $RING_LOSS_TF_PYTHON,
 #                   else python3 on PATH), with the project and its test
@@ -40,7 +40,7 @@ if [[ -z $python ]]; then
   python=$(command -v python3 || true)
 fi
 if [[ -z $python || ! -x $python ]]; then
-  echo "ci/bazel_test.sh: no runnable python at '${python}': pass" \
+  echo ".ci/bazel_test.sh: no runnable python at '${python}': pass" \
     "--python /path/to/venv/bin/python" >&2
   exit 2
 fi

@@ -5,7 +5,7 @@ run the system Python, which lacks TensorFlow. This repository rule writes a
 `py_runtime` for one interpreter, chosen when the repository is fetched:
 
 1. `RING_LOSS_TF_PYTHON`, e.g. `bazel test --repo_env=RING_LOSS_TF_PYTHON=\
-/path/to/venv/bin/python //...` (what `ci/bazel_test.sh` does);
+/path/to/venv/bin/python //...` (what `.ci/bazel_test.sh` does);
 2. otherwise `python3` on `PATH`, so `bazel test //...` in an activated
    virtualenv just works.
 
