@@ -1031,7 +1031,7 @@ def train(
     batch_size=256,
     epochs=None,
     steps=None,
-    lr=0.1,
+    lr=0.05,
     lr_schedule="cosine",
     warmup_steps=0,
     optimizer="sgd",
