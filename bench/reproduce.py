@@ -1,0 +1,524 @@
+"""The paper's comparisons (Ring loss, Tables 2-4 and §5.4) on the embedded set.
+
+    python bench/reproduce.py                          # the default study
+    python bench/reproduce.py --rows SM,SM+R_0.01 --seeds 0,1,2
+    python bench/reproduce.py --smoke                  # 2 rows, ~2 minutes
+    python bench/reproduce.py --full                   # GPU: the paper's net
+
+Every row trains with identical settings and seeds (same data order, same
+initial backbone weights: `train(seed=...)`), only the loss differs:
+
+    SM                softmax                 SF           A-Softmax, m = 4
+    SM+R_λ            softmax + Ring loss     SF+R_λ       A-Softmax + Ring
+                      λ ∈ {0.01, 0.001, 1e-4}              λ ∈ {0.03, 0.01,
+    L2SM_α            l2-constrained softmax                    0.001, 1e-4}
+                      α ∈ {10, 20, 30}        ArcFace      additive angular
+    SM+CL             softmax + center loss   ArcFace+R    ArcFace + Ring
+                                                           (λ = 0.01)
+
+and is evaluated on the unseen test characters of the embedded KanjiVG set
+(500 identities × 10 images by default; cosine scores):
+
+- TAR at FAR 1e-3 … 1e-6 on ALL pairs of the test images (5,000 images:
+  22,500 genuine and 12.47M impostor pairs, so FAR down to 1e-6 is
+  resolved, by ~12 impostors); a FAR below 1/impostors prints n/a. The
+  10-fold accuracy of pairs.txt (6,000 pairs) is printed too, but it
+  saturates on this set (design.md §5): all-pairs TAR is what separates
+  the rows.
+- rank-1 identification: probes (the other images of the first half of the
+  test identities) against their gallery image plus the second half as
+  distractors (`kanji.prepare` writes these folders).
+- low resolution (the paper's §5.4 / Figure 6 idea): every test image is
+  downsampled by k (area average to 32/k px, bilinear back) and compared
+  with the full-resolution images: 10-fold accuracy of pairs.txt with the
+  probe side degraded, all-pairs cross-resolution TAR@FAR=1e-3 (full image
+  i against low image j, i < j), and ‖f(low)‖ / ‖f(full)‖.
+
+Outputs in --output_dir: runs/<row>_seed<s>.json (one per trained model;
+an existing file is skipped, so an interrupted study resumes; a model_dir
+with a checkpoint resumes training), results.json (every run + the
+aggregate: mean and std over seeds), table.md (the printed tables), and
+norms.png (feature-norm histograms of the test images: SM against the
+SM+R rows, full resolution and 1/4 resolution, the paper's Figure 1 idea).
+
+Budget of the default study (2 shared CPU cores): 14 rows × 1 seed, each
+400 steps of batch 256 (≈ 2.6 epochs of the 40,000 training images) of
+small_cnn, SGD lr 0.05 cosine with 50 warm-up steps. One step costs
+≈ 0.3 s here (bench/train.py: ≈ 850 images/s), so 400 steps ≈ 2.0 min,
+plus ≈ 0.3 min of graph building / XLA compilation and ≈ 0.5 min of
+evaluation (embedding 5,000 images at full and 3 reduced resolutions, four
+12.5M-pair ROCs, identification): ≈ 2.8 min a row, 14 rows ≈ 40 min, plus
+≈ 2 min generating the data set on first use: ≈ 42 min, leaving a third of
+the 60-minute budget for a loaded machine. --scale multiplies the steps
+(--scale 0.5 for ~25 min); --seeds 0,1,2 triples the time: pick --rows
+then (e.g. SM,SM+R_0.01,SF,SF+R_0.01 × 3 seeds ≈ 35 min).
+
+The A-Softmax λ annealing (λ = max(5, 1000 / (1 + γ·step))) is scaled with
+the run length: γ = 0.12 × 28,000 / steps, so λ reaches its floor at the
+same fraction of training as in SphereFace's 28k-iteration schedule.
+
+--full (a GPU machine): the paper's backbone sphereface20 (512-d) on the
+same characters rendered at 112 × 112, batch 256, SGD lr 0.1 with
+SphereFace's step schedule (× 0.1 at 16k and 24k of 28k steps), weight decay
+5e-4, unscaled A-Softmax annealing; several hours per row on one GPU.
+
+The scale here is tiny next to the paper (CASIA-WebFace, 10k identities,
+0.5M images, 28k steps): read the tables as a check of the direction of
+the effects, not of their size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+# The paper's rows: name → keyword arguments of `training.train`.
+ROWS = {
+    "SM": dict(head="softmax", lambda_ring=0.0),
+    "SM+R_0.01": dict(head="softmax", lambda_ring=0.01),
+    "SM+R_0.001": dict(head="softmax", lambda_ring=0.001),
+    "SM+R_0.0001": dict(head="softmax", lambda_ring=0.0001),
+    "L2SM_10": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=10.0),
+    "L2SM_20": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=20.0),
+    "L2SM_30": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=30.0),
+    "SM+CL": dict(head="centerloss", lambda_ring=0.0),
+    "SF": dict(head="asoftmax", lambda_ring=0.0, margin=4),
+    "SF+R_0.03": dict(head="asoftmax", lambda_ring=0.03, margin=4),
+    "SF+R_0.01": dict(head="asoftmax", lambda_ring=0.01, margin=4),
+    "SF+R_0.001": dict(head="asoftmax", lambda_ring=0.001, margin=4),
+    "SF+R_0.0001": dict(head="asoftmax", lambda_ring=0.0001, margin=4),
+    "ArcFace": dict(head="arcface", lambda_ring=0.0),
+    "ArcFace+R": dict(head="arcface", lambda_ring=0.01),
+}
+FARS = (1e-3, 1e-4, 1e-5, 1e-6)
+LOW_RES = (2.0, 3.0, 4.0)
+# SphereFace: A-Softmax λ annealing constant for 28k iterations.
+SPHEREFACE_ITERATIONS = 28000
+SPHEREFACE_GAMMA = 0.12
+
+
+def settings(args) -> dict:
+    """The training settings shared by every row (only the loss differs)."""
+    if args.full:
+        s = dict(
+            backbone="sphereface20",
+            embedding_dim=512,
+            batch_size=256,
+            steps=SPHEREFACE_ITERATIONS,
+            lr=0.1,
+            lr_schedule="step",
+            warmup_steps=0,
+            kanji_options=dict(image_size=112),
+        )
+    else:
+        s = dict(
+            backbone="small_cnn",
+            embedding_dim=128,
+            batch_size=args.batch_size,
+            steps=max(1, round(args.steps * args.scale)),
+            lr=0.05,
+            lr_schedule="cosine",
+            warmup_steps=50,
+            kanji_options={},
+        )
+    if args.smoke:
+        s.update(
+            batch_size=64,
+            steps=30,
+            warmup_steps=5,
+            kanji_options=dict(
+                num_train_identities=40,
+                num_test_identities=30,
+                train_samples_per_identity=10,
+                test_samples_per_identity=6,
+                pairs_per_fold=20,
+            ),
+        )
+    s["kanji_options"] = dict(s["kanji_options"], progress=False)
+    if args.cache_dir:
+        s["kanji_options"]["cache_dir"] = args.cache_dir
+    s.update(optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+    s["lambda_gamma"] = (
+        SPHEREFACE_GAMMA
+        if args.full
+        else SPHEREFACE_GAMMA * SPHEREFACE_ITERATIONS / s["steps"]
+    )
+    return s
+
+
+def cross_pairs(full, low, labels):
+    """Scores cos(full_i, low_j) and same-identity flags for all i < j."""
+    from ring_loss_tf import metrics
+
+    a = metrics.l2_normalize(full.astype(np.float32))
+    b = metrics.l2_normalize(low.astype(np.float32))
+    scores, same = [], []
+    n = len(a)
+    for start in range(0, n, 2048):
+        s = a[start : start + 2048] @ b.T
+        for r in range(start, min(start + 2048, n)):
+            scores.append(s[r - start, r + 1 :])
+            same.append(labels[r + 1 :] == labels[r])
+    return np.concatenate(scores), np.concatenate(same)
+
+
+def tars(scores, same, fars=FARS) -> dict:
+    from ring_loss_tf import metrics
+
+    curve = metrics.roc(scores, same)
+    return {
+        "num_genuine": curve.num_genuine,
+        "num_impostor": curve.num_impostor,
+        "tar_at_far": {
+            f"{far:g}": metrics.tar_at_far(curve, far)[0] for far in fars
+        },
+    }
+
+
+def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
+    """All measurements of one trained embedding model (see the docstring).
+
+    Returns (JSON-ready dict, {"full": norms, "1/k": norms} arrays).
+    """
+    from ring_loss_tf import data
+    from ring_loss_tf import evaluation
+    from ring_loss_tf import metrics
+
+    embedder = evaluation.load_embedder(embedding_model, name="model")
+    size, channels = embedder.image_size, embedder.channels
+    images, labels, _ = data.read_image_folder(
+        root / "test", image_size=size, channels=channels
+    )
+    full = embedder(images)
+    norms = {"full": np.linalg.norm(full, axis=1)}
+    out = {"image_size": list(size or images.shape[1:3])}
+    out["all_pairs"] = tars(*metrics.all_pairs(full, labels))
+    out["norms"] = metrics.norm_statistics(full)
+    pairs = data.read_lfw_pairs(
+        root / "pairs.txt", root / "test", image_size=size, channels=channels
+    )
+    verification = evaluation.evaluate_verification(
+        embedder, pairs, low_res=low_res, fars=(1e-3,)
+    )
+    r = verification["result"]
+    out["ten_fold"] = {
+        "accuracy_mean": r.accuracy_mean,
+        "accuracy_std": r.accuracy_std,
+        "num_pairs": r.num_genuine + r.num_impostor,
+    }
+    out["low_res"] = {}
+    for factor in low_res:
+        low = embedder(evaluation.downsample(images, factor))
+        low_norm = np.linalg.norm(low, axis=1)
+        norms[f"1/{factor:g}"] = low_norm
+        v = verification["low_res"][factor]
+        cross = tars(*cross_pairs(full, low, labels), fars=(1e-3, 1e-4))
+        out["low_res"][f"{factor:g}"] = {
+            "ten_fold_accuracy": v["result"].accuracy_mean,
+            "all_pairs": cross,
+            "norm_ratio": float(np.mean(low_norm / norms["full"])),
+            "norm_cv": float(np.std(low_norm) / np.mean(low_norm)),
+        }
+    ident = evaluation.evaluate_identification(
+        embedder,
+        root / "identification" / "gallery",
+        root / "identification" / "probes",
+        root / "identification" / "distractors",
+        image_size=size,
+        channels=channels,
+    )["result"]
+    out["identification"] = {
+        "rank1": ident.rank1,
+        "rank5": ident.rank5,
+        "num_probes": int(ident.ranks.size),
+        "num_gallery": ident.num_gallery,
+        "num_distractors": ident.num_distractors,
+    }
+    return out, norms
+
+
+def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
+    """Trains and evaluates one (row, seed); writes runs/<row>_seed<s>.json."""
+    from ring_loss_tf import kanji
+    from ring_loss_tf import training
+
+    import keras
+
+    name = f"{row}_seed{seed}"
+    result_path = output_dir / "runs" / f"{name}.json"
+    if result_path.is_file():
+        print(f"[{name}] done before: {result_path} (skipped)", flush=True)
+        return json.loads(result_path.read_text())
+    model_dir = output_dir / "models" / name
+    kwargs = dict(common, **ROWS[row])
+    kanji_options = dict(kwargs.pop("kanji_options"), seed=0)
+    started = time.monotonic()
+    keras.backend.clear_session()
+    result = training.train(
+        model_dir=str(model_dir),
+        seed=seed,
+        kanji_options=kanji_options,
+        evaluate=False,
+        export=False,
+        log_every=max(1, kwargs["steps"] // 4),
+        checkpoint_every=max(50, kwargs["steps"] // 4),
+        max_to_keep=1,
+        print_fn=lambda line: print(f"[{name}] {line}", flush=True),
+        **kwargs,
+    )
+    train_seconds = time.monotonic() - started
+    root = pathlib.Path(kanji.prepare(**kanji_options))
+    trainer = result["trainer"]
+    started = time.monotonic()
+    measured, norms = evaluate_run(
+        trainer.models.embedding_model, root, low_res
+    )
+    last = {
+        k: float(v) for k, v in (result["last"] or {}).items()
+        if np.ndim(v) == 0
+    }
+    payload = {
+        "row": row,
+        "seed": seed,
+        "settings": {
+            k: v for k, v in kwargs.items() if not callable(v)
+        },
+        "steps": result["step"],
+        "last_step_stats": last,
+        "radius": None if trainer.models.ring is None else float(
+            trainer.radius()
+        ),
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.monotonic() - started, 1),
+        **measured,
+    }
+    (output_dir / "norms").mkdir(parents=True, exist_ok=True)
+    np.savez(output_dir / "norms" / f"{name}.npz", **norms)
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, result_path)
+    if not keep:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(
+        f"[{name}] trained {train_seconds:.0f} s, evaluated "
+        f"{payload['eval_seconds']:.0f} s",
+        flush=True,
+    )
+    return payload
+
+
+def _get(run, path):
+    x = run
+    for key in path:
+        x = x[key]
+    return x
+
+
+def _cell(runs, path, digits=2):
+    """mean ± std (over seeds) of a rate, in %; n/a if unresolved."""
+    values = [_get(r, path) for r in runs]
+    if any(v is None for v in values):
+        return "n/a"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {100 * statistics.pstdev(values):.{digits}f}"
+
+
+def format_tables(by_row: dict, low_res) -> str:
+    first = next(iter(by_row.values()))[0]
+    ap = first["all_pairs"]
+    ident = first["identification"]
+    seeds = sorted({r["seed"] for runs in by_row.values() for r in runs})
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))} (mean ± population std over "
+        "seeds where several). Rates in %.",
+        "",
+        f"Verification and identification (Tables 2-4): TAR on all pairs of "
+        f"the test images ({ap['num_genuine']:,} genuine / "
+        f"{ap['num_impostor']:,} impostor; n/a: FAR below 1/impostors), "
+        f"10-fold accuracy of {first['ten_fold']['num_pairs']:,} pairs, "
+        f"rank-1 of {ident['num_probes']:,} probes vs "
+        f"{ident['num_gallery']:,} gallery + "
+        f"{ident['num_distractors']:,} distractors.",
+        "",
+        "| method | TAR@FAR=1e-3 | 1e-4 | 1e-5 | 1e-6 | 10-fold acc. "
+        "| rank-1 | norm mean | norm cv |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, runs in by_row.items():
+        cells = [_cell(runs, ("all_pairs", "tar_at_far", f"{f:g}"))
+                 for f in FARS]
+        norm_mean = statistics.fmean(r["norms"]["mean"] for r in runs)
+        norm_cv = statistics.fmean(r["norms"]["cv"] for r in runs)
+        lines.append(
+            f"| {row} | " + " | ".join(cells)
+            + f" | {_cell(runs, ('ten_fold', 'accuracy_mean'))}"
+            + f" | {_cell(runs, ('identification', 'rank1'))}"
+            + f" | {norm_mean:.3g} | {norm_cv:.3f} |"
+        )
+    size = first.get("image_size", [32])[0]
+    small = ", ".join(f"1/{k:g}: {round(size / k)}px" for k in low_res)
+    lines += [
+        "",
+        "Low resolution (§5.4): test images downsampled by k and compared "
+        "with full-resolution images: 10-fold accuracy (probe side "
+        "degraded) / all-pairs cross-resolution TAR@FAR=1e-3 / "
+        f"‖f(low)‖ / ‖f(full)‖ (images {size}px; {small}).",
+        "",
+        "| method | " + " | ".join(f"1/{k:g}: acc / TAR@1e-3 / norm ratio"
+                                  for k in low_res) + " |",
+        "|---|" + "---|" * len(low_res),
+    ]
+    for row, runs in by_row.items():
+        cells = []
+        for k in low_res:
+            key = f"{k:g}"
+            ratio = statistics.fmean(
+                r["low_res"][key]["norm_ratio"] for r in runs
+            )
+            accuracy = _cell(runs, ("low_res", key, "ten_fold_accuracy"))
+            tar = _cell(
+                runs, ("low_res", key, "all_pairs", "tar_at_far", "0.001")
+            )
+            cells.append(f"{accuracy} / {tar} / {ratio:.2f}×")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_norms(output_dir: pathlib.Path, by_row: dict, low_res) -> str | None:
+    """norms.png: norm histograms of SM vs each SM+R (first seed)."""
+    rows = [r for r in by_row if r == "SM" or r.startswith("SM+R")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    factor = max(low_res) if low_res else None
+    keys = ["full"] + ([f"1/{factor:g}"] if factor else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2))
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, keys):
+        for row in rows:
+            run = by_row[row][0]
+            path = output_dir / "norms" / f"{row}_seed{run['seed']}.npz"
+            norms = np.load(path)[key]
+            # Relative to the row's full-resolution mean, so rows with
+            # different natural scales share one axis.
+            mean = np.load(path)["full"].mean()
+            ax.hist(norms / mean, bins=60, range=(0, 2), histtype="step",
+                    label=f"{row} (mean {norms.mean():.3g})")
+        ax.set_xlabel("‖f(x)‖ / mean full-resolution norm")
+        ax.set_ylabel("test images")
+        ax.set_title(f"Feature norms, {key} resolution")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = output_dir / "norms.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rows", default=",".join(ROWS),
+        help=f"comma-separated subset of: {', '.join(ROWS)}",
+    )
+    parser.add_argument("--seeds", default="0", help="e.g. 0,1,2")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies --steps")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument(
+        "--low_res", default=",".join(f"{k:g}" for k in LOW_RES)
+    )
+    parser.add_argument("--full", action="store_true",
+                        help="GPU: sphereface20, 112px, 28k steps")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 rows, 30 steps, a tiny data set, temp dir")
+    parser.add_argument("--output_dir", default=None,
+                        help="default bench_results/reproduce (a temp dir "
+                        "with --smoke)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="data set cache (default: the package's)")
+    parser.add_argument("--keep_models", action="store_true",
+                        help="keep the checkpoints of finished rows")
+    parser.add_argument("--markdown", default=None,
+                        help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.smoke and args.rows == parser.get_default("rows"):
+        rows = ["SM", "SM+R_0.01"]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; use names from {list(ROWS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        low_res = tuple(float(k) for k in args.low_res.split(",") if k)
+    except ValueError:
+        parser.error("--seeds / --low_res: comma-separated numbers, e.g. 0,1")
+    if not seeds or any(k < 1 for k in low_res):
+        parser.error("--seeds needs one seed; --low_res factors must be >= 1")
+    if not (args.scale > 0 and math.isfinite(args.scale)) or args.steps < 1:
+        parser.error("--steps must be >= 1 and --scale > 0")
+    if args.output_dir:
+        output_dir = pathlib.Path(args.output_dir)
+    elif args.smoke:
+        output_dir = pathlib.Path(tempfile.mkdtemp(prefix="reproduce-smoke-"))
+    else:
+        output_dir = pathlib.Path("bench_results") / "reproduce"
+    if args.smoke and not args.cache_dir:
+        args.cache_dir = str(output_dir / "data")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    common = settings(args)
+    print(
+        f"Study: {len(rows)} rows × {len(seeds)} seeds, "
+        f"{common['backbone']}, {common['steps']} steps of batch "
+        f"{common['batch_size']}, output {output_dir}",
+        flush=True,
+    )
+    started = time.monotonic()
+    by_row = {}
+    for row in rows:
+        by_row[row] = [
+            run_one(row, seed, common, output_dir, low_res, args.keep_models)
+            for seed in seeds
+        ]
+    tables = format_tables(by_row, low_res)
+    print()
+    print(tables)
+    png = plot_norms(output_dir, by_row, low_res)
+    (output_dir / "table.md").write_text(tables + "\n")
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(tables + "\n")
+    (output_dir / "results.json").write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "runs": by_row}, indent=1,
+            default=str,
+        ) + "\n"
+    )
+    print(
+        f"\nWrote {output_dir / 'results.json'}, {output_dir / 'table.md'}"
+        + (f", {png}" if png else "")
+        + f" ({(time.monotonic() - started) / 60:.1f} min)"
+    )
+
+
+if __name__ == "__main__":
+    main()
