@@ -1,0 +1,417 @@
+"""The bad-input matrix: every bad input stops with one clear message.
+
+One row per bad input: (name, setup, expected exception, expected message).
+`setup(tmp)` builds the bad input under the test's temporary directory and
+returns the call that must fail; the message pattern may name the directory
+as `{tmp}`. Rows cover the data readers (image folders, RecordIO, LFW
+pairs.txt, insightface .bin), evaluation's model and distractor inputs, and
+the flag checks of train.py (through `training.train`, which train.py calls
+and whose `ArgumentError` it prints as `--flag=value: problem; fix`) and of
+evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow).
+
+Files are built with the writers of tests/test_data.py, which follow the
+published formats independently of the readers.
+"""
+
+import contextlib
+import importlib
+import os
+import pathlib
+import re
+import struct
+import warnings
+
+import pytest
+import tensorflow as tf
+
+from ring_loss_tf import data
+from ring_loss_tf import evaluation
+from ring_loss_tf import recordio
+from ring_loss_tf import training
+from tests.test_data import _CallsAFunction
+from tests.test_data import constant_png
+from tests.test_data import make_folder
+from tests.test_data import make_lfw
+from tests.test_data import write_bin
+from tests.test_data import write_rec
+
+CORRUPT = (
+    r"Corrupt or truncated image file\. Remove or replace the file, or skip "
+    r"such files with skip_corrupt=True \(--skip_corrupt\)\. File:.*"
+)
+PAIRS_OK = "1\t1\nPerson_0\t1\t2\nPerson_0\t1\tPerson_1\t1\n"
+
+
+# --------------------------------------------------------------------------
+# Setups: each builds one bad input and returns the call that must fail.
+
+
+def _first_epoch(root):
+    """Reads one epoch of the training pipeline over `root`."""
+
+    def run():
+        source = data.open_training_source(root)
+        list(data.training_dataset(
+            source, batch_size=2, image_size=(8, 8), channels=1,
+            augment="none", seed=0, repeat=False,
+        ))
+
+    return run
+
+
+def _folder_with(tmp, name, contents):
+    """A 2 x 2 image folder whose id01/<name> holds `contents`."""
+    root = make_folder(tmp / "set", [2, 2])
+    (root / "id01" / name).write_bytes(contents)
+    return _first_epoch(root)
+
+
+def truncated_image(tmp):
+    root = make_folder(tmp / "set", [2, 2])
+    path = root / "id01" / "1.png"
+    path.write_bytes(path.read_bytes()[:30])
+    return _first_epoch(root)
+
+
+def all_bad_identity(tmp):
+    root = tmp / "set"
+    for name, contents in (("a/0.png", b"junk"), ("b/0.png", b"")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(contents)
+    return lambda: data.open_training_source(root, skip_corrupt=True)
+
+
+def empty_identities(tmp):
+    for name in ("a", "b"):
+        (tmp / "set" / name).mkdir(parents=True)
+    (tmp / "set" / "b" / "notes.txt").write_text("no images here")
+    return lambda: data.open_training_source(tmp / "set")
+
+
+def rec_file(tmp, cut=None, idx=True, shift=0):
+    """An insightface train.rec (3 images), optionally cut or mis-indexed."""
+    directory, _ = write_rec(tmp / "rec", [2, 1])
+    rec = directory / "train.rec"
+    if cut is not None:
+        # Inside the 8-byte framing header of record `cut`.
+        offsets = (directory / "train.idx").read_text().split()[1::2]
+        rec.write_bytes(rec.read_bytes()[: int(offsets[cut]) + 4])
+    if not idx:
+        (directory / "train.idx").unlink()
+    if shift:
+        lines = (directory / "train.idx").read_text().split()
+        pairs = zip(lines[::2], lines[1::2])
+        (directory / "train.idx").write_text(
+            "".join(f"{k}\t{int(o) + shift}\n" for k, o in pairs)
+        )
+    return rec
+
+
+def pairs_case(text):
+    def setup(tmp):
+        lfw = make_lfw(tmp / "lfw", [2, 2])
+        (tmp / "pairs.txt").write_text(text)
+        return lambda: data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+
+    return setup
+
+
+def train_with(**arguments):
+    def setup(tmp):
+        arguments.setdefault("model_dir", tmp / "run")
+        arguments.setdefault("steps", 1)  # only the one bad argument
+        return lambda: training.train(**arguments)
+
+    return setup
+
+
+@contextlib.contextmanager
+def _evaluate_flags(values):
+    """evaluate.py's absl flags set to `values`, restored afterwards."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    module = importlib.import_module("evaluate")
+    parsed_here = not flags.FLAGS.is_parsed()
+    if parsed_here:
+        flags.FLAGS(["evaluate.py"])
+    try:
+        with flagsaver.flagsaver(**values):
+            yield module
+    finally:
+        if parsed_here:
+            flags.FLAGS.unparse_flags()
+
+
+def evaluate_with(**values):
+    def setup(tmp):
+        resolved = {
+            k: (str(tmp / v[5:]) if isinstance(v, str) and v.startswith("{tmp}")
+                else [str(tmp / p[5:]) for p in v] if k == "bin" else v)
+            for k, v in values.items()
+        }
+        resolved.setdefault("model", str(tmp / "model"))
+
+        def run():
+            with _evaluate_flags(resolved) as module:
+                module._check_flags()
+
+        return run
+
+    return setup
+
+
+def _bad_idx_line(tmp):
+    rec = rec_file(tmp)
+    rec.with_suffix(".idx").write_text("0\t0\nzero 4\n")
+    return lambda: data.open_training_source(rec)
+
+
+def _not_recordio(tmp):
+    (tmp / "x.rec").write_bytes(b"this is not a RecordIO file at all")
+    return lambda: data.open_training_source(tmp / "x.rec")
+
+
+def _malicious_bin(tmp):
+    witness = tmp / "created_by_the_pickle"
+    write_bin(tmp / "evil.bin", [_CallsAFunction(str(witness))], [True], 2)
+
+    def run():
+        try:
+            data.read_bin(tmp / "evil.bin")
+        finally:
+            assert not witness.exists(), "the pickle ran code"
+
+    return run
+
+
+def _text_bin(tmp):
+    (tmp / "lfw.bin").write_text("hello, I am not a pickle")
+    return lambda: data.read_bin(tmp / "lfw.bin")
+
+
+def _odd_bin(tmp):
+    write_bin(tmp / "odd.bin", [constant_png(1)] * 3, [True], 4)
+    return lambda: data.read_bin(tmp / "odd.bin")
+
+
+def _corrupt_eval_image(tmp):
+    (tmp / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return lambda: data.load_images([tmp / "a.png"], image_size=None,
+                                    channels=None)
+
+
+def _model_is_file(tmp):
+    (tmp / "model.keras").write_text("not a model")
+    return lambda: evaluation.resolve_model_path(tmp / "model.keras")
+
+
+def _bad_distractors(tmp):
+    (tmp / "d.npy").write_bytes(b"not numpy")
+    return lambda: evaluation.load_distractor_embeddings(tmp / "d.npy", 4)
+
+
+def _data_dir_without_train(tmp):
+    (tmp / "faces").mkdir()
+    return train_with(data_dir=tmp / "faces")(tmp)
+
+
+# --------------------------------------------------------------------------
+# The matrix: (name, setup, exception, message pattern).
+
+InvalidArgument = tf.errors.InvalidArgumentError
+UnsafePickle = data.UnsafePickleError
+ArgumentError = training.ArgumentError
+
+CASES = [
+    # Image files of a training folder (errors name the file).
+    ("corrupt image", lambda t: _folder_with(t, "1.png", b"garbage bytes"),
+     InvalidArgument, CORRUPT + r"set/id01/1\.png"),
+    ("truncated image", truncated_image,
+     InvalidArgument, CORRUPT + r"set/id01/1\.png"),
+    ("zero-byte image", lambda t: _folder_with(t, "2.png", b""),
+     InvalidArgument, CORRUPT + r"set/id01/2\.png"),
+    ("text file named .jpg",
+     lambda t: _folder_with(t, "2.jpg", b"GIF89a, but text"),
+     InvalidArgument, CORRUPT + r"set/id01/2\.jpg"),
+    ("corrupt image in an evaluation set", _corrupt_eval_image,
+     InvalidArgument, CORRUPT + r"a\.png"),
+    # Identity folders and roots.
+    ("identity folders without images", empty_identities,
+     ValueError, r"No images found in {tmp}/set: expected one sub-directory "
+                 r"per identity holding .* files \(root/<identity>/<image>\)"),
+    ("every image corrupt (skip_corrupt)", all_bad_identity,
+     ValueError, r"Every image in {tmp}/set is corrupt\."),
+    ("missing training root",
+     lambda t: lambda: data.open_training_source(t / "nowhere"),
+     FileNotFoundError, r"Data directory not found: {tmp}/nowhere\. Check "
+                        r"the path \(a folder per identity"),
+    ("training path is a file, not .rec",
+     lambda t: (t / "x.txt").write_text("x") and (
+         lambda: data.open_training_source(t / "x.txt")),
+     ValueError, r"Training data must be a directory or a \.rec file\. "
+                 r"Received: {tmp}/x\.txt"),
+    ("missing LFW image directory",
+     lambda t: lambda: data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
+     FileNotFoundError, r"LFW image directory not found: {tmp}/no_lfw"),
+    # pairs.txt
+    ("pairs.txt missing", lambda t: make_lfw(t / "lfw", [2]) and (
+        lambda: data.read_lfw_pairs(t / "pairs.txt", t / "lfw")),
+     FileNotFoundError, r"Pairs file not found: {tmp}/pairs\.txt"),
+    ("pairs.txt empty", pairs_case("\n\n"),
+     ValueError, r"{tmp}/pairs\.txt is empty \(format: a header "
+                 r"'num_folds pairs_per_fold'"),
+    ("pairs.txt wrong header", pairs_case("ten folds\n" + PAIRS_OK[5:]),
+     ValueError, r"pairs\.txt line 1: expected the header 'num_folds "
+                 r"pairs_per_fold', found 'ten folds'"),
+    ("pairs.txt line with 2 fields",
+     pairs_case("1\t1\nPerson_0\t1\nPerson_0\t1\tPerson_1\t1\n"),
+     ValueError, r"pairs\.txt line 2: expected 'name n1 n2' or 'name1 n1 "
+                 r"name2 n2' with integer n, found 'Person_0 1'"),
+    ("pairs.txt line with 5 fields",
+     pairs_case("1\t1\nPerson_0\t1\t2\nPerson_0\t1\tPerson_1\t1\t7\n"),
+     ValueError, r"pairs\.txt line 3: expected 'name n1 n2' or 'name1 n1 "
+                 r"name2 n2' with integer n, found 'Person_0 1 Person_1 1 7'"),
+    ("pairs.txt fewer pairs than its header",
+     pairs_case("2\t1\n" + PAIRS_OK[4:]),
+     ValueError, r"pairs\.txt: the header \(line 1\) promises 2 folds x 2 x "
+                 r"1 = 4 pairs, found 2 pair lines"),
+    ("pairs.txt names a missing image",
+     pairs_case("1\t1\nPerson_0\t1\t9\nPerson_0\t1\tPerson_1\t1\n"),
+     ValueError, r"pairs\.txt line 2: no image 9 of 'Person_0': expected "
+                 r"{tmp}/lfw/Person_0/Person_0_0009\.<ext>"),
+    ("pairs.txt names a missing identity",
+     pairs_case("1\t1\nPerson_0\t1\t2\nPerson_0\t1\tNobody\t1\n"),
+     ValueError, r"pairs\.txt line 3: no image 1 of 'Nobody'"),
+    # insightface .bin
+    (".bin that is not a pickle", _text_bin,
+     ValueError, r"{tmp}/lfw\.bin is not an insightface \.bin file \(a "
+                 r"pickle of \(images, issame\)\): UnpicklingError"),
+    (".bin that runs code when unpickled", _malicious_bin,
+     UnsafePickle, r"{tmp}/evil\.bin: refusing to load global "),
+    (".bin with 3 images for 1 pair", _odd_bin,
+     ValueError, r"odd\.bin: expected 2 images per pair, found 3 images for "
+                 r"1 pairs\."),
+    (".bin missing", lambda t: lambda: data.read_bin(t / "none.bin"),
+     FileNotFoundError, r"Verification \.bin file not found: {tmp}/none\.bin"),
+    # RecordIO
+    ("truncated .rec (scanned, no .idx)",
+     lambda t: (lambda rec: lambda: data.open_training_source(rec))(
+         rec_file(t, cut=2, idx=False)),
+     ValueError, r"{tmp}/rec/train\.rec: truncated RecordIO file: wanted 8 "
+                 r"bytes at offset \d+, the file has \d+ bytes\."),
+    ("truncated .rec (read through its .idx)",
+     lambda t: (lambda rec: lambda: recordio.RecordIOReader(rec).read(2))(
+         rec_file(t, cut=2)),
+     ValueError, r"{tmp}/rec/train\.rec: truncated RecordIO file"),
+    (".rec that is not RecordIO", _not_recordio,
+     ValueError, r"{tmp}/x\.rec: not a RecordIO file: expected magic "
+                 r"0xced7230a at offset 0, found 0x"),
+    (".idx of another .rec (offsets off by 4)",
+     lambda t: (lambda rec: lambda: data.open_training_source(rec))(
+         rec_file(t, shift=4)),
+     ValueError, r"{tmp}/rec/train\.rec: not a RecordIO record at offset 4: "
+                 r"expected magic 0xced7230a, found 0x[0-9a-f]{8}\. Is the "
+                 r"\.idx file the one written with this \.rec\?"),
+    (".idx with a malformed line", _bad_idx_line,
+     ValueError, r"{tmp}/rec/train\.idx line 2: expected 'key<TAB>offset' "
+                 r"\(two integers\), found 'zero 4'\. Rewrite the index, or "
+                 r"delete it to have the \.rec scanned\."),
+    # Evaluation inputs
+    ("model path missing",
+     lambda t: lambda: evaluation.resolve_model_path(t / "nomodel"),
+     FileNotFoundError, r"Model not found: {tmp}/nomodel\. Pass a SavedModel "
+                        r"directory \(with saved_model\.pb\) or a training "
+                        r"--model_dir \(with export/\)\."),
+    ("model path is a file", _model_is_file,
+     FileNotFoundError, r"{tmp}/model\.keras is neither a SavedModel "
+                        r"directory \(no saved_model\.pb\) nor a training "
+                        r"model_dir \(no export/saved_model\.pb\)\."),
+    ("distractor embeddings not a .npy", _bad_distractors,
+     ValueError, r"{tmp}/d\.npy: not a readable \.npy array of embeddings"),
+    # train.py flags (training.train checks them before any work)
+    ("train --head=svm", train_with(head="svm"),
+     ArgumentError, r"^head='svm': unknown head; use one of softmax, "
+                    r"asoftmax, l2softmax, centerloss, cosface, arcface$"),
+    ("train --backbone=vgg", train_with(backbone="vgg"),
+     ArgumentError, r"^backbone='vgg': unknown backbone; use one of "),
+    ("train --batch_size=0", train_with(batch_size=0),
+     ArgumentError, r"^batch_size=0: must be a positive integer; use e\.g\. "
+                    r"256$"),
+    ("train --lr=nan", train_with(lr=float("nan")),
+     ArgumentError, r"^lr=nan: must be a positive number; use e\.g\. 0\.1$"),
+    ("train --lambda_ring=-0.01", train_with(lambda_ring=-0.01),
+     ArgumentError, r"^lambda_ring=-0\.01: must be a finite number >= 0; use 0 to "
+                    r"disable the ring loss or e\.g\. 0\.01$"),
+    ("train --head=asoftmax --margin=5", train_with(head="asoftmax", margin=5),
+     ArgumentError, r"^margin=5: A-Softmax's margin m must be an integer "
+                    r"1\.\.4; use 4 \(SphereFace\) or omit it$"),
+    ("train --image_size=4", train_with(image_size=(4, 4)),
+     ArgumentError, r"^image_size=\(4, 4\): must be \(height, width\), both "
+                    r">= 8; use e\.g\. 32 or 112,96$"),
+    ("train channels=2", train_with(channels=2),
+     ArgumentError, r"^channels=2: must be 1 or 3; use 1 \(grey\) or 3 "
+                    r"\(RGB\)$"),
+    ("train --data_dir missing",
+     lambda t: train_with(data_dir=t / "no_faces")(t),
+     ArgumentError, r"^data_dir=PosixPath\('{tmp}/no_faces'\): no such "
+                    r"directory; give a directory holding train/"),
+    ("train --data_dir without train/", _data_dir_without_train,
+     ArgumentError, r"data_dir=.*faces'\): has no train/ folder or "
+                    r"train\.rec; put one folder of images per identity "
+                    r"under <data_dir>/train$"),
+    ("train --model_dir=''", train_with(model_dir=""),
+     ArgumentError, r"^model_dir='': is empty; give a directory for "
+                    r"checkpoints$"),
+    # evaluate.py flags
+    ("evaluate without --model", evaluate_with(model=""),
+     SystemExit, r"^evaluate\.py: --model is required: a SavedModel "
+                 r"directory or a training --model_dir\.$"),
+    ("evaluate --low_res=0.5", evaluate_with(low_res=["0.5"]),
+     SystemExit, r"^evaluate\.py: --low_res: '0\.5' is not a factor >= 1 "
+                 r"\(e\.g\. --low_res=2,4,8\)\.$"),
+    ("evaluate --low_res=abc", evaluate_with(low_res=["abc"]),
+     SystemExit, r"^evaluate\.py: --low_res: 'abc' is not a factor >= 1"),
+    ("evaluate --bin missing", evaluate_with(bin=["{tmp}none.bin"]),
+     SystemExit, r"^evaluate\.py: --bin: {tmp}/none\.bin: no such file\.$"),
+    ("evaluate --lfw_dir without --pairs", evaluate_with(lfw_dir="{tmp}"),
+     SystemExit, r"^evaluate\.py: --lfw_dir and --pairs go together"),
+    ("evaluate --lfw_dir missing",
+     evaluate_with(lfw_dir="{tmp}no_lfw", pairs="{tmp}"),
+     SystemExit, r"^evaluate\.py: --lfw_dir={tmp}/no_lfw: no such file or "
+                 r"directory\.$"),
+    ("evaluate --gallery without --probes", evaluate_with(gallery="{tmp}"),
+     SystemExit, r"^evaluate\.py: --gallery and --probes go together\.$"),
+    ("evaluate --max_rank=0", evaluate_with(max_rank=0),
+     SystemExit, r"^evaluate\.py: --max_rank and --batch_size must be "
+                 r">= 1\.$"),
+]
+
+
+def test_matrix_has_distinct_rows():
+    names = [case[0] for case in CASES]
+    assert len(set(names)) == len(names) >= 15
+
+
+@pytest.mark.parametrize(
+    "setup, error, pattern",
+    [case[1:] for case in CASES],
+    ids=[re.sub(r"[^\w.=-]+", "_", case[0]) for case in CASES],
+)
+def test_bad_input_gives_its_message(tmp_path, setup, error, pattern):
+    run = setup(tmp_path)
+    pattern = pattern.replace("{tmp}", re.escape(str(tmp_path)))
+    with warnings.catch_warnings():
+        # Warnings (empty identity folders, no .idx) come before the error.
+        warnings.simplefilter("ignore")
+        with pytest.raises(error) as caught:
+            run()
+    text = (
+        str(caught.value.code) if error is SystemExit
+        else caught.value.message if error is InvalidArgument
+        else str(caught.value)
+    )
+    assert re.search(pattern, text, flags=re.DOTALL), text
+    if error is not InvalidArgument:
+        # TensorFlow adds its own op context; every other message is one line.
+        assert "\n" not in text, text
