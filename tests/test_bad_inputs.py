@@ -15,10 +15,7 @@ published formats independently of the readers.
 
 import contextlib
 import importlib
-import os
-import pathlib
 import re
-import struct
 import warnings
 
 import pytest
@@ -211,6 +208,16 @@ def _bad_distractors(tmp):
     return lambda: evaluation.load_distractor_embeddings(tmp / "d.npy", 4)
 
 
+def _root_is_a_text_file(tmp):
+    (tmp / "x.txt").write_text("x")
+    return lambda: data.open_training_source(tmp / "x.txt")
+
+
+def _pairs_missing(tmp):
+    lfw = make_lfw(tmp / "lfw", [2])
+    return lambda: data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+
+
 def _data_dir_without_train(tmp):
     (tmp / "faces").mkdir()
     return train_with(data_dir=tmp / "faces")(tmp)
@@ -247,16 +254,14 @@ CASES = [
      FileNotFoundError, r"Data directory not found: {tmp}/nowhere\. Check "
                         r"the path \(a folder per identity"),
     ("training path is a file, not .rec",
-     lambda t: (t / "x.txt").write_text("x") and (
-         lambda: data.open_training_source(t / "x.txt")),
+     _root_is_a_text_file,
      ValueError, r"Training data must be a directory or a \.rec file\. "
                  r"Received: {tmp}/x\.txt"),
     ("missing LFW image directory",
      lambda t: lambda: data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
      FileNotFoundError, r"LFW image directory not found: {tmp}/no_lfw"),
     # pairs.txt
-    ("pairs.txt missing", lambda t: make_lfw(t / "lfw", [2]) and (
-        lambda: data.read_lfw_pairs(t / "pairs.txt", t / "lfw")),
+    ("pairs.txt missing", _pairs_missing,
      FileNotFoundError, r"Pairs file not found: {tmp}/pairs\.txt"),
     ("pairs.txt empty", pairs_case("\n\n"),
      ValueError, r"{tmp}/pairs\.txt is empty \(format: a header "
@@ -341,8 +346,8 @@ CASES = [
     ("train --lr=nan", train_with(lr=float("nan")),
      ArgumentError, r"^lr=nan: must be a positive number; use e\.g\. 0\.1$"),
     ("train --lambda_ring=-0.01", train_with(lambda_ring=-0.01),
-     ArgumentError, r"^lambda_ring=-0\.01: must be a finite number >= 0; use 0 to "
-                    r"disable the ring loss or e\.g\. 0\.01$"),
+     ArgumentError, r"^lambda_ring=-0\.01: must be a finite number >= 0; "
+                    r"use 0 to disable the ring loss or e\.g\. 0\.01$"),
     ("train --head=asoftmax --margin=5", train_with(head="asoftmax", margin=5),
      ArgumentError, r"^margin=5: A-Softmax's margin m must be an integer "
                     r"1\.\.4; use 4 \(SphereFace\) or omit it$"),
