@@ -2,7 +2,7 @@
 
     python bench/reproduce.py                          # the default study
     python bench/reproduce.py --rows SM,SM+R_0.01 --seeds 0,1,2
-    python bench/reproduce.py --smoke                  # 2 rows, ~2 minutes
+    python bench/reproduce.py --smoke                  # 2 rows, < 1 minute
     python bench/reproduce.py --full                   # GPU: the paper's net
 
 Every row trains with identical settings and seeds (same data order, same
@@ -41,17 +41,19 @@ aggregate: mean and std over seeds), table.md (the printed tables), and
 norms.png (feature-norm histograms of the test images: SM against the
 SM+R rows, full resolution and 1/4 resolution, the paper's Figure 1 idea).
 
-Budget of the default study (2 shared CPU cores): 14 rows × 1 seed, each
-400 steps of batch 256 (≈ 2.6 epochs of the 40,000 training images) of
-small_cnn, SGD lr 0.05 cosine with 50 warm-up steps. One step costs
-≈ 0.3 s here (bench/train.py: ≈ 850 images/s), so 400 steps ≈ 2.0 min,
-plus ≈ 0.3 min of graph building / XLA compilation and ≈ 0.5 min of
-evaluation (embedding 5,000 images at full and 3 reduced resolutions, four
-12.5M-pair ROCs, identification): ≈ 2.8 min a row, 14 rows ≈ 40 min, plus
-≈ 2 min generating the data set on first use: ≈ 42 min, leaving a third of
-the 60-minute budget for a loaded machine. --scale multiplies the steps
-(--scale 0.5 for ~25 min); --seeds 0,1,2 triples the time: pick --rows
-then (e.g. SM,SM+R_0.01,SF,SF+R_0.01 × 3 seeds ≈ 35 min).
+Budget of the default study (2 shared CPU cores), from a 60-step row timed
+here: 14 rows × 1 seed, each 400 steps of batch 256 (≈ 2.6 epochs of the
+40,000 training images) of small_cnn, SGD lr 0.05 cosine with 50 warm-up
+steps. A step costs 0.25 s at the 1,000-1,150 images/s measured (0.39 s at
+the 659 images/s of a loaded machine, README), so 400 steps take 1.7-2.6
+min, plus ≈ 0.3 min of loading the 40,000 images and XLA compilation and
+≈ 0.65 min of evaluation (measured 39 s: embedding the 5,000 test images at
+full and 3 reduced resolutions, four 12.5M-pair ROCs, 10-fold and
+identification from the same embeddings): 2.7-3.6 min a row, 14 rows
+≈ 38-50 min (+ ≈ 8 min generating the data set once if it is not cached).
+--scale multiplies the steps (--scale 0.5: ≈ 25-32 min); --seeds 0,1,2
+triples the time: pick --rows then (e.g. SM,SM+R_0.01,SF,SF+R_0.01 × 3
+seeds ≈ 32-43 min).
 
 The A-Softmax λ annealing (λ = max(5, 1000 / (1 + γ·step))) is scaled with
 the run length: γ = 0.12 × 28,000 / steps, so λ reaches its floor at the
