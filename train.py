@@ -221,6 +221,9 @@ def _check_flags():
     if not f.model_dir:
         _fail("model_dir", f.model_dir, "is empty",
               "give a directory for checkpoints")
+    if os.path.exists(f.model_dir) and not os.path.isdir(f.model_dir):
+        _fail("model_dir", f.model_dir, "is a file, not a directory",
+              "give a new or existing directory for checkpoints")
 
 
 def main(argv):

@@ -73,6 +73,20 @@ def test_data_dir_without_train_folder(tmp_path):
     assert "has no train/ folder or train.rec" in result.stderr
 
 
+def test_model_dir_that_is_a_file_is_refused_and_kept(tmp_path):
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(b"precious")
+    result = _run([f"--model_dir={model_file}"], tmp_path)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert re.search(
+        r"^train\.py: error: --model_dir=.*model\.keras: is a file, not a "
+        r"directory; give a new or existing directory", lines[0]
+    ), lines[0]
+    assert model_file.read_bytes() == b"precious"
+
+
 def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
     from ring_loss_tf import data
     from ring_loss_tf import metrics
