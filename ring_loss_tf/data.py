@@ -416,6 +416,15 @@ def augment_image(
 # Folders of images
 
 
+def ordinal(n: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 3 -> '3rd', 11 -> '11th', 21 -> '21st'."""
+    n = int(n)
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(abs(n) % 10, "th")
+    if abs(n) % 100 in (11, 12, 13):
+        suffix = "th"
+    return f"{n}{suffix}"
+
+
 def _missing_dir_error(path, what="Data directory"):
     return FileNotFoundError(
         f"{what} not found: {path}. Check the path (a folder per identity, "
@@ -580,7 +589,12 @@ def open_training_source(
                 stacklevel=2,
             )
             if not paths:
-                raise ValueError(f"Every image in {path} is corrupt.")
+                raise ValueError(
+                    f"Every image in {path} is corrupt: all {skipped} files "
+                    f"failed to decode (first: {bad[0][0]}: {bad[0][1]}). "
+                    "Check that the files are images (jpg/png/...) and copy "
+                    "the data set again, or point to another directory."
+                )
     return TrainingSource(
         kind="folder",
         path=path,
@@ -597,12 +611,22 @@ def _open_recordio(rec: pathlib.Path) -> TrainingSource:
     reader = recordio.RecordIOReader(rec)
     keys, num_classes = recordio.image_records(reader)
     if len(keys) == 0:
-        raise ValueError(f"No image records in {rec}.")
+        raise ValueError(
+            f"No image records in {rec}: its index lists no records. "
+            "Re-create the .rec and .idx with MXNet's im2rec."
+        )
     if num_classes is None:
-        labels = [
-            recordio.first_label(reader.read_header(int(k))) for k in keys
-        ]
-        num_classes = int(max(labels)) + 1
+        num_classes = 0
+        for k in keys:
+            label = recordio.first_label(reader.read_header(int(k)))
+            if not (math.isfinite(label) and 0 <= label < 2**31):
+                raise ValueError(
+                    f"{rec} record {int(k)}: class label {label} is not an "
+                    "integer in 0 .. 2**31 - 1. The file is not an "
+                    "insightface image .rec, or it is corrupt: re-create it "
+                    "with MXNet's im2rec."
+                )
+            num_classes = max(num_classes, int(label) + 1)
     return TrainingSource(
         kind="recordio",
         path=rec,
@@ -817,7 +841,7 @@ def _recordio_loader(source):
 
     def read(index):
         key = int(keys[int(index)])
-        header, payload = recordio.unpack(reader.read(key))
+        header, payload = reader.read_image(key)
         return np.float32(recordio.first_label(header)), payload, key
 
     def load(index):
@@ -1039,7 +1063,13 @@ def parse_pairs_file(
     Header: "num_folds pairs_per_fold" (or one number: one fold); each fold
     has 2 x pairs_per_fold lines, "name n1 n2" for a genuine pair and
     "name1 n1 name2 n2" for an impostor pair, fields separated by tabs or
-    spaces. Errors name the file, the line and the expected format.
+    spaces.
+
+    Raises:
+        FileNotFoundError: `pairs_path` is not a file.
+        ValueError: an empty file, a bad header or pair line, or a pair
+            count other than the header's; the message names the file, the
+            line and the expected format.
     """
     pairs_path = pathlib.Path(pairs_path)
     if not pairs_path.is_file():
@@ -1106,10 +1136,23 @@ def read_lfw_pairs(
     extension); in a folder without LFW-named files, to its n-th image in
     sorted order (as `make_pairs_file` writes for such folders). Each image
     is loaded once (see `load_images` for `image_size` and `channels`).
+
+    Raises:
+        FileNotFoundError: `lfw_dir` is not a directory or `pairs_path` is
+            not a file.
+        ValueError: as `parse_pairs_file`, or a pair names an image that is
+            not there (file and line named).
+        tf.errors.InvalidArgumentError: an image does not decode, or images
+            differ in size without `image_size` (the file named).
     """
     lfw_dir = pathlib.Path(lfw_dir)
     if not lfw_dir.is_dir():
-        raise _missing_dir_error(lfw_dir, "LFW image directory")
+        raise FileNotFoundError(
+            f"LFW image directory not found: {lfw_dir}. Pass the directory "
+            "holding one folder per identity, <identity>/<identity>_<nnnn>"
+            ".<ext>, that the pairs.txt names refer to (evaluate.py "
+            "--lfw_dir=DIR --pairs=DIR/pairs.txt)."
+        )
     pairs = parse_pairs_file(pairs_path)
     numbering: dict[str, dict[int, pathlib.Path]] = {}
     index_of: dict[pathlib.Path, int] = {}
@@ -1120,16 +1163,24 @@ def read_lfw_pairs(
         ends = []
         for name, n in ((name1, n1), (name2, n2)):
             if name not in numbering:
+                if name in (".", "..") or "/" in name or os.sep in name:
+                    raise ValueError(
+                        f"{pairs_path} line {line}: {name!r} is not an "
+                        f"identity folder name under {lfw_dir} (no '/', "
+                        f"'.' or '..'); {_PAIRS_FORMAT}."
+                    )
                 directory = lfw_dir / name
-                numbering[name] = (
-                    _lfw_numbering(directory) if directory.is_dir() else {}
-                )
+                try:
+                    is_dir = directory.is_dir()
+                except OSError:  # e.g. a name too long for the file system
+                    is_dir = False
+                numbering[name] = _lfw_numbering(directory) if is_dir else {}
             file = numbering[name].get(n)
             if file is None:
                 raise ValueError(
                     f"{pairs_path} line {line}: no image {n} of {name!r}: "
                     f"expected {lfw_dir / name / f'{name}_{n:04d}'}.<ext> "
-                    f"(or the {n}th image of that folder)."
+                    f"(or the {ordinal(n)} image of that folder)."
                 )
             if file not in index_of:
                 index_of[file] = len(names)
@@ -1346,6 +1397,53 @@ for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
 del _module
 
 
+def _bin_images(path, bins) -> list[bytes]:
+    """The encoded images of a .bin: bytes, or arrays of their bytes."""
+    if not isinstance(bins, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"{path}: expected a list of encoded images as the first item of "
+            f"(images, issame), found {type(bins).__name__}. {_BIN_FIX}"
+        )
+    out = []
+    for i, item in enumerate(bins):
+        if isinstance(item, (bytes, bytearray)):
+            out.append(bytes(item))
+        elif isinstance(item, np.ndarray) and item.dtype.kind in "biuf":
+            out.append(item.tobytes())
+        else:
+            raise ValueError(
+                f"{path}: image {i} is a {type(item).__name__}, not encoded "
+                f"image bytes. {_BIN_FIX}"
+            )
+    return out
+
+
+def _bin_issame(path, issame) -> np.ndarray:
+    """The same-identity flags of a .bin as a bool vector."""
+    try:
+        flags = np.asarray(issame) if isinstance(
+            issame, (list, tuple, np.ndarray)) else None
+    except (ValueError, TypeError, OverflowError):
+        flags = None
+    if flags is None or flags.ndim != 1 or (
+        len(flags) and flags.dtype.kind not in "biu"
+    ):
+        raise ValueError(
+            f"{path}: expected a list of booleans as the second item of "
+            f"(images, issame), found {type(issame).__name__}"
+            + (f" of {flags.dtype}, shape {flags.shape}"
+               if flags is not None else "")
+            + f". {_BIN_FIX}"
+        )
+    return flags.astype(bool)
+
+
+_BIN_FIX = (
+    "Use a .bin from insightface's datasets, or re-create it with their "
+    "lfw2pack.py (a pickle of (images, issame))."
+)
+
+
 def read_bin(
     path: str | os.PathLike,
     *,
@@ -1359,6 +1457,14 @@ def read_bin(
     is images 2i and 2i+1) and P booleans. It is read with
     `RestrictedUnpickler`. Folds are P/num_folds consecutive pairs, as
     insightface's evaluation splits them.
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        UnsafePickleError: the pickle asks to load code or Python objects.
+        ValueError: not a pickle, or not of (images, issame), or not 2
+            images per pair; the message names the file (and the image).
+        tf.errors.InvalidArgumentError: an image does not decode; the
+            message names "<path> image <i>".
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -1380,8 +1486,8 @@ def read_bin(
             f"{type(loaded).__name__}."
         )
     bins, issame = loaded
-    issame = np.asarray(issame).astype(bool).reshape(-1)
-    bins = [bytes(b) if not isinstance(b, bytes) else b for b in bins]
+    bins = _bin_images(path, bins)
+    issame = _bin_issame(path, issame)
     if len(bins) != 2 * len(issame) or not len(issame):
         raise ValueError(
             f"{path}: expected 2 images per pair, found {len(bins)} images "

@@ -31,6 +31,7 @@ each image record's own label is its class.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import struct
@@ -56,12 +57,31 @@ class IRHeader:
     id2: int
 
 
-def unpack(record: bytes) -> tuple[IRHeader, bytes]:
-    """Splits an image record into its IRHeader and the encoded image."""
+_NOT_IMAGE_REC_FIX = (
+    "The file is truncated or not an insightface image .rec: re-create it "
+    "with MXNet's im2rec, or check that the .idx was written with this .rec."
+)
+
+
+def unpack(
+    record: bytes, where: str = "image record"
+) -> tuple[IRHeader, bytes]:
+    """Splits an image record into its IRHeader and the encoded image.
+
+    Args:
+        record: the record's bytes, as `RecordIOReader.read` returns them.
+        where: names the record in errors, e.g. "train.rec record 5"
+            (`RecordIOReader.read_image` passes the file and the key).
+
+    Raises:
+        ValueError: the record is shorter than its IRHeader (and the extra
+            labels the header announces); the message starts with `where`.
+    """
     if len(record) < IR_HEADER_SIZE:
         raise ValueError(
-            f"Image record of {len(record)} bytes is shorter than the "
-            f"{IR_HEADER_SIZE}-byte IRHeader (flag, label, id, id2)."
+            f"{where}: {len(record)} bytes, shorter than the "
+            f"{IR_HEADER_SIZE}-byte IRHeader (flag, label, id, id2). "
+            + _NOT_IMAGE_REC_FIX
         )
     flag, label, id1, id2 = struct.unpack_from(_IR_FORMAT, record)
     payload_start = IR_HEADER_SIZE
@@ -69,8 +89,8 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
         payload_start += 4 * flag
         if len(record) < payload_start:
             raise ValueError(
-                f"Image record header says {flag} labels follow, but the "
-                f"record has only {len(record)} bytes."
+                f"{where}: its IRHeader says {flag} labels follow, but the "
+                f"record has only {len(record)} bytes. " + _NOT_IMAGE_REC_FIX
             )
         label = np.frombuffer(
             record, dtype="<f4", count=flag, offset=IR_HEADER_SIZE
@@ -96,6 +116,13 @@ class RecordIOReader:
 
     Reads use `os.pread` on one descriptor, so threads (tf.data's parallel
     map) can read concurrently.
+
+    Raises:
+        FileNotFoundError: `rec_path` is not a file.
+        ValueError: a malformed `.idx` line, or (scanning without an index)
+            a framing error; the message names the file and the line or the
+            byte offset. Reads raise ValueError for framing errors and
+            KeyError for a key the index does not have.
     """
 
     def __init__(self, rec_path, idx_path=None):
@@ -141,7 +168,10 @@ class RecordIOReader:
         raise TypeError("RecordIOReader holds an open file; pass its path.")
 
     def _pread(self, size, offset):
-        data = os.pread(self._fd, size, offset)
+        if offset < 0 or offset + size > self.size:
+            data = b""  # beyond the end (or a negative offset from the .idx)
+        else:
+            data = os.pread(self._fd, size, offset)
         if len(data) != size:
             raise ValueError(
                 f"{self.path}: truncated RecordIO file: wanted {size} bytes at "
@@ -179,19 +209,28 @@ class RecordIOReader:
             ) from None
         return self.read_at(offset)
 
+    def read_image(self, key: int) -> tuple[IRHeader, bytes]:
+        """`unpack` of record `key`; errors name this file and the key."""
+        return unpack(self.read(key), self._where(key))
+
+    def _where(self, key):
+        return f"{self.path} record {key}"
+
     def read_header(self, key: int) -> IRHeader:
         """Only the IRHeader (and extra labels) of record `key`."""
+        if key not in self.offsets:
+            self.read(key)  # raises the KeyError naming the file
         offset = self.offsets[key]
         magic, lrecord = struct.unpack("<II", self._pread(8, offset))
         if magic != MAGIC or lrecord >> 29 not in (0, 1):
-            return unpack(self.read_at(offset))[0]
+            return self.read_image(key)[0]
         length = lrecord & _LENGTH_MASK
         if length < IR_HEADER_SIZE:
-            return unpack(self.read_at(offset))[0]
+            return self.read_image(key)[0]
         head = self._pread(IR_HEADER_SIZE, offset + 8)
         if struct.unpack_from("<I", head)[0] > 0:
-            return unpack(self.read_at(offset))[0]
-        return unpack(head)[0]
+            return self.read_image(key)[0]
+        return unpack(head, self._where(key))[0]
 
     def scan(self) -> list[int]:
         """Byte offsets of every record, by reading the framing in order."""
@@ -222,7 +261,7 @@ def _read_idx(path) -> dict[int, int]:
                 continue
             try:
                 key, offset = int(fields[0]), int(fields[1])
-                if len(fields) != 2:
+                if len(fields) != 2 or offset < 0:
                     raise ValueError
             except (ValueError, IndexError):
                 raise ValueError(
@@ -240,20 +279,37 @@ def image_records(reader: RecordIOReader) -> tuple[np.ndarray, int | None]:
     With insightface's header record 0 (flag > 0, labels (a, b)), images are
     the keys 1 .. a-1 and there are b - a classes; otherwise every record is
     an image and the class count is unknown (None).
+
+    Raises:
+        ValueError: record 0 is not an image record or a header record, or
+            the image records it announces are not all in the index; the
+            message names the file and the record.
     """
     if 0 in reader.offsets:
-        header, payload = unpack(reader.read(0))
+        header, payload = reader.read_image(0)
         # A header record carries two labels and no image.
         if header.flag >= 2 and not payload and header.label[0] >= 1:
-            start, end = int(header.label[0]), int(header.label[1])
-            keys = np.arange(1, start, dtype=np.int64)
-            missing = [k for k in keys[:1].tolist() + keys[-1:].tolist()
-                       if k not in reader.offsets]
-            if missing:
+            start, end = (float(v) for v in header.label[:2])
+            if not (math.isfinite(start) and math.isfinite(end)):
+                raise ValueError(
+                    f"{reader.path} record 0: the header record's labels "
+                    f"(first image id, end) = ({start}, {end}) are not "
+                    f"finite. {_NOT_IMAGE_REC_FIX}"
+                )
+            start, end = int(start), int(end)
+            # Keys 1 .. start-1 must all be in the index (counted, so a
+            # corrupt header cannot make us allocate a huge range).
+            present = sum(1 for k in reader.offsets if 1 <= k < start)
+            if present != start - 1:
+                missing = next(
+                    k for k in range(1, start) if k not in reader.offsets
+                )
                 raise ValueError(
                     f"{reader.path}: header record 0 says images are records "
-                    f"1..{start - 1}, but record {missing[0]} is not in the "
-                    "index."
+                    f"1..{start - 1}, but record {missing} is not in the "
+                    f"index ({len(reader.keys)} records). "
+                    + _NOT_IMAGE_REC_FIX
                 )
+            keys = np.arange(1, start, dtype=np.int64)
             return keys, (end - start if end > start else None)
     return np.asarray(reader.keys, dtype=np.int64), None

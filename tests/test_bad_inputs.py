@@ -29,8 +29,10 @@ from tests.test_data import _CallsAFunction
 from tests.test_data import constant_png
 from tests.test_data import make_folder
 from tests.test_data import make_lfw
+from tests.test_data import pack
 from tests.test_data import write_bin
 from tests.test_data import write_rec
+from tests.test_data import write_record
 
 CORRUPT = (
     r"Corrupt or truncated image file\. Remove or replace the file, or skip "
@@ -164,6 +166,49 @@ def _bad_idx_line(tmp):
     return lambda: data.open_training_source(rec)
 
 
+def _short_image_record(tmp):
+    """A .rec whose record 0 is 4 bytes: no room for the IRHeader."""
+    (tmp / "rec").mkdir()
+    with open(tmp / "rec" / "train.rec", "wb") as file:
+        write_record(file, b"abcd")
+    (tmp / "rec" / "train.idx").write_text("0\t0\n")
+    return lambda: data.open_training_source(tmp / "rec")
+
+
+def _rec_label(label):
+    """A .rec without header record whose record 1 has class `label`."""
+
+    def setup(tmp):
+        (tmp / "rec").mkdir()
+        with open(tmp / "rec" / "train.rec", "wb") as file:
+            write_record(file, pack(0.0, constant_png(1)))
+            second = file.tell()
+            write_record(file, pack(label, constant_png(2)))
+        (tmp / "rec" / "train.idx").write_text(f"0\t0\n1\t{second}\n")
+        return lambda: data.open_training_source(tmp / "rec")
+
+    return setup
+
+
+def _rec_header(a, b):
+    """An insightface .rec (2 images) whose header record 0 says (a, b)."""
+
+    def setup(tmp):
+        (tmp / "rec").mkdir()
+        records = [pack([a, b], b"")] + [pack(0.0, constant_png(1))] * 2
+        with open(tmp / "rec" / "train.rec", "wb") as file:
+            offsets = []
+            for record in records:
+                offsets.append(file.tell())
+                write_record(file, record)
+        (tmp / "rec" / "train.idx").write_text(
+            "".join(f"{k}\t{o}\n" for k, o in enumerate(offsets))
+        )
+        return lambda: data.open_training_source(tmp / "rec")
+
+    return setup
+
+
 def _not_recordio(tmp):
     (tmp / "x.rec").write_bytes(b"this is not a RecordIO file at all")
     return lambda: data.open_training_source(tmp / "x.rec")
@@ -248,7 +293,11 @@ CASES = [
      ValueError, r"No images found in {tmp}/set: expected one sub-directory "
                  r"per identity holding .* files \(root/<identity>/<image>\)"),
     ("every image corrupt (skip_corrupt)", all_bad_identity,
-     ValueError, r"Every image in {tmp}/set is corrupt\."),
+     ValueError, r"^Every image in {tmp}/set is corrupt: all 2 files failed "
+                 r"to decode \(first: {tmp}/set/a/0\.png: "
+                 r"UnidentifiedImageError: .*\)\. Check that the files are "
+                 r"images \(jpg/png/\.\.\.\) and copy the data set again, or "
+                 r"point to another directory\.$"),
     ("missing training root",
      lambda t: lambda: data.open_training_source(t / "nowhere"),
      FileNotFoundError, r"Data directory not found: {tmp}/nowhere\. Check "
@@ -259,7 +308,11 @@ CASES = [
                  r"Received: {tmp}/x\.txt"),
     ("missing LFW image directory",
      lambda t: lambda: data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
-     FileNotFoundError, r"LFW image directory not found: {tmp}/no_lfw"),
+     FileNotFoundError, r"^LFW image directory not found: {tmp}/no_lfw\. "
+                        r"Pass the directory holding one folder per "
+                        r"identity, <identity>/<identity>_<nnnn>\.<ext>, "
+                        r"that the pairs\.txt names refer to \(evaluate\.py "
+                        r"--lfw_dir=DIR --pairs=DIR/pairs\.txt\)\.$"),
     # pairs.txt
     ("pairs.txt missing", _pairs_missing,
      FileNotFoundError, r"Pairs file not found: {tmp}/pairs\.txt"),
@@ -287,7 +340,18 @@ CASES = [
                  r"{tmp}/lfw/Person_0/Person_0_0009\.<ext>"),
     ("pairs.txt names a missing identity",
      pairs_case("1\t1\nPerson_0\t1\t2\nPerson_0\t1\tNobody\t1\n"),
-     ValueError, r"pairs\.txt line 3: no image 1 of 'Nobody'"),
+     ValueError, r"pairs\.txt line 3: no image 1 of 'Nobody': expected "
+                 r"{tmp}/lfw/Nobody/Nobody_0001\.<ext> \(or the 1st image "
+                 r"of that folder\)\.$"),
+    ("pairs.txt names image 22 of an identity",
+     pairs_case("1\t1\nPerson_0\t1\t22\nPerson_0\t1\tPerson_1\t1\n"),
+     ValueError, r"line 2: no image 22 of 'Person_0': .*\(or the 22nd image "
+                 r"of that folder\)\.$"),
+    ("pairs.txt identity name with a path",
+     pairs_case("1\t1\nPerson_0\t1\t2\nPerson_0\t1\t../lfw/Person_1\t1\n"),
+     ValueError, r"^{tmp}/pairs\.txt line 3: '\.\./lfw/Person_1' is not an "
+                 r"identity folder name under {tmp}/lfw \(no '/', '\.' or "
+                 r"'\.\.'\); format: "),
     # insightface .bin
     (".bin that is not a pickle", _text_bin,
      ValueError, r"{tmp}/lfw\.bin is not an insightface \.bin file \(a "
@@ -309,6 +373,35 @@ CASES = [
      lambda t: (lambda rec: lambda: recordio.RecordIOReader(rec).read(2))(
          rec_file(t, cut=2)),
      ValueError, r"{tmp}/rec/train\.rec: truncated RecordIO file"),
+    ("image record shorter than its IRHeader", _short_image_record,
+     ValueError, r"^{tmp}/rec/train\.rec record 0: 4 bytes, shorter than the "
+                 r"24-byte IRHeader \(flag, label, id, id2\)\. The file is "
+                 r"truncated or not an insightface image \.rec: re-create it "
+                 r"with MXNet's im2rec, or check that the \.idx was written "
+                 r"with this \.rec\.$"),
+    ("image record with a NaN class label", _rec_label(float("nan")),
+     ValueError, r"^{tmp}/rec/train\.rec record 1: class label nan is not an "
+                 r"integer in 0 \.\. 2\*\*31 - 1\. The file is not an "
+                 r"insightface image \.rec, or it is corrupt: re-create it "
+                 r"with MXNet's im2rec\.$"),
+    ("image record with a negative class label", _rec_label(-3.0),
+     ValueError, r"record 1: class label -3\.0 is not an integer"),
+    ("header record announcing 1e30 images", _rec_header(1e30, 2e30),
+     ValueError, r"^{tmp}/rec/train\.rec: header record 0 says images are "
+                 r"records 1\.\.\d+, but record 3 is not in the index \(3 "
+                 r"records\)\. The file is truncated or not an insightface "
+                 r"image \.rec"),
+    ("header record with infinite labels",
+     _rec_header(float("inf"), float("inf")),
+     ValueError, r"^{tmp}/rec/train\.rec record 0: the header record's "
+                 r"labels \(first image id, end\) = \(inf, inf\) are not "
+                 r"finite\."),
+    (".idx with a negative offset",
+     lambda t: (lambda rec: (
+         rec.with_suffix(".idx").write_text("0\t-8\n"),
+         lambda: data.open_training_source(rec))[1])(rec_file(t)),
+     ValueError, r"{tmp}/rec/train\.idx line 1: expected 'key<TAB>offset' "
+                 r"\(two integers\), found '0\\t-8'"),
     (".rec that is not RecordIO", _not_recordio,
      ValueError, r"{tmp}/x\.rec: not a RecordIO file: expected magic "
                  r"0xced7230a at offset 0, found 0x"),

@@ -644,6 +644,14 @@ def test_read_lfw_pairs_errors(tmp_path, text, message):
         data.read_lfw_pairs(tmp_path / "pairs.txt", lfw)
 
 
+def test_ordinal():
+    expected = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 10: "10th",
+                11: "11th", 12: "12th", 13: "13th", 21: "21st", 22: "22nd",
+                23: "23rd", 101: "101st", 111: "111th", 112: "112th",
+                1013: "1013th"}
+    assert {n: data.ordinal(n) for n in expected} == expected
+
+
 def test_read_lfw_pairs_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="LFW image directory"):
         data.read_lfw_pairs(tmp_path / "pairs.txt", tmp_path / "nowhere")

@@ -96,6 +96,9 @@ def test_parse_path_subpaths():
         ("M0,0 A1,1,0,0,1,2,2", "outside M, C, S, L, H, V, Z"),
         ("M0,0 C1,1 2,2", "needs 6 numbers"),
         ("10,10", "must start with a command"),
+        # Used to loop forever: Z takes no numbers, so none were consumed.
+        ("M0,0 L1,1 Z 5", r"number after 'Z', which takes none"),
+        ("M0,0 z1,2", r"number after 'z', which takes none"),
     ],
 )
 def test_parse_path_errors(d, message):
@@ -121,6 +124,25 @@ def test_load_strokes_matches_the_svg():
         x, y = (float(v) for v in re.match(r"M([\d.]+),([\d.]+)", d).groups())
         np.testing.assert_allclose(stroke[0], [x, y])
         assert np.all((stroke > -5) & (stroke < kanji.GRID_SIZE + 5))
+
+
+def test_load_strokes_errors_name_the_file_and_line(tmp_path):
+    svg = tmp_path / "04e00.svg"
+    svg.write_text('<svg>\n<path id="s1" d="M1,2 L3,4"/>\n'
+                   '<path id="s2" d="M1,2 C3"/>\n</svg>\n')
+    with pytest.raises(ValueError, match=(
+        r"^KanjiVG file .*04e00\.svg line 3: SVG path command 'C' needs 6 "
+        r"numbers\. Received: d='M1,2 C3' Reinstall the package: ")):
+        kanji.load_strokes(svg)
+    # Not UTF-8: used to raise a bare UnicodeDecodeError naming no file.
+    svg.write_bytes(b'<svg><path d="M1,2 L3,4"/>\xff\xfe</svg>')
+    with pytest.raises(ValueError, match=(
+        r"^KanjiVG file .*04e00\.svg is not UTF-8 text \(byte 26: invalid "
+        r"start byte\)\. Reinstall")):
+        kanji.load_strokes(svg)
+    svg.write_text("<svg></svg>")
+    with pytest.raises(ValueError, match=r"^No stroke paths .*/04e00\.svg"):
+        kanji.load_strokes(svg)
 
 
 # --------------------------------------------------------------------------
