@@ -899,9 +899,26 @@ def _load_encoded(
     ).batch(256).prefetch(tf.data.AUTOTUNE)
     out = np.empty((count, size[0], size[1], channels), np.uint8)
     start = 0
-    for batch in dataset:
-        out[start : start + len(batch)] = batch.numpy()
-        start += len(batch)
+    try:
+        for batch in dataset:
+            out[start : start + len(batch)] = batch.numpy()
+            start += len(batch)
+    except tf.errors.InvalidArgumentError as error:
+        if "File:" in error.message:  # our own checks name the file
+            raise
+        # A corrupt middle that passed `image_bytes_ok`: the decoder's
+        # error does not say which file; find it, from the failed batch on.
+        for contents, name in items.skip(start):
+            try:
+                decode_native(contents, name)
+            except tf.errors.InvalidArgumentError as bad:
+                reason = bad.message.splitlines()[0].split("}}")[-1].strip()
+                raise tf.errors.InvalidArgumentError(
+                    None, None,
+                    f"Corrupt or truncated image file. {_CORRUPT_FIX} File: "
+                    f"{name.numpy().decode('utf-8', 'replace')} ({reason})",
+                ) from None
+        raise
     return out
 
 
@@ -1477,8 +1494,9 @@ def read_bin(
         except Exception as error:
             raise ValueError(
                 f"{path} is not an insightface .bin file (a pickle of "
-                f"(images, issame)): {type(error).__name__}: {error} near byte "
-                f"offset {file.tell()}."
+                f"(images, issame)): {type(error).__name__}: "
+                f"{' '.join(str(error).split())} near byte offset "
+                f"{file.tell()}. {_BIN_FIX}"
             ) from None
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
         raise ValueError(
