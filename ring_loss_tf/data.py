@@ -912,7 +912,8 @@ def _load_encoded(
             try:
                 decode_native(contents, name)
             except tf.errors.InvalidArgumentError as bad:
-                reason = bad.message.splitlines()[0].split("}}")[-1].strip()
+                reason = bad.message.splitlines()[0].split("}}")[-1]
+                reason = re.sub(r"\s*\[Op:.*", "", reason).strip()
                 raise tf.errors.InvalidArgumentError(
                     None, None,
                     f"Corrupt or truncated image file. {_CORRUPT_FIX} File: "
@@ -1429,8 +1430,8 @@ def _bin_images(path, bins) -> list[bytes]:
             out.append(item.tobytes())
         else:
             raise ValueError(
-                f"{path}: image {i} is a {type(item).__name__}, not encoded "
-                f"image bytes. {_BIN_FIX}"
+                f"{path}: image {i} is of type {type(item).__name__}, not "
+                f"encoded image bytes. {_BIN_FIX}"
             )
     return out
 

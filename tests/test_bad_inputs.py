@@ -232,6 +232,16 @@ def _text_bin(tmp):
     return lambda: data.read_bin(tmp / "lfw.bin")
 
 
+def _bin_with_corrupt_middle(tmp):
+    """A PNG with its header and IEND intact but its pixel data broken: it
+    passes `image_bytes_ok`, and only the decoder notices."""
+    png = constant_png(10, (4, 4))
+    bad = png[:45] + bytes([png[45] ^ 0xFF]) + png[46:]
+    write_bin(tmp / "mid.bin", [png, bad], [True], 2)
+    return lambda: data.read_bin(tmp / "mid.bin", image_size=(4, 4),
+                                 channels=1)
+
+
 def _odd_bin(tmp):
     write_bin(tmp / "odd.bin", [constant_png(1)] * 3, [True], 4)
     return lambda: data.read_bin(tmp / "odd.bin")
@@ -356,6 +366,33 @@ CASES = [
     (".bin that is not a pickle", _text_bin,
      ValueError, r"{tmp}/lfw\.bin is not an insightface \.bin file \(a "
                  r"pickle of \(images, issame\)\): UnpicklingError"),
+    # Found by tests/test_fuzz.py: the pickle error's own newline.
+    (".bin of one persistent-id opcode",
+     lambda t: (lambda: data.read_bin(t / "p.bin"))
+     if (t / "p.bin").write_bytes(b"P") else None,
+     ValueError, r"^{tmp}/p\.bin is not an insightface \.bin file \(a pickle "
+                 r"of \(images, issame\)\): UnpicklingError: A load "
+                 r"persistent id instruction was encountered, but no "
+                 r"persistent_load function was specified\. near byte offset "
+                 r"0\. Use a \.bin from insightface's datasets, or re-create "
+                 r"it with their lfw2pack\.py \(a pickle of "
+                 r"\(images, issame\)\)\.$"),
+    # Found by tests/test_fuzz.py: the decoder's error named no image.
+    (".bin image with a corrupt middle", _bin_with_corrupt_middle,
+     InvalidArgument, CORRUPT + r"{tmp}/mid\.bin image 1 \(Invalid PNG "
+                      r"data, size 73\)$"),
+    (".bin whose images are not bytes",
+     lambda t: (lambda: data.read_bin(t / "int.bin"))
+     if write_bin(t / "int.bin", [5, 7], [True], 2) is None else None,
+     ValueError, r"^{tmp}/int\.bin: image 0 is of type int, not encoded "
+                 r"image bytes\. Use a \.bin from insightface's datasets"),
+    (".bin whose issame is not booleans",
+     lambda t: (lambda: data.read_bin(t / "str.bin"))
+     if write_bin(t / "str.bin", [b"a", b"b"], ["yes"], 2) is None
+     else None,
+     ValueError, r"^{tmp}/str\.bin: expected a list of booleans as the "
+                 r"second item of \(images, issame\), found list of <U3, "
+                 r"shape \(1,\)\. Use a \.bin"),
     (".bin that runs code when unpickled", _malicious_bin,
      UnsafePickle, r"{tmp}/evil\.bin: refusing to load global "),
     (".bin with 3 images for 1 pair", _odd_bin,

@@ -24,7 +24,10 @@ Profiles, chosen by the environment variable RING_LOSS_TF_FUZZ:
     (unset) or "ci"  derandomized: the same examples every run, < 60 s in all
     "long"           15x the examples, fresh ones each run, failures kept in
                      Hypothesis' example database; about 5 minutes:
-                     RING_LOSS_TF_FUZZ=long python -m pytest -q tests/test_fuzz.py
+
+    RING_LOSS_TF_FUZZ=long python -m pytest -q -s tests/test_fuzz.py
+
+(-s shows, per test, how many examples ended in each outcome.)
 
 Each mutation test also checks that its examples reached deep code: some
 mutated files still read successfully and the failures are of several kinds
