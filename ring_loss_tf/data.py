@@ -1401,7 +1401,8 @@ def _numpy_scalar(dtype, data=None):
     dtype = _safe_dtype(dtype)
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError("numpy scalar without raw bytes")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
+    # A copy: a view would export the pickle's (possibly bytearray) buffer.
+    return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].copy()
 
 
 _ALLOWED_GLOBALS = {

@@ -261,13 +261,17 @@ def _read_idx(path) -> dict[int, int]:
                 continue
             try:
                 key, offset = int(fields[0]), int(fields[1])
-                if len(fields) != 2 or offset < 0:
+                # Both must fit an int64 (keys become a NumPy array).
+                if len(fields) != 2 or not (
+                    0 <= key < 2**63 and 0 <= offset < 2**63
+                ):
                     raise ValueError
             except (ValueError, IndexError):
                 raise ValueError(
                     f"{path} line {number}: expected 'key<TAB>offset' "
-                    f"(two integers), found {line.strip()[:60]!r}. Rewrite the "
-                    "index, or delete it to have the .rec scanned."
+                    f"(two integers 0 .. 2**63 - 1), found "
+                    f"{line.strip()[:60]!r}. Rewrite the index, or delete it "
+                    "to have the .rec scanned."
                 ) from None
             offsets[key] = offset
     return offsets

@@ -209,6 +209,17 @@ def _rec_header(a, b):
     return setup
 
 
+def _idx_with(text):
+    """A valid train.rec whose train.idx is `text`."""
+
+    def setup(tmp):
+        rec = rec_file(tmp)
+        rec.with_suffix(".idx").write_text(text)
+        return lambda: data.open_training_source(rec)
+
+    return setup
+
+
 def _not_recordio(tmp):
     (tmp / "x.rec").write_bytes(b"this is not a RecordIO file at all")
     return lambda: data.open_training_source(tmp / "x.rec")
@@ -433,12 +444,15 @@ CASES = [
      ValueError, r"^{tmp}/rec/train\.rec record 0: the header record's "
                  r"labels \(first image id, end\) = \(inf, inf\) are not "
                  r"finite\."),
-    (".idx with a negative offset",
-     lambda t: (lambda rec: (
-         rec.with_suffix(".idx").write_text("0\t-8\n"),
-         lambda: data.open_training_source(rec))[1])(rec_file(t)),
+    (".idx with a negative offset", _idx_with("0\t-8\n"),
      ValueError, r"{tmp}/rec/train\.idx line 1: expected 'key<TAB>offset' "
-                 r"\(two integers\), found '0\\t-8'"),
+                 r"\(two integers 0 \.\. 2\*\*63 - 1\), found '0\\t-8'"),
+    # Found by tests/test_fuzz.py: an OverflowError from NumPy.
+    (".idx with a key beyond int64",
+     _idx_with("0\t0\n9223372036854775808\t40\n"),
+     ValueError, r"^{tmp}/rec/train\.idx line 2: expected 'key<TAB>offset' "
+                 r"\(two integers 0 \.\. 2\*\*63 - 1\), found "
+                 r"'9223372036854775808\\t40'\. Rewrite the index"),
     (".rec that is not RecordIO", _not_recordio,
      ValueError, r"{tmp}/x\.rec: not a RecordIO file: expected magic "
                  r"0xced7230a at offset 0, found 0x"),
@@ -450,8 +464,9 @@ CASES = [
                  r"\.idx file the one written with this \.rec\?"),
     (".idx with a malformed line", _bad_idx_line,
      ValueError, r"{tmp}/rec/train\.idx line 2: expected 'key<TAB>offset' "
-                 r"\(two integers\), found 'zero 4'\. Rewrite the index, or "
-                 r"delete it to have the \.rec scanned\."),
+                 r"\(two integers 0 \.\. 2\*\*63 - 1\), found 'zero 4'\. "
+                 r"Rewrite the index, or delete it to have the \.rec "
+                 r"scanned\.$"),
     # Evaluation inputs
     ("model path missing",
      lambda t: lambda: evaluation.resolve_model_path(t / "nomodel"),
