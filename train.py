@@ -29,6 +29,8 @@ naming the flag and the fix.
 
 import math
 import os
+import shlex
+import signal
 import sys
 
 from absl import app
@@ -246,6 +248,7 @@ def main(argv):
             [tf.config.LogicalDeviceConfiguration()] * FLAGS.cpu_replicas,
         )
         devices = [f"/cpu:{i}" for i in range(FLAGS.cpu_replicas)]
+    from ring_loss_tf import export
     from ring_loss_tf import training
 
     margin = FLAGS.margin
@@ -297,17 +300,39 @@ def main(argv):
             export=FLAGS.export,
             devices=devices,
             kanji_options=kanji_options if FLAGS.data_dir is None else None,
+            stop_on_signals=True,
             print_fn=lambda line: print(line, flush=True),
         )
     except training.ArgumentError as error:
         _fail(error.argument, error.value, error.problem, error.fix)
-    except training.NonFiniteLossError as error:
+    except training.TrainingInterrupted as error:
+        # 128 + signal number, as a shell reports a process it stopped.
+        signum = getattr(signal.Signals, error.reason, signal.SIGTERM)
+        print(f"train.py: {error} Resume with: {_command_line()}",
+              file=sys.stderr)
+        sys.exit(128 + int(signum))
+    except KeyboardInterrupt:
+        print(
+            "train.py: interrupted; the checkpoints already in "
+            f"{FLAGS.model_dir} are intact. Resume with: {_command_line()}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + int(signal.SIGINT))
+    except (training.NonFiniteLossError, training.CheckpointWriteError) as error:
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as error:
         # Resume/config mismatches and data errors already name the fix.
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except export.ExportError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _command_line():
+    """This run's command, quoted for a shell (to resume it)."""
+    return shlex.join(["python", *sys.argv])
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 class ExportError(RuntimeError):
-    """A conversion failed or its output does not match the Keras model."""
+    """A conversion failed, its output does not match the Keras model, or
+    the export could not be written (the previous one is then intact)."""
 
 
 def _input_geometry(embedding_model):
@@ -389,9 +390,24 @@ def export_saved_model(
         if training_model is not None:
             training_model.save(str(target / KERAS_FILE))
         _move_into_place(target, output_dir, staging)
+    except (OSError, tf.errors.OpError) as error:
+        raise ExportError(
+            f"Could not write the export to {output_dir} "
+            f"({_first_line(error)}); "
+            + ("the previous export there is intact"
+               if output_dir.exists() else "nothing was written there")
+            + ". Free disk space (or raise the file size limit, `ulimit -f`)"
+            " and export again."
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _first_line(error):
+    """The first line of an OSError / tf.errors.OpError's message."""
+    text = str(getattr(error, "message", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _move_into_place(new, output_dir, staging):

@@ -33,13 +33,16 @@ Nothing here reads flags: `train.py` parses them and calls `train`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
+import threading
 import time
 
 import keras
@@ -100,6 +103,84 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message, step):
         super().__init__(message)
         self.step = step
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested (e.g. SIGTERM); the current step was saved.
+
+    Attributes: `reason` (e.g. "SIGTERM"), `step`, `checkpoint` (its path,
+    None without a model_dir or on a non-chief worker).
+    """
+
+    def __init__(self, reason, step, checkpoint):
+        self.reason = reason
+        self.step = step
+        self.checkpoint = checkpoint
+        saved = (
+            f"checkpoint {checkpoint} holds it"
+            if checkpoint
+            else "nothing was saved (no model_dir)"
+        )
+        super().__init__(f"Stopped by {reason} after step {step}; {saved}.")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file size limit, ...).
+
+    The checkpoints written before it are intact.
+    """
+
+
+class StopOnSignals:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step.
+
+    Use as a context manager around the training loop and pass the instance
+    as `stop_requested` (calling it returns the signal's name, or None). A
+    second signal of the same kind acts at once (Ctrl-C twice: a
+    KeyboardInterrupt; SIGTERM twice: the default termination); the
+    checkpoints already written are intact either way. Outside the main
+    thread, where Python cannot install handlers, it does nothing.
+
+    Args:
+        signals: the signals to catch.
+        print_fn: told once when a stop is requested.
+    """
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM),
+                 print_fn=print):
+        self.signals = tuple(signals)
+        self.print_fn = print_fn
+        self.received = None
+        self._previous = {}
+
+    def __call__(self):
+        return self.received
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        self.print_fn(
+            f"{name} received: stopping after this step with a checkpoint "
+            f"(send {name} again to stop at once)."
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous or signal.SIG_DFL)
+        self._previous = {}
+        return False
 
 
 # --------------------------------------------------------------------------
@@ -433,6 +514,7 @@ class Trainer:
         self.jit = bool(jit)
         self.model_dir = None if model_dir is None else pathlib.Path(model_dir)
         self.is_chief = _is_chief(strategy)
+        self.num_workers = max(1, len(_tf_config_workers()))
         with strategy.scope():
             self.models = model_fn()
             if optimizer == "sgd":
@@ -487,6 +569,11 @@ class Trainer:
                 tempfile.mkdtemp(prefix="ring_loss_tf-worker-")
             )
             directory = self._worker_dir
+        if self.is_chief:
+            # Partial writes of a killed run (TensorFlow writes
+            # ckpt-N_temp/ and merges it into ckpt-N.*): never read again.
+            for stale in pathlib.Path(directory).glob("ckpt-*_temp"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(directory), max_to_keep=max_to_keep
         )
@@ -496,11 +583,48 @@ class Trainer:
         return latest
 
     def save(self):
-        """Saves a checkpoint (all workers call it); returns its path."""
+        """Saves a checkpoint (all workers call it); returns its path.
+
+        Raises:
+            CheckpointWriteError: it could not be written (no space, a file
+                size limit, permissions); the earlier checkpoints are intact
+                (the `checkpoint` index names a new one only once it is
+                complete).
+        """
         if self.manager is None:
             return None
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        step = int(self.step.numpy())
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as error:
+            reason = getattr(error, "message", None) or str(error)
+            reason = reason.strip().splitlines()[0] if reason.strip() else (
+                type(error).__name__
+            )
+            latest = tf.train.latest_checkpoint(str(self.model_dir))
+            kept = (
+                f"the previous checkpoint {latest} is intact"
+                if latest
+                else "no earlier checkpoint exists"
+            )
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint of step {step} to "
+                f"{self.manager.directory} ({reason}); {kept}. Free disk "
+                "space (or raise the file size limit, `ulimit -f`) and rerun "
+                "the same command to resume."
+            ) from None
         return path if self.is_chief else None
+
+    def any_worker(self, flag):
+        """True on every worker if `flag` is true on any (a collective on
+        multi-worker runs, so all of them stop at the same step)."""
+        if self.num_workers <= 1:
+            return bool(flag)
+        value = self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant(1 if flag else 0, tf.int32)
+        )
+        total = self.strategy.reduce("SUM", value, axis=None)
+        return int(total.numpy()) > 0
 
     def close(self):
         if self._worker_dir is not None:
@@ -654,6 +778,7 @@ def run_loop(
     stop_at_step=None,
     print_fn=print,
     summary_writer=None,
+    stop_requested=None,
 ):
     """Trains until `total_steps` (or `stop_at_step`), checkpointing.
 
@@ -662,18 +787,35 @@ def run_loop(
     again continues exactly. A NaN/Inf loss raises `NonFiniteLossError`
     before anything is saved.
 
+    Args:
+        stop_requested: None, or a callable checked before every step; when
+            it returns a reason (e.g. `StopOnSignals`), the current step is
+            checkpointed and `TrainingInterrupted` raised.
+
     Returns:
         Stats of the last step (dict of floats), or None if no step ran.
+
+    Raises:
+        NonFiniteLossError, TrainingInterrupted, CheckpointWriteError.
     """
     step = int(trainer.step.numpy())
     stop = total_steps
     if stop_at_step is not None:
         stop = min(stop_at_step, total_steps)
     last = None
+    saved_step = None
     interval_start, interval_steps = time.perf_counter(), 0
     steps_per_second = None
     chief = trainer.is_chief
     while step < stop:
+        reason = stop_requested() if stop_requested is not None else None
+        if stop_requested is not None and trainer.any_worker(reason):
+            path = trainer.save() if saved_step != step else (
+                tf.train.latest_checkpoint(str(trainer.model_dir))
+                if trainer.model_dir is not None and chief
+                else None
+            )
+            raise TrainingInterrupted(reason or "another worker", step, path)
         images, labels = next(iterator)
         if step == 0 or last is None:
             trainer.initialize_radius(images)
@@ -709,6 +851,7 @@ def run_loop(
             interval_start, interval_steps = time.perf_counter(), 0
         if step % checkpoint_every == 0 or step == stop:
             trainer.save()
+            saved_step = step
     return last
 
 
@@ -1057,6 +1200,7 @@ def train(
     export=True,
     devices=None,
     kanji_options=None,
+    stop_on_signals=False,
     print_fn=print,
 ):
     """Trains, checkpoints, exports and evaluates; see train.py's flags.
@@ -1073,6 +1217,9 @@ def train(
         stop_at_step: stop with a checkpoint after this step (time-sliced
             jobs; the next run resumes).
         devices: device list of `build_strategy`.
+        stop_on_signals: while training, SIGINT / SIGTERM stop after the
+            current step with a checkpoint (`StopOnSignals`) and raise
+            `TrainingInterrupted`; needs the main thread.
         print_fn: where progress lines go.
 
     Returns:
@@ -1084,10 +1231,15 @@ def train(
         ArgumentError: a bad argument (names it and the fix).
         NonFiniteLossError: the loss became NaN/Inf (the last checkpoint is
             kept).
+        TrainingInterrupted: a signal stopped training (`stop_on_signals`);
+            the current step was checkpointed.
+        CheckpointWriteError: a checkpoint could not be written; the
+            earlier ones are intact.
         ValueError: `model_dir` holds a checkpoint of another architecture.
     """
     arguments = dict(locals())
     arguments.pop("print_fn")
+    arguments.pop("stop_on_signals")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
         arguments["image_size"] = image_size
@@ -1204,17 +1356,20 @@ def train(
         writer = tf.summary.create_file_writer(
             str(pathlib.Path(model_dir) / "train")
         )
+    stopper = StopOnSignals(print_fn=print_fn) if stop_on_signals else None
     try:
-        last = run_loop(
-            trainer,
-            iterator,
-            steps,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-            stop_at_step=stop_at_step,
-            print_fn=print_fn,
-            summary_writer=writer,
-        )
+        with stopper or contextlib.nullcontext():
+            last = run_loop(
+                trainer,
+                iterator,
+                steps,
+                checkpoint_every=checkpoint_every,
+                log_every=log_every,
+                stop_at_step=stop_at_step,
+                print_fn=print_fn,
+                summary_writer=writer,
+                stop_requested=stopper,
+            )
     finally:
         trainer.close()
         if writer is not None:

@@ -1,0 +1,217 @@
+"""Faults during training and export: nothing already written is lost.
+
+Each test runs train.py (or the export CLI) as a user would, in a
+subprocess, on the tiny embedded set of `kill_resume.tiny_flags`:
+
+- SIGKILL at random moments, 3 times, then resume: every checkpoint left
+  behind loads and the final state equals an uninterrupted run
+  (`python tests/kill_resume.py` is the 10-kill version);
+- SIGTERM / SIGINT: a checkpoint of the current step, one line saying how
+  to resume, exit status 128 + the signal number; resuming ends where an
+  uninterrupted run ends;
+- resuming with another head, backbone or class count: one line naming
+  the mismatch, every file in model_dir unchanged;
+- no room to write (`RLIMIT_FSIZE`, what `ulimit -f` sets): one line
+  saying so, the previous checkpoint and export unchanged.
+"""
+
+import hashlib
+import os
+import pathlib
+import re
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import kill_resume  # noqa: E402
+
+
+def _digests(directory):
+    """{relative path: sha256} of every file under `directory`."""
+    directory = pathlib.Path(directory)
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).digest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _error_lines(stderr):
+    return [l for l in stderr.splitlines()
+            if l.startswith(("train.py:", "error:"))]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted tiny run of 12 steps (module-wide reference)."""
+    workdir = tmp_path_factory.mktemp("faults")
+    model_dir = workdir / "uninterrupted"
+    result = kill_resume.run_train(
+        kill_resume.tiny_flags(workdir, model_dir, steps=12)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, model_dir
+
+
+def test_sigkill_three_times_then_resume_equals_uninterrupted(tmp_path):
+    lines = []
+    result = kill_resume.run(tmp_path, kills=3, seed=0, steps=12,
+                             print_fn=lines.append)
+    kinds = [k.kind for k in result["kills"]]
+    assert kinds == list(kill_resume.KINDS), lines
+    assert result["differ"] == [], lines
+    # Weights and R (the optimizer's trainable variables), the momentum
+    # slots, the A-Softmax counter and the step were all compared.
+    compared = result["compared"]
+    for prefix in ("optimizer/_trainable_variables/", "optimizer/_variables/",
+                   "model/_operations/", "step/"):
+        assert any(n.startswith(prefix) for n in compared), compared
+    assert any(n.endswith("/iterations/.ATTRIBUTES/VARIABLE_VALUE")
+               and n.startswith("model/") for n in compared), compared
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_the_current_step_and_says_how_to_resume(
+    finished, tmp_path, signum
+):
+    workdir, reference_dir = finished
+    model_dir = tmp_path / "run"
+    flags = kill_resume.tiny_flags(workdir, model_dir, steps=12)
+    process = kill_resume.start_train(flags)
+    for line in process.stdout:
+        if line.startswith("step  5/"):
+            process.send_signal(signum)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, err[-3000:]
+    name = signal.Signals(signum).name
+    assert f"{name} received: stopping after this step" in out, out
+    (message,) = _error_lines(err)
+    match = re.fullmatch(
+        rf"train\.py: Stopped by {name} after step (\d+); checkpoint "
+        rf"(\S+) holds it\. Resume with: python \S*train\.py (.*)",
+        message,
+    )
+    assert match, message
+    step, checkpoint = int(match.group(1)), match.group(2)
+    # The step the signal arrived in was finished and saved (5 or 6).
+    assert step in (5, 6)
+    assert checkpoint == str(model_dir / f"ckpt-{step}")
+    assert kill_resume.checkpoint_paths(model_dir)[-1] == checkpoint
+    assert match.group(3).split() == flags
+    # Resuming with the printed command ends where the reference ended.
+    resumed = kill_resume.run_train(flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {checkpoint}" in resumed.stdout
+    differ, compared = kill_resume.compare_checkpoints(
+        kill_resume.checkpoint_paths(reference_dir)[-1],
+        kill_resume.checkpoint_paths(model_dir)[-1],
+    )
+    assert differ == [] and compared
+
+
+@pytest.mark.parametrize(
+    "flag, mismatch",
+    [
+        ("--head=arcface", r"head='asoftmax' \(now 'arcface'\)"),
+        ("--backbone=sphereface4", r"backbone='small_cnn' \(now "
+                                   r"'sphereface4'\), embedding_dim=128 "
+                                   r"\(now 512\)"),
+        ("--num_train_identities=10", r"num_classes=12 \(now 10\)"),
+    ],
+)
+def test_resume_with_another_model_names_it_and_overwrites_nothing(
+    finished, flag, mismatch
+):
+    workdir, model_dir = finished
+    before = _digests(model_dir)
+    result = kill_resume.run_train(
+        kill_resume.tiny_flags(workdir, model_dir, steps=20) + [flag]
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (message,) = _error_lines(result.stderr)
+    assert re.match(
+        rf"train\.py: error: {re.escape(str(model_dir))} holds a checkpoint "
+        rf"of another model: {mismatch}\. Use a new model_dir, or the "
+        r"settings of that run to resume it\.$",
+        message,
+    ), message
+    assert _digests(model_dir) == before
+
+
+def _file_size_limit(limit_bytes):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_no_room_for_a_checkpoint_keeps_the_previous_one(finished, tmp_path):
+    workdir, reference_dir = finished
+    model_dir = tmp_path / "run"
+    flags = kill_resume.tiny_flags(workdir, model_dir, steps=4)
+    first = kill_resume.run_train(flags[:-1] + ["--export"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digests(model_dir)
+    largest = max(p.stat().st_size for p in model_dir.rglob("*.data-*"))
+    # Room for logs and the config, not for a checkpoint's data file.
+    more = [f for f in flags if not f.startswith("--steps")] + [
+        "--steps=8", "--export"
+    ]
+    result = kill_resume.run_train(
+        more, preexec_fn=_file_size_limit(largest // 2)
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    (message,) = _error_lines(result.stderr)
+    assert re.fullmatch(
+        rf"train\.py: Could not write the checkpoint of step 5 to "
+        rf"{re.escape(str(model_dir))} \(.*File too large.*\); the previous "
+        rf"checkpoint {re.escape(str(model_dir / 'ckpt-4'))} is intact\. "
+        r"Free disk space \(or raise the file size limit, `ulimit -f`\) and "
+        r"rerun the same command to resume\.",
+        message,
+    ), message
+    after = _digests(model_dir)
+    # The checkpoint, its index, the config and the export are unchanged
+    # (only TensorBoard's event files and partial ckpt-5 files are new).
+    for name, digest in before.items():
+        if not name.startswith("train/"):
+            assert after.get(name) == digest, name
+    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-4")
+    kill_resume.check_left_behind(model_dir)
+    # With room again, the same command resumes and finishes.
+    again = kill_resume.run_train(more)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming from {model_dir / 'ckpt-4'}" in again.stdout
+
+
+def test_no_room_for_an_export_keeps_the_previous_one(finished, tmp_path):
+    workdir, model_dir = finished
+    output = tmp_path / "export"
+    command = [sys.executable, "-m", "ring_loss_tf.export",
+               f"--model_dir={model_dir}", f"--output={output}"]
+    env = kill_resume.environment()
+    first = subprocess.run(command, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digests(output)
+    result = subprocess.run(
+        command + ["--overwrite"], env=env, capture_output=True, text=True,
+        timeout=600, preexec_fn=_file_size_limit(4096),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    (message,) = _error_lines(result.stderr)
+    assert re.fullmatch(
+        rf"error: Could not write the export to {re.escape(str(output))} "
+        r"\(.*File too large.*\); the previous export there is intact\. "
+        r"Free disk space \(or raise the file size limit, `ulimit -f`\) and "
+        r"export again\.",
+        message,
+    ), message
+    assert _digests(output) == before
+    # No staging directory is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
