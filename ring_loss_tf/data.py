@@ -1369,6 +1369,13 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    # Python 3 pickles b"" at protocol < 3 as __builtin__.bytes().
+    if args:
+        raise UnsafePickleError("refusing bytes() with arguments")
+    return b""
+
+
 def _safe_dtype(*args, **kwargs):
     dtype = np.dtype(*args, **kwargs)
     if dtype.hasobject:
@@ -1409,6 +1416,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: _safe_dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
+    ("__builtin__", "bytes"): lambda: _empty_bytes,
+    ("builtins", "bytes"): lambda: _empty_bytes,
 }
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED_GLOBALS[(_module, "_reconstruct")] = lambda: _numpy_reconstruct

@@ -392,6 +392,13 @@ CASES = [
     (".bin image with a corrupt middle", _bin_with_corrupt_middle,
      InvalidArgument, CORRUPT + r"{tmp}/mid\.bin image 1 \(Invalid PNG "
                       r"data, size 73\)$"),
+    # Found by tests/test_fuzz.py: b"" pickles (protocol 2) as a call of
+    # bytes(), which was refused as unsafe.
+    (".bin with an empty image",
+     lambda t: (lambda: data.read_bin(t / "empty.bin"))
+     if write_bin(t / "empty.bin", [b"", constant_png(1)], [True], 2) is None
+     else None,
+     InvalidArgument, CORRUPT + r"{tmp}/empty\.bin image 0"),
     (".bin whose images are not bytes",
      lambda t: (lambda: data.read_bin(t / "int.bin"))
      if write_bin(t / "int.bin", [5, 7], [True], 2) is None else None,
