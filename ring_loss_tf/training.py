@@ -112,15 +112,16 @@ class TrainingInterrupted(Exception):
     None without a model_dir or on a non-chief worker).
     """
 
-    def __init__(self, reason, step, checkpoint):
+    def __init__(self, reason, step, checkpoint, chief=True):
         self.reason = reason
         self.step = step
         self.checkpoint = checkpoint
-        saved = (
-            f"checkpoint {checkpoint} holds it"
-            if checkpoint
-            else "nothing was saved (no model_dir)"
-        )
+        if checkpoint:
+            saved = f"checkpoint {checkpoint} holds it"
+        elif not chief:
+            saved = "the chief worker wrote its checkpoint"
+        else:
+            saved = "nothing was saved (no model_dir)"
         super().__init__(f"Stopped by {reason} after step {step}; {saved}.")
 
 
@@ -815,7 +816,9 @@ def run_loop(
                 if trainer.model_dir is not None and chief
                 else None
             )
-            raise TrainingInterrupted(reason or "another worker", step, path)
+            raise TrainingInterrupted(
+                reason or "another worker", step, path, chief=chief
+            )
         images, labels = next(iterator)
         if step == 0 or last is None:
             trainer.initialize_radius(images)

@@ -77,12 +77,12 @@ def environment():
     return env
 
 
-def start_train(flags, **kwargs):
+def start_train(flags, env=None, **kwargs):
     """train.py in a new process (stdout piped, line by line)."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *flags],
         cwd=REPO,
-        env=environment(),
+        env=env or environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

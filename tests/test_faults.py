@@ -215,3 +215,56 @@ def test_no_room_for_an_export_keeps_the_previous_one(finished, tmp_path):
     assert _digests(output) == before
     # No staging directory is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):
+    """Two train.py workers (MultiWorkerMirroredStrategy on 127.0.0.1):
+    SIGTERM to the non-chief alone checkpoints both at one step."""
+    import json
+    import socket
+
+    workdir, _ = finished
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    model_dir = tmp_path / "run"
+    flags = kill_resume.tiny_flags(workdir, model_dir, steps=40)
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers},
+                  "task": {"type": "worker", "index": index}}
+        processes.append(kill_resume.start_train(
+            flags, env=dict(kill_resume.environment(),
+                            TF_CONFIG=json.dumps(config))
+        ))
+    chief, other = processes
+    try:
+        for line in chief.stdout:
+            if line.startswith("step  5/"):
+                other.send_signal(signal.SIGTERM)
+                break
+        chief_out, chief_err = chief.communicate(timeout=300)
+        _, other_err = other.communicate(timeout=300)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert other.returncode == 128 + signal.SIGTERM, other_err[-3000:]
+    assert chief.returncode == 128 + signal.SIGTERM, chief_err[-3000:]
+    (chief_line,) = _error_lines(chief_err)
+    (other_line,) = _error_lines(other_err)
+    step = int(re.search(r"after step (\d+);", chief_line).group(1))
+    assert chief_line.startswith(
+        f"train.py: Stopped by another worker after step {step}; "
+        f"checkpoint {model_dir / f'ckpt-{step}'} holds it. Resume with:"
+    ), chief_line
+    assert other_line.startswith(
+        f"train.py: Stopped by SIGTERM after step {step}; the chief worker "
+        "wrote its checkpoint."
+    ), other_line
+    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith(
+        f"ckpt-{step}")
+    kill_resume.check_left_behind(model_dir)
