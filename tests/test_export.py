@@ -292,7 +292,11 @@ def test_failed_export_keeps_the_previous_one(
         monkeypatch.setattr(tf.saved_model, "save", fail)
     else:
         monkeypatch.setattr(export, "_convert_tflite", fail)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(
+        export.ExportError,
+        match=r"^Could not write the export to .*model \(disk full "
+        r"\(simulated\)\); the previous export there is intact\. Free disk",
+    ):
         export.export_saved_model(
             _tiny(seed=2), target, overwrite=True, tflite=True
         )
