@@ -1,6 +1,7 @@
 """Kill train.py with SIGKILL at random moments, resume, check nothing is lost.
 
-    python tests/kill_resume.py                      # 10 kills, 5-25 minutes
+    python tests/kill_resume.py                      # 10 kills (23 min here, at
+                                                     # nice 19 beside a benchmark)
     python tests/kill_resume.py --kills 20 --seed 3 --workdir /tmp/kr
 
 A tiny run (the embedded character set at 12 identities, A-Softmax + Ring
