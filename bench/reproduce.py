@@ -295,18 +295,29 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
     kanji_options = dict(kwargs.pop("kanji_options"), seed=0)
     started = time.monotonic()
     keras.backend.clear_session()
-    result = training.train(
-        model_dir=str(model_dir),
-        seed=seed,
-        kanji_options=kanji_options,
-        evaluate=False,
-        export=False,
-        log_every=max(1, kwargs["steps"] // 4),
-        checkpoint_every=max(50, kwargs["steps"] // 4),
-        max_to_keep=1,
-        print_fn=lambda line: print(f"[{name}] {line}", flush=True),
-        **kwargs,
-    )
+    settings_json = {k: v for k, v in kwargs.items() if not callable(v)}
+    try:
+        result = training.train(
+            model_dir=str(model_dir),
+            seed=seed,
+            kanji_options=kanji_options,
+            evaluate=False,
+            export=False,
+            log_every=max(1, kwargs["steps"] // 4),
+            checkpoint_every=max(50, kwargs["steps"] // 4),
+            max_to_keep=1,
+            print_fn=lambda line: print(f"[{name}] {line}", flush=True),
+            **kwargs,
+        )
+    except training.NonFiniteLossError as error:
+        # A result too: the row diverges with these settings.
+        print(f"[{name}] diverged: {error}", flush=True)
+        payload = {"row": row, "seed": seed, "settings": settings_json,
+                   "diverged_at_step": error.step, "message": str(error)}
+        _write_json(result_path, payload)
+        if not keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        return payload
     train_seconds = time.monotonic() - started
     root = pathlib.Path(kanji.prepare(**kanji_options))
     trainer = result["trainer"]
@@ -321,9 +332,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
     payload = {
         "row": row,
         "seed": seed,
-        "settings": {
-            k: v for k, v in kwargs.items() if not callable(v)
-        },
+        "settings": settings_json,
         "steps": result["step"],
         "last_step_stats": last,
         "radius": None if trainer.models.ring is None else float(
@@ -335,10 +344,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
     }
     (output_dir / "norms").mkdir(parents=True, exist_ok=True)
     np.savez(output_dir / "norms" / f"{name}.npz", **norms)
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, result_path)
+    _write_json(result_path, payload)
     if not keep:
         shutil.rmtree(model_dir, ignore_errors=True)
     print(
@@ -347,6 +353,27 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
         flush=True,
     )
     return payload
+
+
+def _write_json(path: pathlib.Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _trained(runs):
+    """The runs that finished (not stopped by the NaN/Inf guard)."""
+    return [r for r in runs if "diverged_at_step" not in r]
+
+
+def _diverged_note(runs):
+    steps = [r["diverged_at_step"] for r in runs if "diverged_at_step" in r]
+    if not steps:
+        return ""
+    return (f" (diverged at step {', '.join(map(str, steps))}"
+            + (f"; {len(runs) - len(steps)} of {len(runs)} seeds trained"
+               if len(steps) < len(runs) else "") + ")")
 
 
 def _get(run, path):
@@ -368,7 +395,9 @@ def _cell(runs, path, digits=2):
 
 
 def format_tables(by_row: dict, low_res) -> str:
-    first = next(iter(by_row.values()))[0]
+    diverged = {row: _diverged_note(runs) for row, runs in by_row.items()}
+    by_row = {row: _trained(runs) for row, runs in by_row.items()}
+    first = next(runs[0] for runs in by_row.values() if runs)
     ap = first["all_pairs"]
     ident = first["identification"]
     seeds = sorted({r["seed"] for runs in by_row.values() for r in runs})
@@ -389,12 +418,15 @@ def format_tables(by_row: dict, low_res) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row, runs in by_row.items():
+        if not runs:
+            lines.append(f"| {row}{diverged[row]} |" + " – |" * 8)
+            continue
         cells = [_cell(runs, ("all_pairs", "tar_at_far", f"{f:g}"))
                  for f in FARS]
         norm_mean = statistics.fmean(r["norms"]["mean"] for r in runs)
         norm_cv = statistics.fmean(r["norms"]["cv"] for r in runs)
         lines.append(
-            f"| {row} | " + " | ".join(cells)
+            f"| {row}{diverged[row]} | " + " | ".join(cells)
             + f" | {_cell(runs, ('ten_fold', 'accuracy_mean'))}"
             + f" | {_cell(runs, ('identification', 'rank1'))}"
             + f" | {norm_mean:.3g} | {norm_cv:.3f} |"
@@ -413,6 +445,9 @@ def format_tables(by_row: dict, low_res) -> str:
         "|---|" + "---|" * len(low_res),
     ]
     for row, runs in by_row.items():
+        if not runs:
+            lines.append(f"| {row}{diverged[row]} |" + " – |" * len(low_res))
+            continue
         cells = []
         for k in low_res:
             key = f"{k:g}"
@@ -424,13 +459,14 @@ def format_tables(by_row: dict, low_res) -> str:
                 runs, ("low_res", key, "all_pairs", "tar_at_far", "0.001")
             )
             cells.append(f"{accuracy} / {tar} / {ratio:.2f}×")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row}{diverged[row]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_norms(output_dir: pathlib.Path, by_row: dict, low_res) -> str | None:
     """norms.png: norm histograms of SM vs each SM+R (first seed)."""
-    rows = [r for r in by_row if r == "SM" or r.startswith("SM+R")]
+    rows = [r for r in by_row if (r == "SM" or r.startswith("SM+R"))
+            and _trained(by_row[r])]
     if not rows:
         return None
     import matplotlib
@@ -444,7 +480,7 @@ def plot_norms(output_dir: pathlib.Path, by_row: dict, low_res) -> str | None:
     axes = np.atleast_1d(axes)
     for ax, key in zip(axes, keys):
         for row in rows:
-            run = by_row[row][0]
+            run = _trained(by_row[row])[0]
             path = output_dir / "norms" / f"{row}_seed{run['seed']}.npz"
             norms = np.load(path)[key]
             # Relative to the row's full-resolution mean, so rows with
