@@ -478,25 +478,36 @@ def _render_chunk(task):
 
 
 class _Progress:
-    """A one-line progress bar on stderr (no dependency)."""
+    """Progress on stderr (no dependency): a bar redrawn in place on a
+    terminal; in a log file (not a TTY), one plain line per tenth."""
 
     def __init__(self, total, label, enabled):
         self.total, self.label, self.enabled = total, label, enabled
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
+        self.tty = enabled and sys.stderr.isatty()
+        self.tenths_written = 0
 
     def update(self, n):
         self.done += n
+        if not self.enabled:
+            return
         now = time.monotonic()
-        if self.enabled and (now - self.last > 0.2 or self.done == self.total):
+        fraction = self.done / max(self.total, 1)
+        elapsed = now - self.start
+        eta = elapsed / max(fraction, 1e-9) - elapsed
+        status = (f"{self.done}/{self.total} {elapsed:5.1f}s elapsed, "
+                  f"{eta:5.1f}s left")
+        if not self.tty:
+            tenths = int(10 * fraction)
+            if tenths > self.tenths_written:
+                self.tenths_written = tenths
+                sys.stderr.write(f"{self.label}: {status}\n")
+                sys.stderr.flush()
+            return
+        if now - self.last > 0.2 or self.done == self.total:
             self.last = now
-            fraction = self.done / max(self.total, 1)
             bar = "#" * int(30 * fraction)
-            elapsed = now - self.start
-            eta = elapsed / max(fraction, 1e-9) - elapsed
-            sys.stderr.write(
-                f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
-                f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left"
-            )
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {status}")
             if self.done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
