@@ -30,6 +30,7 @@ export/ is used); the model's own layers are not needed to load it.
 their curves in the plots.
 """
 
+import json
 import os
 import pathlib
 import sys
@@ -234,14 +235,14 @@ def _data_plan():
         return {k: _cached(v) for k, v in sets.items()}, ident
     from ring_loss_tf import kanji
 
-    root = kanji.prepare(
-        cache_dir=FLAGS.cache_dir,
-        seed=FLAGS.seed,
-        num_train_identities=FLAGS.num_train_identities,
-        num_test_identities=FLAGS.num_test_identities,
-        train_samples_per_identity=FLAGS.train_samples_per_identity,
-        test_samples_per_identity=FLAGS.test_samples_per_identity,
-    )
+    options = {name: getattr(FLAGS, name) for name in _KANJI_FLAGS}
+    # A training model_dir records its embedded set; flags given win.
+    for name, value in _trained_kanji_options(FLAGS.model).items():
+        if name in _KANJI_FLAGS and not FLAGS[name].present:
+            options[name] = value
+        elif name not in _KANJI_FLAGS:
+            options[name] = value
+    root = kanji.prepare(**options)
     print(f"No data flag: the embedded test split at {root}")
     sets["kanji-test"] = lambda size, channels: data.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
@@ -252,6 +253,28 @@ def _data_plan():
         "distractors": root / "identification" / "distractors",
     }
     return {k: _cached(v) for k, v in sets.items()}, ident
+
+
+_KANJI_FLAGS = (
+    "cache_dir", "seed", "num_train_identities", "num_test_identities",
+    "train_samples_per_identity", "test_samples_per_identity",
+)
+
+
+def _trained_kanji_options(model):
+    """The embedded-set settings train.py wrote to <model_dir>/config.json
+    (for --model=<model_dir> or <model_dir>/export); {} if none."""
+    model = pathlib.Path(model)
+    for directory in (model, model.parent):
+        config = directory / "config.json"
+        if config.is_file():
+            try:
+                return dict(json.loads(config.read_text())
+                            .get("kanji_options") or {})
+            except (ValueError, AttributeError):
+                _fail(f"{config} is not the JSON object train.py writes; "
+                      "pass the data flags (--cache_dir, --num_*) instead.")
+    return {}
 
 
 def main(argv):

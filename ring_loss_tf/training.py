@@ -1283,6 +1283,11 @@ def train(
         steps = max(1, math.ceil(epochs * source.num_examples / batch_size))
     config = _config(arguments, num_classes, image_size, channels,
                      embedding_dim)
+    if data_dir is None:
+        # evaluate.py finds the same embedded set from this alone.
+        config["kanji_options"] = {
+            k: v for k, v in options.items() if k != "progress"
+        }
     if chief:
         check_resume_config(model_dir, config)
 

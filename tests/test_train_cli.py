@@ -145,3 +145,18 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
     assert float(match.group(2)) == pytest.approx(
         100 * expected.accuracy_std, abs=0.006)
     assert np.all(np.isfinite(embeddings))
+    # evaluate.py finds the same embedded set from config.json alone.
+    evaluated = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), f"--model={model_dir}"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO),
+                               TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"No data flag: the embedded test split at {root}" in (
+        evaluated.stdout), evaluated.stdout
+    assert re.search(
+        rf"^  kanji-test +{pairs.issame.sum()}/{(~pairs.issame).sum()} +"
+        rf"{re.escape(match.group(1))} ± "
+        rf"{re.escape(match.group(2))} ", evaluated.stdout, re.M
+    ), evaluated.stdout
