@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/ and prints their figures in one report.
 
-    python bench/all.py                          # quick settings, ~5 min
+    python bench/all.py                          # quick settings, 3 min
     python bench/all.py --full                   # each script's defaults
     python bench/all.py --only layers,eval --markdown bench_results/perf.md
     python bench/all.py --reproduce_dir bench_results/reproduce
@@ -16,11 +16,12 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
     train   --steps 3
     eval    --num_probes 2000 --num_distractors 50000
 
-so its figures are noisier than those of `--full` (the settings the README's
-performance table quotes). The report is each script's own output (its
+so its figures are noisier than those of `--full` (each script's defaults;
+bench/eval.py's 10,000 x 1,000,000 identification alone takes hours here).
+The report is each script's own output (its
 tables, medians and ratios) under a heading with the command and wall time;
 --markdown writes the same report as markdown (the README's performance
-section is regenerated from `python bench/all.py --full --markdown ...`).
+section is `python bench/all.py --markdown perf.md`, pasted as it is).
 --reproduce_dir appends the tables of a finished bench/reproduce.py study
 (its table.md; the study itself takes up to an hour and is not rerun here).
 """
