@@ -17,7 +17,8 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
     eval    --num_probes 2000 --num_distractors 50000
 
 so its figures are noisier than those of `--full` (each script's defaults;
-bench/eval.py's 10,000 x 1,000,000 identification alone takes hours here).
+bench/eval.py's 10,000 x 1,000,000 identification, estimated at 15-20 min
+a repetition here, is not run).
 The report is each script's own output (its
 tables, medians and ratios) under a heading with the command and wall time;
 --markdown writes the same report as markdown (the README's performance
