@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import tempfile
@@ -123,6 +124,41 @@ class TrainingInterrupted(Exception):
         else:
             saved = "nothing was saved (no model_dir)"
         super().__init__(f"Stopped by {reason} after step {step}; {saved}.")
+
+
+class TrainingDataError(ValueError):
+    """A training image could not be decoded (one line, naming the file when
+    TensorFlow's message does, and the fix)."""
+
+
+_CORRUPT_ASSERTION = re.compile(
+    r"\[(Corrupt or truncated image file\..*?File:)\] \[(.*?)\]", re.S
+)
+
+
+def _data_error(error, trainer=None):
+    """A `TrainingDataError` from the tf.data pipeline's InvalidArgumentError."""
+    text = getattr(error, "message", None) or str(error)
+    match = _CORRUPT_ASSERTION.search(text)
+    if match:
+        name = match.group(2).strip()
+        if name[:2] in ("b'", 'b"'):
+            name = name[2:-1]
+        message = f"{match.group(1)} {name.strip(chr(34) + chr(39))}"
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else repr(error)
+        message = (
+            f"A training image could not be decoded ({first}), and "
+            "TensorFlow does not say which file. Rerun with skip_corrupt=True "
+            "(--skip_corrupt): it decodes every image once at the start and "
+            "leaves out those that fail."
+        )
+    latest = None
+    if trainer is not None and trainer.model_dir is not None:
+        latest = tf.train.latest_checkpoint(str(trainer.model_dir))
+    if latest:
+        message += f" The last checkpoint {latest} is intact."
+    return TrainingDataError(message)
 
 
 class CheckpointWriteError(OSError):
@@ -797,7 +833,8 @@ def run_loop(
         Stats of the last step (dict of floats), or None if no step ran.
 
     Raises:
-        NonFiniteLossError, TrainingInterrupted, CheckpointWriteError.
+        NonFiniteLossError, TrainingInterrupted, CheckpointWriteError,
+        TrainingDataError (an image could not be decoded).
     """
     step = int(trainer.step.numpy())
     stop = total_steps
@@ -819,7 +856,10 @@ def run_loop(
             raise TrainingInterrupted(
                 reason or "another worker", step, path, chief=chief
             )
-        images, labels = next(iterator)
+        try:
+            images, labels = next(iterator)
+        except tf.errors.InvalidArgumentError as error:
+            raise _data_error(error, trainer) from None
         if step == 0 or last is None:
             trainer.initialize_radius(images)
         stats, norms = trainer.train_step(images, labels)
@@ -1166,6 +1206,7 @@ def train(
     *,
     model_dir,
     data_dir=None,
+    skip_corrupt=False,
     backbone="small_cnn",
     head="softmax",
     embedding_dim=None,
@@ -1216,6 +1257,9 @@ def train(
         data_dir: None for the embedded character set (`kanji.prepare`),
             else a directory with train/ (one folder per identity), and
             optionally test/ + pairs.txt (LFW layout) for the final table.
+        skip_corrupt: (image folders) decode every training image once at
+            the start and leave out those that fail (one warning); without
+            it a corrupt image stops training with `TrainingDataError`.
         kanji_options: keyword arguments of `kanji.prepare` (data size).
         stop_at_step: stop with a checkpoint after this step (time-sliced
             jobs; the next run resumes).
@@ -1238,6 +1282,7 @@ def train(
             the current step was checkpointed.
         CheckpointWriteError: a checkpoint could not be written; the
             earlier ones are intact.
+        TrainingDataError: a training image could not be decoded.
         ValueError: `model_dir` holds a checkpoint of another architecture.
     """
     arguments = dict(locals())
@@ -1277,7 +1322,7 @@ def train(
         embedding_dim = 128 if backbone == "small_cnn" else 512
     # A folder per identity under train/, or insightface's train.rec.
     train_path = root / "train" if (root / "train").is_dir() else root
-    source = data.open_training_source(train_path)
+    source = data.open_training_source(train_path, skip_corrupt=skip_corrupt)
     num_classes = source.num_classes
     if steps is None:
         steps = max(1, math.ceil(epochs * source.num_examples / batch_size))
@@ -1338,14 +1383,17 @@ def train(
         )
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    dataset = data.training_dataset(
-        source,
-        batch_size=batch_size,
-        image_size=tuple(image_size),
-        channels=channels,
-        augment=augment,
-        seed=seed,
-    )
+    try:
+        dataset = data.training_dataset(
+            source,
+            batch_size=batch_size,
+            image_size=tuple(image_size),
+            channels=channels,
+            augment=augment,
+            seed=seed,
+        )
+    except tf.errors.InvalidArgumentError as error:  # in-memory decoding
+        raise _data_error(error, trainer) from None
     iterator = iter(dataset)
     restored = trainer.attach_checkpoint(iterator, max_to_keep=max_to_keep)
     if chief:

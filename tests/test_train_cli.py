@@ -160,3 +160,37 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
         rf"{re.escape(match.group(1))} ± "
         rf"{re.escape(match.group(2))} ", evaluated.stdout, re.M
     ), evaluated.stdout
+
+
+def test_corrupt_training_image_one_line_then_skip_corrupt(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for identity in ("a", "b"):
+        folder = tmp_path / "faces" / "train" / identity
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    bad = tmp_path / "faces" / "train" / "b" / "2.png"
+    bad.write_bytes(b"not an image at all")
+    flags = [
+        f"--data_dir={tmp_path / 'faces'}", "--image_size=16",
+        "--channels=1", "--batch_size=4", "--steps=2", "--warmup_steps=0",
+        "--noevaluate", "--noexport", "--nojit", "--log_every=1",
+    ]
+    result = _run([f"--model_dir={tmp_path / 'run'}", *flags], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines()
+             if l.startswith("train.py:")]
+    assert lines == [
+        "train.py: error: Corrupt or truncated image file. Remove or replace "
+        "the file, or skip such files with skip_corrupt=True "
+        f"(--skip_corrupt). File: {bad}"
+    ], result.stderr[-3000:]
+    skipped = _run([f"--model_dir={tmp_path / 'run2'}", "--skip_corrupt",
+                    *flags], tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert f"Skipped 1 corrupt or truncated image(s) in {tmp_path / 'faces'}"\
+        in skipped.stderr, skipped.stderr[-3000:]
+    assert "2 classes, 7 images" in skipped.stdout, skipped.stdout

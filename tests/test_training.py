@@ -469,3 +469,28 @@ def test_mixed_bfloat16_step_is_close_to_float32():
     for key in ("cross_entropy", "ring_loss", "feature_norm"):
         assert mixed_stats[key] == pytest.approx(full_stats[key], rel=3e-2)
     assert mixed.radius() == pytest.approx(full.radius(), rel=1e-2)
+
+
+def test_data_errors_become_one_line():
+    """tf.data's decode errors: the file when TensorFlow's assertion names
+    it, otherwise what failed and the fix."""
+    named = tf.errors.InvalidArgumentError(
+        None, None,
+        "assertion failed: [Corrupt or truncated image file. Remove it. "
+        "File:] [b'/data/x/1.png']\n\t [[{{node Assert}}]] "
+        "[Op:IteratorGetNext]",
+    )
+    assert str(training._data_error(named)) == (
+        "Corrupt or truncated image file. Remove it. File: /data/x/1.png"
+    )
+    unnamed = tf.errors.InvalidArgumentError(
+        None, None, "Invalid PNG data, size 73\n\t [[{{node DecodePng}}]]"
+    )
+    error = training._data_error(unnamed)
+    assert isinstance(error, ValueError)
+    assert str(error) == (
+        "A training image could not be decoded (Invalid PNG data, size 73), "
+        "and TensorFlow does not say which file. Rerun with "
+        "skip_corrupt=True (--skip_corrupt): it decodes every image once at "
+        "the start and leaves out those that fail."
+    )
