@@ -391,6 +391,8 @@ def export_saved_model(
             training_model.save(str(target / KERAS_FILE))
         _move_into_place(target, output_dir, staging)
     except (OSError, tf.errors.OpError) as error:
+        from ring_loss_tf.training import _first_line
+
         raise ExportError(
             f"Could not write the export to {output_dir} "
             f"({_first_line(error)}); "
@@ -402,12 +404,6 @@ def export_saved_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
-
-
-def _first_line(error):
-    """The first line of an OSError / tf.errors.OpError's message."""
-    text = str(getattr(error, "message", None) or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _move_into_place(new, output_dir, staging):

@@ -131,27 +131,31 @@ class TrainingDataError(ValueError):
     TensorFlow's message does, and the fix)."""
 
 
+# tf.debugging.Assert's message: "[<text> File:] [b'<path>']" (or "<path>").
 _CORRUPT_ASSERTION = re.compile(
-    r"\[(Corrupt or truncated image file\..*?File:)\] \[(.*?)\]", re.S
+    r"\[(Corrupt or truncated image file\..*?File:)\] \[b?['\"]?(.*?)['\"]?\]",
+    re.S,
 )
 
 
+def _first_line(error):
+    """The first line of an OSError's / tf.errors.OpError's message."""
+    text = str(getattr(error, "message", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _data_error(error, trainer=None):
-    """A `TrainingDataError` from the tf.data pipeline's InvalidArgumentError."""
+    """A `TrainingDataError` from tf.data's InvalidArgumentError."""
     text = getattr(error, "message", None) or str(error)
     match = _CORRUPT_ASSERTION.search(text)
     if match:
-        name = match.group(2).strip()
-        if name[:2] in ("b'", 'b"'):
-            name = name[2:-1]
-        message = f"{match.group(1)} {name.strip(chr(34) + chr(39))}"
+        message = f"{match.group(1)} {match.group(2)}"
     else:
-        first = text.strip().splitlines()[0] if text.strip() else repr(error)
         message = (
-            f"A training image could not be decoded ({first}), and "
-            "TensorFlow does not say which file. Rerun with skip_corrupt=True "
-            "(--skip_corrupt): it decodes every image once at the start and "
-            "leaves out those that fail."
+            "A training image could not be decoded "
+            f"({_first_line(error)}), and TensorFlow does not say which "
+            "file. Rerun with skip_corrupt=True (--skip_corrupt): it decodes "
+            "every image once at the start and leaves out those that fail."
         )
     latest = None
     if trainer is not None and trainer.model_dir is not None:
@@ -634,10 +638,7 @@ class Trainer:
         try:
             path = self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as error:
-            reason = getattr(error, "message", None) or str(error)
-            reason = reason.strip().splitlines()[0] if reason.strip() else (
-                type(error).__name__
-            )
+            reason = _first_line(error)
             latest = tf.train.latest_checkpoint(str(self.model_dir))
             kept = (
                 f"the previous checkpoint {latest} is intact"
