@@ -6,6 +6,7 @@ they are used so that the layers work on every Keras backend.
 """
 
 from ring_loss_tf.layers import ArcFace
+from ring_loss_tf.layers import BatchNorm
 from ring_loss_tf.layers import ASoftmax
 from ring_loss_tf.layers import CenterLoss
 from ring_loss_tf.layers import CosFace

@@ -486,13 +486,54 @@ def a_softmax_logits(embeddings, kernel, labels, margin=4, lambda_=0.0):
     return mask * target + (1.0 - mask) * projected
 
 
-class _MarginHead(keras.layers.Layer):
-    """Shared parts of the heads called as `head([embeddings, labels])`."""
+def _check_warmup(margin_warmup_steps):
+    if (
+        isinstance(margin_warmup_steps, bool)
+        or not isinstance(margin_warmup_steps, int)
+        or margin_warmup_steps < 0
+    ):
+        raise ValueError(
+            "`margin_warmup_steps` must be an int >= 0 (training steps "
+            "before the margin starts; 0 starts with it). "
+            f"Received: margin_warmup_steps={margin_warmup_steps!r}"
+        )
 
-    def __init__(self, num_classes, **kwargs):
+
+class _MarginHead(keras.layers.Layer):
+    """Shared parts of the heads called as `head([embeddings, labels])`.
+
+    `margin_warmup_steps` W stages training (the SphereFace authors' advice
+    for runs that do not converge: start from softmax training, then
+    fine-tune with the margin): the first W training calls use the head's
+    margin-free form, the margin starts at call W + 1. The count of training
+    calls is the saved weight `iterations`, so a resumed run continues in
+    the phase it stopped in.
+    """
+
+    def __init__(self, num_classes, margin_warmup_steps=0, **kwargs):
         super().__init__(**kwargs)
         _check_num_classes(num_classes)
+        _check_warmup(margin_warmup_steps)
         self.num_classes = num_classes
+        self.margin_warmup_steps = margin_warmup_steps
+
+    def _add_iterations(self):
+        self.iterations = _replica_local_weight(
+            self, "iterations", (), "zeros", "int64", "only_first_replica"
+        )
+
+    def _count_training_call(self):
+        """Counts this call; returns its step t within the margin phase.
+
+        t ≤ 0 during the warm-up; the first call with the margin has t = 1.
+        """
+        self.iterations.assign_add(ops.ones((), dtype="int64"))
+        return self.iterations - self.margin_warmup_steps
+
+    def margin_step(self):
+        """Steps taken with the margin on (0 during the warm-up)."""
+        t = keras.ops.convert_to_numpy(self.iterations)
+        return max(0, int(t) - self.margin_warmup_steps)
 
     def build(self, input_shape):
         embeddings_shape = _embeddings_shape(self, input_shape)
@@ -518,6 +559,7 @@ class _MarginHead(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["num_classes"] = self.num_classes
+        config["margin_warmup_steps"] = self.margin_warmup_steps
         return config
 
 
@@ -531,9 +573,14 @@ class ASoftmax(_MarginHead):
         f_y  = (λ‖x‖cos θ_y + ‖x‖ψ(θ_y)) / (1 + λ),   f_j = ‖x‖cos θ_j
         λ    = max(lambda_min, lambda_base · (1 + lambda_gamma·t)^−lambda_power)
 
-    with t the non-trainable weight `iterations`, incremented once per
-    training call before λ is computed (the first step uses t = 1), saved
-    and restored with the model so a resumed run continues the schedule.
+    with t the step of the margin phase: the non-trainable weight
+    `iterations` counts training calls (incremented before λ is computed, so
+    the first step uses t = 1), saved and restored with the model so a
+    resumed run continues the schedule. With `margin_warmup_steps` W the
+    first W training calls return the margin-free logits ‖x‖cos θ_j and
+    t = iterations − W: the schedule starts at λ(1) when the margin starts,
+    as when the SphereFace authors fine-tune m = 4 from an m = 1 model with
+    the counter reset.
     Inference (`training=False`): f_j = ‖x‖cos θ_j. Columns of `kernel` are
     normalised inside `call`; there is no bias. Gradients are exact autodiff
     (the Caffe layer back-propagates a rescaled approximation).
@@ -542,6 +589,8 @@ class ASoftmax(_MarginHead):
         num_classes: number of identities.
         margin: m ∈ {1, 2, 3, 4}.
         lambda_base, lambda_gamma, lambda_power, lambda_min: the λ schedule.
+        margin_warmup_steps: W, training steps without the margin (0: the
+            paper's recipe, the margin from the first step).
 
     Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`.
     Output: float32 logits `(batch_size, num_classes)`; use them with sparse
@@ -558,9 +607,12 @@ class ASoftmax(_MarginHead):
         lambda_gamma=0.12,
         lambda_power=1.0,
         lambda_min=5.0,
+        margin_warmup_steps=0,
         **kwargs,
     ):
-        super().__init__(num_classes, **kwargs)
+        super().__init__(
+            num_classes, margin_warmup_steps=margin_warmup_steps, **kwargs
+        )
         if isinstance(margin, bool) or margin not in _MARGINS:
             raise ValueError(
                 f"`margin` must be one of {_MARGINS} (SphereFace's integer "
@@ -578,14 +630,14 @@ class ASoftmax(_MarginHead):
 
     def build(self, input_shape):
         super().build(input_shape)
-        self.iterations = _replica_local_weight(
-            self, "iterations", (), "zeros", "int64", "only_first_replica"
-        )
+        self._add_iterations()
 
     def current_lambda(self):
-        """λ for the current value of `iterations`."""
+        """λ of the last training step (None during the margin warm-up)."""
+        if self.margin_warmup_steps and self.margin_step() == 0:
+            return None
         return a_softmax_lambda(
-            self.iterations,
+            self.iterations - self.margin_warmup_steps,
             self.lambda_base,
             self.lambda_gamma,
             self.lambda_power,
@@ -597,17 +649,21 @@ class ASoftmax(_MarginHead):
         if not training:
             projected, _, _ = _cosine_logits(embeddings, self.kernel)
             return projected
-        self.iterations.assign_add(ops.ones((), dtype="int64"))
+        t = self._count_training_call()
         lambda_ = a_softmax_lambda(
-            self.iterations + 0,
+            ops.maximum(t, 0),
             self.lambda_base,
             self.lambda_gamma,
             self.lambda_power,
             self.lambda_min,
         )
-        return a_softmax_logits(
+        logits = a_softmax_logits(
             embeddings, self.kernel, labels, self.margin, lambda_
         )
+        if not self.margin_warmup_steps:
+            return logits
+        projected, _, _ = _cosine_logits(embeddings, self.kernel)
+        return ops.where(t > 0, logits, projected)
 
     def get_config(self):
         config = super().get_config()
@@ -666,21 +722,39 @@ def arcface_logits(
 
 
 class _ScaledMarginHead(_MarginHead):
-    """CosFace and ArcFace: margins on s·cos θ logits; plain s·cos θ at inference."""
+    """CosFace and ArcFace: margins on s·cos θ logits; plain s·cos θ at inference.
 
-    def __init__(self, num_classes, scale, margin, **kwargs):
-        super().__init__(num_classes, **kwargs)
+    With `margin_warmup_steps` W > 0 the first W training calls use m = 0
+    (the logits s·cos θ_j); the weight `iterations` counting them exists
+    only then, so files saved without a warm-up load unchanged.
+    """
+
+    def __init__(
+        self, num_classes, scale, margin, margin_warmup_steps=0, **kwargs
+    ):
+        super().__init__(
+            num_classes, margin_warmup_steps=margin_warmup_steps, **kwargs
+        )
         _check_positive("scale", scale)
         _check_positive("margin", margin, allow_zero=True)
         self.scale = scale
         self.margin = margin
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.margin_warmup_steps:
+            self._add_iterations()
+
     def call(self, inputs, training=None):
         embeddings, labels = _with_labels(self, inputs)
+        _, cos, _ = _cosine_logits(embeddings, self.kernel)
         if not training:
-            _, cos, _ = _cosine_logits(embeddings, self.kernel)
             return self.scale * cos
-        return self._margin_logits(embeddings, labels)
+        logits = self._margin_logits(embeddings, labels)
+        if not self.margin_warmup_steps:
+            return logits
+        return ops.where(self._count_training_call() > 0, logits,
+                         self.scale * cos)
 
     def get_config(self):
         config = super().get_config()
@@ -696,13 +770,19 @@ class CosFace(_ScaledMarginHead):
         num_classes: number of identities.
         scale: s.
         margin: m, subtracted from the target cosine.
+        margin_warmup_steps: training steps with m = 0 first (default 0).
 
     Input: `[embeddings, labels]`. Output: float32 logits.
     Reference: https://arxiv.org/abs/1801.09414
     """
 
-    def __init__(self, num_classes, scale=64.0, margin=0.35, **kwargs):
-        super().__init__(num_classes, scale, margin, **kwargs)
+    def __init__(
+        self, num_classes, scale=64.0, margin=0.35, margin_warmup_steps=0,
+        **kwargs,
+    ):
+        super().__init__(
+            num_classes, scale, margin, margin_warmup_steps, **kwargs
+        )
 
     def _margin_logits(self, embeddings, labels):
         return cosface_logits(
@@ -719,15 +799,19 @@ class ArcFace(_ScaledMarginHead):
         scale: s.
         margin: additive angular margin m in radians, in [0, π).
         easy_margin: apply the margin only where cos θ > 0.
+        margin_warmup_steps: training steps with m = 0 first (default 0).
 
     Input: `[embeddings, labels]`. Output: float32 logits.
     Reference: https://arxiv.org/abs/1801.07698
     """
 
     def __init__(
-        self, num_classes, scale=64.0, margin=0.5, easy_margin=False, **kwargs
+        self, num_classes, scale=64.0, margin=0.5, easy_margin=False,
+        margin_warmup_steps=0, **kwargs,
     ):
-        super().__init__(num_classes, scale, margin, **kwargs)
+        super().__init__(
+            num_classes, scale, margin, margin_warmup_steps, **kwargs
+        )
         if margin >= math.pi:
             raise ValueError(
                 "`margin` is an angle in radians and must be below π "
@@ -883,6 +967,103 @@ class CenterLoss(keras.layers.Layer):
                 "num_classes": self.num_classes,
                 "loss_weight": self.loss_weight,
                 "alpha": self.alpha,
+            }
+        )
+        return config
+
+
+# --------------------------------------------------------------------------
+# BatchNorm for the custom distributed step
+# --------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BatchNorm(keras.layers.Layer):
+    """Batch normalisation over all axes but the last, for `strategy.run`.
+
+    In training:  y = γ · (x − μ_B) / √(σ²_B + ε) + β, with μ_B, σ²_B the
+    mean and (biased) variance of this replica's batch; the moving averages
+    follow m ← momentum · m + (1 − momentum) · batch value. In inference
+    the moving averages replace the batch statistics.
+
+    `keras.layers.BatchNormalization` cannot be trained by the project's
+    step: it writes its moving averages through a cross-replica merge,
+    which a compiled function inside `strategy.run` does not allow. Here
+    they are on-read replica-local weights (each replica updates its copy;
+    reading or saving averages them), as A-Softmax's counter is. Batch
+    statistics are per replica, as in insightface's trainer (plain
+    BatchNorm under DDP): with several replicas the update is not the
+    one-device update.
+
+    Args:
+        momentum: of the moving averages (0.9, PyTorch's 0.1).
+        epsilon: ε.
+        scale: learn γ (False: γ = 1, as insightface's embedding BN).
+        center: learn β.
+    """
+
+    def __init__(self, momentum=0.9, epsilon=1e-5, scale=True, center=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= momentum < 1:
+            raise ValueError(
+                f"`momentum` must be in [0, 1). Received: momentum={momentum!r}"
+            )
+        _check_positive("epsilon", epsilon)
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.scale = bool(scale)
+        self.center = bool(center)
+
+    def build(self, input_shape):
+        shape = (input_shape[-1],)
+        self.gamma = self.beta = None
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma", initializer="ones"
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta", initializer="zeros"
+            )
+        self.moving_mean = _replica_local_weight(
+            self, "moving_mean", shape, "zeros", "float32", "mean"
+        )
+        self.moving_variance = _replica_local_weight(
+            self, "moving_variance", shape, "ones", "float32", "mean"
+        )
+
+    def call(self, x, training=None):
+        axes = tuple(range(len(x.shape) - 1))
+        if training:
+            mean, variance = ops.moments(_float32(x), axes=axes)
+            for moving, value in (
+                (self.moving_mean, mean), (self.moving_variance, variance),
+            ):
+                moving.assign(
+                    self.momentum * moving + (1.0 - self.momentum) * value
+                )
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        inverse = ops.rsqrt(ops.cast(variance, x.dtype) + self.epsilon)
+        if self.gamma is not None:
+            inverse = inverse * ops.cast(self.gamma, x.dtype)
+        y = (x - ops.cast(mean, x.dtype)) * inverse
+        if self.beta is not None:
+            y = y + ops.cast(self.beta, x.dtype)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "scale": self.scale,
+                "center": self.center,
             }
         )
         return config

@@ -419,6 +419,129 @@ def test_a_softmax_layer_schedule_and_inference():
     )
 
 
+def test_a_softmax_margin_warmup_phases():
+    """W warm-up calls give ‖x‖cos θ; the margin phase restarts λ at t = 1."""
+    x, _, labels = random_case(9)
+    warmup = 3
+    layer = ring_loss_tf.ASoftmax(7, margin=4, margin_warmup_steps=warmup)
+    layer([x, labels], training=False)
+    kernel = lc.to_numpy(layer.kernel)
+    cos, norms = np_cos(x, kernel)
+    for call in range(1, warmup + 1):  # margin steps t = -2, -1, 0
+        logits = lc.to_numpy(layer([x, labels], training=True))
+        np.testing.assert_allclose(logits, norms * cos, rtol=1e-5, atol=1e-5)
+        assert layer.current_lambda() is None and layer.margin_step() == 0
+    assert int(lc.to_numpy(layer.iterations)) == warmup
+    # The phase boundary: the first margin call is t = 1 of the schedule.
+    logits = lc.to_numpy(layer([x, labels], training=True))
+    np.testing.assert_allclose(
+        logits, np_a_softmax(x, kernel, labels, 4, np_lambda(1)),
+        rtol=1e-4, atol=1e-4,
+    )
+    assert layer.margin_step() == 1
+    np.testing.assert_allclose(
+        float(lc.to_numpy(layer.current_lambda())), 892.857142857, rtol=1e-6
+    )
+    # t = 1659 of the margin phase: λ has just reached its floor 5.
+    layer.iterations.assign(warmup + 1658)
+    logits = lc.to_numpy(layer([x, labels], training=True))
+    assert layer.margin_step() == 1659
+    np.testing.assert_allclose(
+        float(lc.to_numpy(layer.current_lambda())), 5.0, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        logits, np_a_softmax(x, kernel, labels, 4, 5.0), rtol=1e-4, atol=1e-4
+    )
+    # Inference never has the margin.
+    np.testing.assert_allclose(
+        lc.to_numpy(layer([x, labels], training=False)), norms * cos,
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface"])
+def test_scaled_margin_heads_warm_up_with_m_zero(name):
+    x, _, labels = random_case(10)
+    cls, ref = {
+        "cosface": (ring_loss_tf.CosFace, np_cosface),
+        "arcface": (ring_loss_tf.ArcFace, np_arcface),
+    }[name]
+    layer = cls(7, scale=8.0, margin=0.3, margin_warmup_steps=2)
+    layer([x, labels], training=False)
+    kernel = lc.to_numpy(layer.kernel)
+    for _ in range(2):
+        np.testing.assert_allclose(
+            lc.to_numpy(layer([x, labels], training=True)),
+            ref(x, kernel, labels, 8.0, 0.0), rtol=1e-5, atol=1e-5,
+        )
+    np.testing.assert_allclose(
+        lc.to_numpy(layer([x, labels], training=True)),
+        ref(x, kernel, labels, 8.0, 0.3), rtol=1e-5, atol=1e-5,
+    )
+    assert layer.margin_step() == 1
+    # Without a warm-up the layer has no counter (older files load as they
+    # were saved).
+    plain = cls(7, scale=8.0, margin=0.3)
+    plain([x, labels], training=True)
+    assert [w.name for w in plain.weights] == ["kernel"]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "10"])
+def test_margin_warmup_steps_rejects_bad_values(bad):
+    for cls in (ring_loss_tf.ASoftmax, ring_loss_tf.CosFace,
+                ring_loss_tf.ArcFace):
+        with pytest.raises(ValueError, match=r"`margin_warmup_steps` must be"):
+            cls(7, margin_warmup_steps=bad)
+
+
+def test_keras_file_keeps_the_margin_phase(tmp_path):
+    x, _, labels = random_case(11)
+    embeddings = keras.Input((5,))
+    label_input = keras.Input((), dtype="int32")
+    head = ring_loss_tf.ASoftmax(7, margin_warmup_steps=2, name="head")
+    model = keras.Model(
+        [embeddings, label_input], head([embeddings, label_input])
+    )
+    for _ in range(3):  # two warm-up calls, then one with the margin
+        model([x, labels], training=True)
+    loaded = lc.roundtrip_keras_file(model, str(tmp_path / "m.keras"))
+    restored = loaded.get_layer("head")
+    assert restored.margin_warmup_steps == 2
+    assert int(lc.to_numpy(restored.iterations)) == 3
+    assert restored.margin_step() == 1
+    kernel = lc.to_numpy(restored.kernel)
+    np.testing.assert_allclose(
+        lc.to_numpy(loaded([x, labels], training=True)),
+        np_a_softmax(x, kernel, labels, 4, np_lambda(2)), rtol=1e-4, atol=1e-4,
+    )
+
+
+def test_batch_norm_training_inference_and_moving_averages():
+    x = rng(12).normal(size=(6, 4)).astype("float32") * 3 + 1
+    layer = ring_loss_tf.BatchNorm(momentum=0.8, epsilon=1e-3, scale=False)
+    y = lc.to_numpy(layer(x, training=True))
+    mean, variance = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
+    np.testing.assert_allclose(
+        y, (x - mean) / np.sqrt(variance + 1e-3), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.moving_mean), 0.2 * mean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.moving_variance), 0.8 + 0.2 * variance, rtol=1e-5
+    )
+    moving_mean = 0.2 * mean
+    moving_variance = 0.8 + 0.2 * variance
+    np.testing.assert_allclose(
+        lc.to_numpy(layer(x, training=False)),
+        (x - moving_mean) / np.sqrt(moving_variance + 1e-3),
+        rtol=1e-4, atol=1e-4,
+    )
+    assert [w.name for w in layer.trainable_weights] == ["beta"]
+    clone = lc.config_roundtrip(layer)
+    assert (clone.momentum, clone.epsilon, clone.scale) == (0.8, 1e-3, False)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -744,6 +867,8 @@ def test_keras_file_roundtrip_restores_all_state(head, tmp_path):
                               lambda_min=1.0),
         ring_loss_tf.CosFace(10, scale=30.0, margin=0.2),
         ring_loss_tf.ArcFace(10, scale=30.0, margin=0.3, easy_margin=True),
+        ring_loss_tf.ArcFace(10, margin_warmup_steps=100),
+        ring_loss_tf.ASoftmax(10, margin_warmup_steps=200),
         ring_loss_tf.L2Constrained(alpha=30.0),
         ring_loss_tf.CenterLoss(10, loss_weight=0.5, alpha=0.1),
     ],
