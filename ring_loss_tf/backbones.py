@@ -20,14 +20,29 @@ Reference: https://arxiv.org/abs/1704.08063 (SphereFace, Table 2).
 
 import keras
 
+from ring_loss_tf import layers
+
 BACKBONES = ("small_cnn", "sphereface4", "sphereface20")
+
+# How the last feature map becomes the embedding: "fc", a fully-connected
+# layer (SphereFace, the paper's); "bn", insightface's BN → FC → BN block
+# (BatchNorm on the feature map, the FC, and a BatchNorm without a learned
+# scale on the embedding; insightface's dropout before the FC is 0 by
+# default and left out). Batch statistics are per replica, as in
+# insightface's trainer (`layers.BatchNorm`).
+EMBEDDING_BLOCKS = ("fc", "bn")
 
 # The Caffe SphereFace model: Xavier for the stride-2 convs, N(0, 0.01) for
 # the convs inside residual units, PReLU slopes initialised to 0.25.
 _RESIDUAL_INIT = keras.initializers.RandomNormal(stddev=0.01)
 
 
-def _check_common(input_shape, embedding_dim):
+def _check_common(input_shape, embedding_dim, embedding_block="fc"):
+    if embedding_block not in EMBEDDING_BLOCKS:
+        raise ValueError(
+            f"`embedding_block` must be one of {EMBEDDING_BLOCKS}. "
+            f"Received: embedding_block={embedding_block!r}"
+        )
     if len(input_shape) != 3 or any(
         not isinstance(d, int) or d <= 0 for d in input_shape
     ):
@@ -86,9 +101,24 @@ def _seeded(initializer, seed):
     )
 
 
-def _sphereface(units, input_shape, embedding_dim, name, seed):
+def _embedding(x, embedding_dim, embedding_block, initializer, name):
+    """The last feature map → `(batch, embedding_dim)` (see EMBEDDING_BLOCKS)."""
+    if embedding_block == "bn":
+        x = layers.BatchNorm(name="feature_bn")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(
+        embedding_dim, kernel_initializer=initializer, name=name
+    )(x)
+    if embedding_block == "bn":
+        # insightface freezes this BatchNorm's scale at 1.
+        x = layers.BatchNorm(scale=False, name="embedding_bn")(x)
+    return x
+
+
+def _sphereface(units, input_shape, embedding_dim, name, seed,
+                embedding_block):
     """SphereFace stages: stride-2 conv + `units[i]` residual units each."""
-    _check_common(input_shape, embedding_dim)
+    _check_common(input_shape, embedding_dim, embedding_block)
     seeds = _Seeds(seed)
     images = keras.Input(input_shape, name="images")
     x = images
@@ -104,16 +134,15 @@ def _sphereface(units, input_shape, embedding_dim, name, seed):
                 x = _conv(x, filters, 1, f"{prefix}_{j}", _RESIDUAL_INIT, seeds)
                 x = _prelu(x, f"{prefix}_{j}_prelu")
             x = keras.layers.Add(name=f"{prefix}_res{unit + 1}")([shortcut, x])
-    x = keras.layers.Flatten(name="flatten")(x)
-    embeddings = keras.layers.Dense(
-        embedding_dim,
-        kernel_initializer=_seeded("glorot_uniform", seeds()),
-        name="fc5",
-    )(x)
+    embeddings = _embedding(
+        x, embedding_dim, embedding_block,
+        _seeded("glorot_uniform", seeds()), "fc5",
+    )
     return keras.Model(images, embeddings, name=name)
 
 
-def sphereface20(input_shape=(112, 96, 3), embedding_dim=512, seed=None):
+def sphereface20(input_shape=(112, 96, 3), embedding_dim=512, seed=None,
+                 embedding_block="fc"):
     """SphereFace-20: 20 conv layers, 1/2/4/1 residual units (the paper's).
 
     Args:
@@ -121,28 +150,34 @@ def sphereface20(input_shape=(112, 96, 3), embedding_dim=512, seed=None):
             normalised as (x − 127.5) / 128.
         embedding_dim: size of the fully-connected embedding (paper: 512).
         seed: seed of the weight initialisers (None: random).
+        embedding_block: "fc" (the paper's) or "bn" (BN → FC → BN, see
+            `EMBEDDING_BLOCKS`).
 
     Returns:
         A `keras.Model` from `(batch, *input_shape)` images to
         `(batch, embedding_dim)` embeddings.
     """
     return _sphereface(
-        (1, 2, 4, 1), input_shape, embedding_dim, "sphereface20", seed
+        (1, 2, 4, 1), input_shape, embedding_dim, "sphereface20", seed,
+        embedding_block,
     )
 
 
-def sphereface4(input_shape=(112, 96, 3), embedding_dim=512, seed=None):
+def sphereface4(input_shape=(112, 96, 3), embedding_dim=512, seed=None,
+                embedding_block="fc"):
     """SphereFace-4: the four stride-2 conv stages of SphereFace-20 only.
 
     Same arguments and output as `sphereface20`.
     """
     return _sphereface(
-        (0, 0, 0, 0), input_shape, embedding_dim, "sphereface4", seed
+        (0, 0, 0, 0), input_shape, embedding_dim, "sphereface4", seed,
+        embedding_block,
     )
 
 
 def small_cnn(
-    input_shape=(32, 32, 1), embedding_dim=128, seed=None, widths=(16, 32, 64)
+    input_shape=(32, 32, 1), embedding_dim=128, seed=None, widths=(16, 32, 64),
+    embedding_block="fc",
 ):
     """A small PReLU CNN for the embedded 32×32 grey characters (CPU default).
 
@@ -153,13 +188,14 @@ def small_cnn(
     2× per layer here, so the first features would have norms near 0.1).
 
     Args:
-        input_shape, embedding_dim, seed: as `sphereface20`.
+        input_shape, embedding_dim, seed, embedding_block: as
+            `sphereface20`.
         widths: channels of the three stages.
 
     Returns:
         A `keras.Model` from images to `(batch, embedding_dim)` embeddings.
     """
-    _check_common(input_shape, embedding_dim)
+    _check_common(input_shape, embedding_dim, embedding_block)
     if len(widths) != 3 or any(
         not isinstance(w, int) or w <= 0 for w in widths
     ):
@@ -176,12 +212,10 @@ def small_cnn(
                 x, filters, strides, f"conv{stage}_{j}", "he_normal", seeds
             )
             x = _prelu(x, f"conv{stage}_{j}_prelu")
-    x = keras.layers.Flatten(name="flatten")(x)
-    embeddings = keras.layers.Dense(
-        embedding_dim,
-        kernel_initializer=_seeded("glorot_uniform", seeds()),
-        name="embedding",
-    )(x)
+    embeddings = _embedding(
+        x, embedding_dim, embedding_block,
+        _seeded("glorot_uniform", seeds()), "embedding",
+    )
     return keras.Model(images, embeddings, name="small_cnn")
 
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import backbones
+from ring_loss_tf import layers
 
 
 def _conv_params(c_in, c_out):
@@ -142,3 +143,23 @@ def test_bad_arguments_are_named():
         backbones.sphereface20(embedding_dim=0)
     with pytest.raises(ValueError, match=r"widths=\(8, 8\)"):
         backbones.small_cnn(widths=(8, 8))
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "sphereface4"])
+def test_bn_embedding_block_normalises_each_dimension(name):
+    shape = (32, 32, 1) if name == "small_cnn" else (24, 20, 3)
+    model = backbones.get(name)(
+        input_shape=shape, embedding_dim=16, seed=0, embedding_block="bn"
+    )
+    norms = [l for l in model.layers if isinstance(l, layers.BatchNorm)]
+    assert [l.name for l in norms] == ["feature_bn", "embedding_bn"]
+    assert norms[1].gamma is None  # insightface's frozen scale of 1
+    images = np.random.default_rng(0).normal(size=(12, *shape))
+    embeddings = model(images.astype("float32"), training=True).numpy()
+    np.testing.assert_allclose(embeddings.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(embeddings.var(0), 1.0, rtol=1e-2)
+
+
+def test_unknown_embedding_block_is_refused():
+    with pytest.raises(ValueError, match=r"`embedding_block` must be one of"):
+        backbones.small_cnn(embedding_block="layernorm")
