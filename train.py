@@ -97,9 +97,24 @@ flags.DEFINE_float("lambda_base", 1000.0, "A-Softmax λ schedule: base.")
 flags.DEFINE_float("lambda_gamma", 0.12, "A-Softmax λ schedule: gamma.")
 flags.DEFINE_float("lambda_power", 1.0, "A-Softmax λ schedule: power.")
 flags.DEFINE_float("lambda_min", 5.0, "A-Softmax λ schedule: lower bound.")
+flags.DEFINE_integer(
+    "margin_warmup_steps", None,
+    "asoftmax/cosface/arcface: steps trained without the margin first "
+    "(A-Softmax's λ schedule starts when the margin does). Default 200 for "
+    "these heads (A-Softmax collapses and ArcFace/CosFace barely learn "
+    "without it on the embedded set; README, \"Staged margin training\"); "
+    "0 is the paper's recipe.")
+flags.DEFINE_string(
+    "embedding_block", None,
+    "fc (a fully-connected embedding, SphereFace's) | bn (insightface's "
+    "BN → FC → BN). Default bn for cosface/arcface (their feature norm runs "
+    "away without it), fc otherwise.")
 flags.DEFINE_float("l2_alpha", 16.0, "l2softmax: feature norm α.")
-flags.DEFINE_float("center_loss_weight", 0.003, "centerloss: λ.")
-flags.DEFINE_float("center_alpha", 0.5, "centerloss: center update rate α.")
+flags.DEFINE_float(
+    "center_loss_weight", None,
+    "Center loss λ, with any head; 0 disables it. Default 0.003 for "
+    "--head=centerloss (softmax + center loss), else 0.")
+flags.DEFINE_float("center_alpha", 0.5, "Center loss: center update rate α.")
 
 # Optimisation.
 flags.DEFINE_integer("batch_size", 256,
@@ -218,6 +233,24 @@ def _check_flags():
     ):
         _fail("margin", f.margin, "A-Softmax's margin m must be 1, 2, 3 or 4",
               "use 4 (SphereFace) or omit --margin")
+    margin_heads = ("asoftmax", "cosface", "arcface")
+    if f.margin_warmup_steps is not None and f.margin_warmup_steps < 0:
+        _fail("margin_warmup_steps", f.margin_warmup_steps,
+              "must be an integer >= 0",
+              "use 0 to start with the margin, or e.g. 200")
+    if f.margin_warmup_steps and f.head not in margin_heads:
+        _fail("margin_warmup_steps", f.margin_warmup_steps,
+              f"the {f.head} head has no margin to warm up",
+              f"use it with --head={'/'.join(margin_heads)}, or omit it")
+    if f.embedding_block is not None and f.embedding_block not in ("fc", "bn"):
+        _fail("embedding_block", f.embedding_block, "unknown embedding block",
+              "use one of fc, bn")
+    if f.center_loss_weight is not None and not (
+        f.center_loss_weight >= 0 and math.isfinite(f.center_loss_weight)
+    ):
+        _fail("center_loss_weight", f.center_loss_weight,
+              "must be a finite number >= 0",
+              "use 0 to disable center loss or e.g. 0.003")
     for name in ("num_train_identities", "num_test_identities",
                  "train_samples_per_identity"):
         if getattr(f, name) < 1:
@@ -298,6 +331,8 @@ def main(argv):
             lambda_gamma=FLAGS.lambda_gamma,
             lambda_power=FLAGS.lambda_power,
             lambda_min=FLAGS.lambda_min,
+            margin_warmup_steps=FLAGS.margin_warmup_steps,
+            embedding_block=FLAGS.embedding_block,
             l2_alpha=FLAGS.l2_alpha,
             center_loss_weight=FLAGS.center_loss_weight,
             center_alpha=FLAGS.center_alpha,

@@ -449,19 +449,7 @@ def load_training_models(model_dir: str | os.PathLike):
             "saves one every --checkpoint_every steps and at the end)."
         )
     config = json.loads(config_path.read_text())
-    models = training.build_models(
-        num_classes=config["num_classes"],
-        backbone=config["backbone"],
-        head=config["head"],
-        image_size=tuple(config["image_size"]),
-        channels=config["channels"],
-        embedding_dim=config["embedding_dim"],
-        lambda_ring=config["lambda_ring"] if config["ring"] else 0.0,
-        ring_radius=config.get("ring_radius", "auto"),
-        margin=config.get("margin"),
-        scale=config.get("scale"),
-        seed=config.get("seed"),
-    )
+    models = training.build_models(**training.model_settings(config))
     status = tf.train.Checkpoint(model=models.train_model).restore(latest)
     status.expect_partial().assert_existing_objects_matched()
     return models

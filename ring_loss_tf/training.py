@@ -81,7 +81,46 @@ ARCHITECTURE_KEYS = (
     "image_size",
     "channels",
     "ring",
+    "embedding_block",
 )
+# The other settings of `build_models`: saved in config.json, read back by
+# export, and a resumed run must match them too (a different value would
+# silently change the model it continues).
+MODEL_KEYS = (
+    "lambda_ring",
+    "ring_radius",
+    "margin",
+    "scale",
+    "lambda_base",
+    "lambda_gamma",
+    "lambda_power",
+    "lambda_min",
+    "margin_warmup_steps",
+    "l2_alpha",
+    "center_loss_weight",
+    "center_alpha",
+)
+# Settings of the optimisation a resumed run must keep (the number of
+# steps may grow: that extends the run).
+TRAINING_KEYS = (
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "mixed_precision",
+    "augment",
+    "seed",
+)
+# The warm-up train.py uses when --margin_warmup_steps is not given: where
+# a head does not train on the embedded set without one (README, "Staged
+# margin training").
+DEFAULT_MARGIN_WARMUP_STEPS = {"asoftmax": 200, "cosface": 200, "arcface": 200}
+# The embedding block train.py uses when --embedding_block is not given.
+DEFAULT_EMBEDDING_BLOCK = {"cosface": "bn", "arcface": "bn"}
+MARGIN_HEADS = ("asoftmax", "cosface", "arcface")
 
 
 class ArgumentError(ValueError):
@@ -334,22 +373,31 @@ def build_models(
     lambda_gamma=0.12,
     lambda_power=1.0,
     lambda_min=5.0,
+    margin_warmup_steps=0,
     l2_alpha=16.0,
-    center_loss_weight=0.003,
+    center_loss_weight=None,
     center_alpha=0.5,
+    embedding_block="fc",
     seed=None,
 ):
-    """Builds backbone → RingLoss (if `lambda_ring` > 0) → head.
+    """Builds backbone → RingLoss (if `lambda_ring` > 0) → CenterLoss (if
+    `center_loss_weight` > 0) → head.
 
     Heads: "softmax" (`keras.layers.Dense`), "l2softmax" (`L2Constrained` +
-    Dense), "centerloss" (`CenterLoss` + Dense), "asoftmax", "cosface",
-    "arcface" (margin heads). `margin` and `scale` default to the head's own
-    defaults. Call under the strategy's scope.
+    Dense), "asoftmax", "cosface", "arcface" (margin heads, with
+    `margin_warmup_steps`), and "centerloss", softmax with center loss.
+    Center loss, like Ring loss, combines with any head; its weight defaults
+    to 0.003 for "centerloss" and 0 (off) for the others. `margin` and
+    `scale` default to the head's own defaults. Call under the strategy's
+    scope.
     """
+    if center_loss_weight is None:
+        center_loss_weight = 0.003 if head == "centerloss" else 0.0
     embedding_model = backbones.get(backbone)(
         input_shape=(*image_size, channels),
         embedding_dim=embedding_dim,
         seed=seed,
+        embedding_block=embedding_block,
     )
     images = keras.Input((*image_size, channels), name="images")
     labels = keras.Input((), dtype="int32", name="labels")
@@ -361,6 +409,10 @@ def build_models(
             loss_weight=lambda_ring, radius_init=ring_radius, name="ring_loss"
         )
         features = ring(features)
+    if center_loss_weight > 0:
+        features = layers.CenterLoss(
+            num_classes, center_loss_weight, center_alpha, name="center_loss"
+        )([features, labels])
     margin_kwargs = {} if margin is None else {"margin": margin}
     scale_kwargs = {} if scale is None else {"scale": scale}
     dense_init = keras.initializers.GlorotUniform(seed=seed)
@@ -369,18 +421,12 @@ def build_models(
         num_classes, kernel_initializer=dense_init, dtype="float32",
         name="logits",
     )
-    if head == "softmax":
+    if head in ("softmax", "centerloss"):
         head_layer = dense
         logits = dense(features)
     elif head == "l2softmax":
         head_layer = dense
         logits = dense(layers.L2Constrained(l2_alpha, name="l2")(features))
-    elif head == "centerloss":
-        head_layer = dense
-        centered = layers.CenterLoss(
-            num_classes, center_loss_weight, center_alpha, name="center_loss"
-        )([features, labels])
-        logits = dense(centered)
     elif head == "asoftmax":
         head_layer = layers.ASoftmax(
             num_classes,
@@ -388,6 +434,7 @@ def build_models(
             lambda_gamma=lambda_gamma,
             lambda_power=lambda_power,
             lambda_min=lambda_min,
+            margin_warmup_steps=margin_warmup_steps,
             name="asoftmax",
             **margin_kwargs,
         )
@@ -395,7 +442,8 @@ def build_models(
     elif head in ("cosface", "arcface"):
         cls = layers.CosFace if head == "cosface" else layers.ArcFace
         head_layer = cls(
-            num_classes, name=head, **margin_kwargs, **scale_kwargs
+            num_classes, margin_warmup_steps=margin_warmup_steps, name=head,
+            **margin_kwargs, **scale_kwargs,
         )
         logits = head_layer([features, labels])
     else:
@@ -770,10 +818,21 @@ class Trainer:
         return None if ring is None else float(ring.radius.numpy())
 
     def head_lambda(self):
+        """A-Softmax's λ of the last step (None: another head or warm-up)."""
         head = self.models.head
         if isinstance(head, layers.ASoftmax):
-            return float(keras.ops.convert_to_numpy(head.current_lambda()))
+            value = head.current_lambda()
+            if value is not None:
+                return float(keras.ops.convert_to_numpy(value))
         return None
+
+    def in_margin_warmup(self):
+        """True while a margin head still trains without its margin."""
+        head = self.models.head
+        return bool(
+            getattr(head, "margin_warmup_steps", 0)
+            and head.margin_step() == 0
+        )
 
     def peak_learning_rate(self):
         """The base of a `LearningRate` schedule, else the current rate."""
@@ -911,7 +970,9 @@ def _progress_line(trainer, step, total_steps, stats, images_per_second, sps):
         parts += [f"ring {stats['ring_loss']:.4f}", f"R {radius:.3f}"]
     parts.append(f"|F| {stats['feature_norm']:.3f}")
     head_lambda = trainer.head_lambda()
-    if head_lambda is not None:
+    if trainer.in_margin_warmup():
+        parts.append("margin off")
+    elif head_lambda is not None:
         parts.append(f"lambda {head_lambda:.2f}")
     parts.append(f"lr {trainer.learning_rate():.4g}")
     parts.append(f"{images_per_second:.0f} img/s")
@@ -1073,6 +1134,34 @@ def _check_arguments(a):
         if not (isinstance(a[name], (int, float)) and a[name] >= 0):
             bad(name, "must be >= 0",
                 "see README, A-Softmax schedule (defaults 1000, 0.12, 1, 5)")
+    warmup = a["margin_warmup_steps"]
+    if warmup is not None and (
+        isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0
+    ):
+        bad("margin_warmup_steps", "must be an integer >= 0",
+            "use 0 to start with the margin, or e.g. 200")
+    if warmup and a["head"] not in MARGIN_HEADS:
+        bad("margin_warmup_steps",
+            f"the {a['head']} head has no margin to warm up",
+            f"use it with --head={'/'.join(MARGIN_HEADS)}, or omit it")
+    if a["embedding_block"] is not None and (
+        a["embedding_block"] not in backbones.EMBEDDING_BLOCKS
+    ):
+        bad("embedding_block", "unknown embedding block",
+            f"use one of {', '.join(backbones.EMBEDDING_BLOCKS)}")
+    for name in ("l2_alpha", "center_alpha"):
+        if not (isinstance(a[name], (int, float)) and a[name] > 0
+                and math.isfinite(a[name])):
+            bad(name, "must be a positive number",
+                "omit it for the default (16 for l2_alpha, 0.5 for "
+                "center_alpha)")
+    weight = a["center_loss_weight"]
+    if weight is not None and not (
+        isinstance(weight, (int, float)) and weight >= 0
+        and math.isfinite(weight)
+    ):
+        bad("center_loss_weight", "must be a finite number >= 0",
+            "use 0 to disable center loss or e.g. 0.003")
     if a["image_size"] is not None and (
         len(a["image_size"]) != 2 or min(a["image_size"]) < 8
     ):
@@ -1096,7 +1185,7 @@ def _check_arguments(a):
 
 
 def _config(a, num_classes, image_size, channels, embedding_dim):
-    return {
+    config = {
         "backbone": a["backbone"],
         "head": a["head"],
         "num_classes": int(num_classes),
@@ -1104,13 +1193,33 @@ def _config(a, num_classes, image_size, channels, embedding_dim):
         "image_size": list(image_size),
         "channels": int(channels),
         "ring": a["lambda_ring"] > 0,
-        "lambda_ring": a["lambda_ring"],
-        "ring_radius": a["ring_radius"],
-        "margin": a["margin"],
-        "scale": a["scale"],
+        "embedding_block": a["embedding_block"],
         "data_dir": None if a["data_dir"] is None else str(a["data_dir"]),
-        "seed": a["seed"],
     }
+    config.update({k: a[k] for k in MODEL_KEYS + TRAINING_KEYS})
+    return config
+
+
+def model_settings(config):
+    """`build_models` keyword arguments from a saved config.json.
+
+    Settings an older config.json lacks take the values that run used
+    then (the defaults of its time).
+    """
+    settings = {
+        "num_classes": config["num_classes"],
+        "backbone": config["backbone"],
+        "head": config["head"],
+        "image_size": tuple(config["image_size"]),
+        "channels": config["channels"],
+        "embedding_dim": config["embedding_dim"],
+        "embedding_block": config.get("embedding_block", "fc"),
+        "seed": config.get("seed"),
+    }
+    settings.update({k: config[k] for k in MODEL_KEYS if k in config})
+    if not config.get("ring", True):
+        settings["lambda_ring"] = 0.0
+    return settings
 
 
 def check_resume_config(model_dir, config):
@@ -1124,10 +1233,11 @@ def check_resume_config(model_dir, config):
     has_checkpoint = tf.train.latest_checkpoint(str(model_dir)) is not None
     if path.is_file() and has_checkpoint:
         saved = json.loads(path.read_text())
+        # A key an older config.json lacks cannot be compared.
         different = [
-            f"{k}={saved.get(k)!r} (now {config[k]!r})"
-            for k in ARCHITECTURE_KEYS
-            if saved.get(k) != config[k]
+            f"{k}={saved[k]!r} (now {config[k]!r})"
+            for k in ARCHITECTURE_KEYS + MODEL_KEYS + TRAINING_KEYS
+            if k in saved and _json_value(saved[k]) != _json_value(config[k])
         ]
         if different:
             raise ValueError(
@@ -1140,6 +1250,11 @@ def check_resume_config(model_dir, config):
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(temporary, path)
+
+
+def _json_value(value):
+    """`value` as config.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def embed(embedding_model, images, batch_size=512):
@@ -1234,9 +1349,11 @@ def train(
     lambda_gamma=0.12,
     lambda_power=1.0,
     lambda_min=5.0,
+    margin_warmup_steps=None,
     l2_alpha=16.0,
-    center_loss_weight=0.003,
+    center_loss_weight=None,
     center_alpha=0.5,
+    embedding_block=None,
     log_every=50,
     checkpoint_every=500,
     max_to_keep=3,
@@ -1262,6 +1379,12 @@ def train(
             the start and leave out those that fail (one warning); without
             it a corrupt image stops training with `TrainingDataError`.
         kanji_options: keyword arguments of `kanji.prepare` (data size).
+        margin_warmup_steps: None for `DEFAULT_MARGIN_WARMUP_STEPS` of the
+            head (0 for heads without a margin).
+        embedding_block: None for `DEFAULT_EMBEDDING_BLOCK` of the head
+            ("fc" where it has none).
+        center_loss_weight: None for 0.003 with head "centerloss", else 0
+            (off); > 0 adds center loss to any head.
         stop_at_step: stop with a checkpoint after this step (time-sliced
             jobs; the next run resumes).
         devices: device list of `build_strategy`.
@@ -1293,6 +1416,17 @@ def train(
         image_size = (image_size, image_size)
         arguments["image_size"] = image_size
     _check_arguments(arguments)
+    if margin_warmup_steps is None:
+        margin_warmup_steps = DEFAULT_MARGIN_WARMUP_STEPS.get(head, 0)
+    if embedding_block is None:
+        embedding_block = DEFAULT_EMBEDDING_BLOCK.get(head, "fc")
+    if center_loss_weight is None:
+        center_loss_weight = 0.003 if head == "centerloss" else 0.0
+    arguments.update(
+        margin_warmup_steps=margin_warmup_steps,
+        embedding_block=embedding_block,
+        center_loss_weight=center_loss_weight,
+    )
     from ring_loss_tf import data
 
     strategy = build_strategy(devices)
@@ -1314,11 +1448,13 @@ def train(
         image_size = image_size or (options.get("image_size", 32),) * 2
         channels = channels or KANJI_CHANNELS
         augment = augment or "characters"
+        arguments["augment"] = augment
     else:
         root = pathlib.Path(data_dir)
         image_size = image_size or FACE_IMAGE_SIZE
         channels = channels or FACE_CHANNELS
         augment = augment or "face"
+        arguments["augment"] = augment
     if embedding_dim is None:
         embedding_dim = 128 if backbone == "small_cnn" else 512
     # A folder per identity under train/, or insightface's train.rec.
@@ -1336,6 +1472,7 @@ def train(
         }
     if chief:
         check_resume_config(model_dir, config)
+    settings = model_settings(config)
 
     policy = _mixed_precision_policy(mixed_precision)
     previous_policy = keras.config.dtype_policy()
@@ -1345,26 +1482,7 @@ def train(
     try:
 
         def model_fn():
-            return build_models(
-                num_classes=num_classes,
-                backbone=backbone,
-                head=head,
-                image_size=image_size,
-                channels=channels,
-                embedding_dim=embedding_dim,
-                lambda_ring=lambda_ring,
-                ring_radius=ring_radius,
-                margin=margin,
-                scale=scale,
-                lambda_base=lambda_base,
-                lambda_gamma=lambda_gamma,
-                lambda_power=lambda_power,
-                lambda_min=lambda_min,
-                l2_alpha=l2_alpha,
-                center_loss_weight=center_loss_weight,
-                center_alpha=center_alpha,
-                seed=seed,
-            )
+            return build_models(**settings)
 
         schedule = LearningRate(
             lr, steps, lr_schedule, warmup_steps=warmup_steps
@@ -1400,9 +1518,16 @@ def train(
     if chief:
         start = int(trainer.step.numpy())
         ring_text = f"RingLoss(λ={lambda_ring}) → " if lambda_ring else ""
+        if center_loss_weight:
+            ring_text += f"CenterLoss(λ={center_loss_weight}) → "
+        head_text = head
+        if margin_warmup_steps and head in MARGIN_HEADS:
+            head_text += f" (margin from step {margin_warmup_steps + 1})"
+        if embedding_block != "fc":
+            head_text += f", embedding block {embedding_block}"
         print_fn(
             f"{'Resuming from ' + restored if restored else 'Training'}: "
-            f"{backbone} → {ring_text}{head}, {num_classes} classes, "
+            f"{backbone} → {ring_text}{head_text}, {num_classes} classes, "
             f"{source.num_examples} images, "
             f"batch {batch_size} on {strategy.num_replicas_in_sync} "
             f"replica(s), steps {start}→{steps}, jit={jit}, "

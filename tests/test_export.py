@@ -6,6 +6,7 @@ definition ((x − 127.5) / 128, `tf.image.resize(..., antialias=True)`, the
 601-2 luma), and the L2 normalisation against float64 NumPy.
 """
 
+import inspect
 import io
 import os
 import pathlib
@@ -339,7 +340,14 @@ def test_rejects_a_model_without_a_fixed_image_input(tmp_path):
 
 def _training_dir(tmp_path):
     """A model_dir as train() leaves it: config.json and a checkpoint."""
+    # The other settings at the defaults of build_models and train.
+    defaults = {
+        name: parameter.default
+        for function in (training.train, training.build_models)
+        for name, parameter in inspect.signature(function).parameters.items()
+    }
     arguments = dict(
+        defaults,
         backbone="small_cnn",
         head="asoftmax",
         lambda_ring=0.01,

@@ -55,6 +55,15 @@ def _run(args, cwd, timeout=600):
         (["--image_size=4"], r"--image_size=4: expected SIZE or HEIGHT,WIDTH"),
         (["--test_samples_per_identity=1"],
          r"--test_samples_per_identity=1: must be >= 2"),
+        (["--margin_warmup_steps=-5", "--head=arcface"],
+         r"--margin_warmup_steps=-5: must be an integer >= 0"),
+        (["--margin_warmup_steps=100"],
+         r"--margin_warmup_steps=100: the softmax head has no margin to warm "
+         r"up; use it with --head=asoftmax/cosface/arcface"),
+        (["--embedding_block=ln"],
+         r"--embedding_block=ln: unknown embedding block; use one of fc, bn"),
+        (["--center_loss_weight=-1"],
+         r"--center_loss_weight=-1.0: must be a finite number >= 0"),
     ],
 )
 def test_flag_errors_stop_with_one_line(tmp_path, args, pattern):
@@ -194,3 +203,32 @@ def test_corrupt_training_image_one_line_then_skip_corrupt(tmp_path):
     assert f"Skipped 1 corrupt or truncated image(s) in {tmp_path / 'faces'}"\
         in skipped.stderr, skipped.stderr[-3000:]
     assert "2 classes, 7 images" in skipped.stdout, skipped.stdout
+
+
+_LAST_STEP = re.compile(r"^step (\d+)/\1 .* ce ([\d.]+) .*\|F\| ([\d.]+)",
+                        re.MULTILINE)
+
+
+def test_asoftmax_default_warmup_keeps_features_from_collapsing(tmp_path):
+    """Without the margin warm-up A-Softmax collapses (‖F‖ → 0, the
+    cross-entropy stays at ln C); with train.py's default it learns."""
+    common = [
+        "--head=asoftmax", "--lambda_ring=0", f"--cache_dir={tmp_path / 'k'}",
+        "--num_train_identities=500", "--train_samples_per_identity=6",
+        "--num_test_identities=20", "--test_samples_per_identity=2",
+        "--batch_size=64", "--steps=400", "--log_every=400",
+        "--evaluate=false", "--export=false",
+    ]
+    finals = {}
+    for name, extra in (("default", []), ("none", ["--margin_warmup_steps=0"])):
+        result = _run([*common, *extra, f"--model_dir={tmp_path / name}"],
+                      tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        match = _LAST_STEP.search(result.stdout)
+        assert match, result.stdout
+        finals[name] = float(match.group(2)), float(match.group(3))
+    chance = np.log(500)
+    collapsed_ce, collapsed_norm = finals["none"]
+    assert collapsed_ce > 0.97 * chance and collapsed_norm < 1.0, finals
+    trained_ce, trained_norm = finals["default"]
+    assert trained_ce < 0.85 * chance and trained_norm > 5.0, finals

@@ -494,3 +494,141 @@ def test_data_errors_become_one_line():
         "skip_corrupt=True (--skip_corrupt): it decodes every image once at "
         "the start and leaves out those that fail."
     )
+
+
+@pytest.mark.parametrize("stop", [2, 4])  # in the warm-up; with the margin
+def test_margin_warmup_resumes_exactly_in_each_phase(tmp_path, tiny_kanji,
+                                                     stop):
+    settings = dict(head="asoftmax", margin_warmup_steps=3, lambda_base=50.0,
+                    print_fn=lambda _: 0)
+    whole = _tiny_train(tmp_path / "whole", tiny_kanji, **settings)
+    head = whole["trainer"].models.head
+    assert int(head.iterations.numpy()) == 6 and head.margin_step() == 3
+    first = _tiny_train(tmp_path / "split", tiny_kanji, stop_at_step=stop,
+                        **settings)
+    assert first["step"] == stop
+    assert first["trainer"].in_margin_warmup() == (stop <= 3)
+    lines = []
+    settings["print_fn"] = lines.append
+    _tiny_train(tmp_path / "split", tiny_kanji, **settings)
+    assert "(margin from step 4)" in lines[0]
+    assert [("margin off" in line) for line in lines if
+            line.startswith("step ")] == [s <= 3 for s in range(stop + 1, 7)]
+    a = _checkpoint_state(tmp_path / "whole")
+    b = _checkpoint_state(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert any(k.endswith("iterations/.ATTRIBUTES/VARIABLE_VALUE") for k in a)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+
+
+# Each setting that shapes a model, its non-default value in the run of
+# `shaped_runs`, and where the exported training model holds it.
+SHAPING_SETTINGS = {
+    "l2_alpha": ("l2", 10.0, lambda m: m.get_layer("l2").alpha),
+    "center_loss_weight": (
+        "l2", 0.02, lambda m: m.get_layer("center_loss").loss_weight
+    ),
+    "center_alpha": ("l2", 0.3, lambda m: m.get_layer("center_loss").alpha),
+    "lambda_base": ("sf", 500.0, lambda m: m.get_layer("asoftmax").lambda_base),
+    "lambda_gamma": ("sf", 0.2, lambda m: m.get_layer("asoftmax").lambda_gamma),
+    "lambda_power": ("sf", 2.0, lambda m: m.get_layer("asoftmax").lambda_power),
+    "lambda_min": ("sf", 3.0, lambda m: m.get_layer("asoftmax").lambda_min),
+    "margin_warmup_steps": (
+        "sf", 2, lambda m: m.get_layer("asoftmax").margin_warmup_steps
+    ),
+    "embedding_block": (
+        "sf", "bn",
+        lambda m: "bn" if any(
+            isinstance(layer, layers.BatchNorm)
+            for layer in m.get_layer("small_cnn").layers
+        ) else "fc",
+    ),
+}
+OTHER_VALUES = {
+    "l2_alpha": 20.0, "center_loss_weight": 0.01, "center_alpha": 0.5,
+    "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0,
+    "lambda_min": 5.0, "margin_warmup_steps": 5, "embedding_block": "fc",
+}
+
+
+@pytest.fixture(scope="module")
+def shaped_runs(tmp_path_factory, tiny_kanji):
+    """Two 3-step runs with every shaping setting off its default."""
+    runs = {}
+    for run, head in (("l2", "l2softmax"), ("sf", "asoftmax")):
+        settings = {
+            name: value
+            for name, (where, value, _) in SHAPING_SETTINGS.items()
+            if where == run
+        }
+        model_dir = tmp_path_factory.mktemp(run)
+        _tiny_train(model_dir, tiny_kanji, head=head, steps=3,
+                    print_fn=lambda _: 0, **settings)
+        runs[run] = (model_dir, dict(head=head, steps=3, **settings))
+    return runs
+
+
+@pytest.mark.parametrize("name", list(SHAPING_SETTINGS))
+def test_shaping_settings_are_saved_exported_and_checked_on_resume(
+    name, shaped_runs, tiny_kanji, tmp_path
+):
+    from ring_loss_tf import export
+
+    where, value, read = SHAPING_SETTINGS[name]
+    model_dir, settings = shaped_runs[where]
+    saved = json.loads((model_dir / training.CONFIG_FILE).read_text())
+    assert saved[name] == value
+    output = tmp_path / "export"
+    assert export.main(["--model_dir", str(model_dir), "--output",
+                        str(output), "--keras"]) == 0
+    loaded = keras.saving.load_model(str(output / export.KERAS_FILE))
+    assert read(loaded) == value
+    with pytest.raises(
+        ValueError,
+        match=rf"another model: .*{name}={value!r} "
+        rf"\(now {OTHER_VALUES[name]!r}\)",
+    ):
+        _tiny_train(model_dir, tiny_kanji, print_fn=print,
+                    **dict(settings, **{name: OTHER_VALUES[name]}))
+
+
+def test_resume_with_other_optimisation_settings_is_an_error(tmp_path,
+                                                            tiny_kanji):
+    _tiny_train(tmp_path, tiny_kanji, steps=1, print_fn=lambda _: 0)
+    with pytest.raises(ValueError, match=r"lr=0.05 \(now 0.1\)"):
+        _tiny_train(tmp_path, tiny_kanji, lr=0.1, print_fn=print)
+    # More steps extend the run.
+    assert _tiny_train(tmp_path, tiny_kanji, steps=2,
+                       print_fn=lambda _: 0)["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "argument, value, pattern",
+    [
+        ("margin_warmup_steps", -1, r"margin_warmup_steps=-1: must be an "
+         r"integer >= 0"),
+        ("margin_warmup_steps", 10, r"margin_warmup_steps=10: the softmax "
+         r"head has no margin to warm up"),
+        ("embedding_block", "ln", r"embedding_block='ln': unknown embedding "
+         r"block; use one of fc, bn"),
+        ("center_loss_weight", -0.5, r"center_loss_weight=-0.5: must be a "
+         r"finite number >= 0"),
+        ("l2_alpha", 0.0, r"l2_alpha=0.0: must be a positive number"),
+    ],
+)
+def test_new_settings_are_checked_before_training(argument, value, pattern,
+                                                  tmp_path, tiny_kanji):
+    with pytest.raises(training.ArgumentError, match=pattern):
+        _tiny_train(tmp_path, tiny_kanji, print_fn=print, **{argument: value})
+    assert not (tmp_path / training.CONFIG_FILE).exists()
+
+
+def test_center_loss_combines_with_a_margin_head(tmp_path, tiny_kanji):
+    result = _tiny_train(tmp_path, tiny_kanji, head="asoftmax",
+                         center_loss_weight=0.01, steps=2,
+                         print_fn=lambda _: 0)
+    model = result["trainer"].models.train_model
+    centers = model.get_layer("center_loss").centers.numpy()
+    assert np.any(centers != 0)  # updated by the steps
+    assert isinstance(result["trainer"].models.head, layers.ASoftmax)
