@@ -1,30 +1,41 @@
 """The paper's comparisons (Ring loss, Tables 2-4 and §5.4) on the embedded set.
 
-    python bench/reproduce.py                          # the default study
-    python bench/reproduce.py --rows SM,SM+R_0.01 --seeds 0,1,2
+    python bench/reproduce.py                          # every row, seed 0
+    python bench/reproduce.py --rows SM,SM+R_0.01,SF,SF+R_0.01 --seeds 1,2
     python bench/reproduce.py --smoke                  # 2 rows, < 1 minute
     python bench/reproduce.py --full                   # GPU: the paper's net
 
-Every row trains with identical settings and seeds (same data order, same
-initial backbone weights: `train(seed=...)`), only the loss differs:
+Every row trains as `python train.py` trains by default (small_cnn, 938
+steps = 6 epochs of batch 256, SGD momentum 0.9, lr 0.05 cosine with 100
+warm-up steps, weight decay 5e-4) with the same seed, data order and
+initial backbone weights; only the loss differs:
 
-    SM                softmax                 SF           A-Softmax, m = 4
-    SM+R_λ            softmax + Ring loss     SF+R_λ       A-Softmax + Ring
-                      λ ∈ {0.01, 0.001, 1e-4}              λ ∈ {0.03, 0.01,
-    L2SM_α            l2-constrained softmax                    0.001, 1e-4}
-                      α ∈ {10, 20, 30}        ArcFace      additive angular
-    SM+CL             softmax + center loss   ArcFace+R    ArcFace + Ring
-                                                           (λ = 0.01)
+    SM          softmax                  SF            A-Softmax, m = 4
+    SM+R_λ      softmax + Ring loss      SF+R_λ        A-Softmax + Ring loss
+                λ ∈ {0.01, 0.001, 1e-4}                λ ∈ {0.03, 0.01,
+    L2SM_α      l2-constrained softmax                      0.001, 1e-4}
+                α ∈ {10, 20, 30}         SF+CL         A-Softmax + center loss
+    SM+CL       softmax + center loss    SF_no_warmup, SF+R_0.01_no_warmup
+    ArcFace     additive angular margin                the margin from step 1
+    ArcFace+R   ArcFace + Ring loss (λ = 0.01)
 
-and is evaluated on the unseen test characters of the embedded KanjiVG set
-(500 identities × 10 images by default; cosine scores):
+The A-Softmax rows use SphereFace's λ schedule unchanged (λ = max(5,
+1000/(1 + 0.12 t))) after train.py's default margin warm-up: 200 steps
+without the margin, then t counts from 1 (the SphereFace authors' advice
+for runs that do not converge: start from softmax training). SF and SF+R
+differ only by Ring loss; the two _no_warmup rows are the paper's recipe
+(margin from the first step), shown as their own finding. ArcFace rows use
+train.py's defaults for that head: the same warm-up and insightface's
+BN → FC → BN embedding block (README, "Staged margin training").
+
+Each trained model is evaluated on the unseen test characters of the
+embedded KanjiVG set (500 identities × 10 images; cosine scores):
 
 - TAR at FAR 1e-3 … 1e-6 on ALL pairs of the test images (5,000 images:
   22,500 genuine and 12.47M impostor pairs, so FAR down to 1e-6 is
   resolved, by ~12 impostors); a FAR below 1/impostors prints n/a. The
   10-fold accuracy of pairs.txt (20,000 pairs) is printed too, but it
-  saturates on this set (design.md §5): all-pairs TAR is what separates
-  the rows.
+  saturates on this set: all-pairs TAR is what separates the rows.
 - rank-1 identification: probes (the other images of the first half of the
   test identities) against their gallery image plus the second half as
   distractors (`kanji.prepare` writes these folders).
@@ -33,39 +44,21 @@ and is evaluated on the unseen test characters of the embedded KanjiVG set
   with the full-resolution images: 10-fold accuracy of pairs.txt with the
   probe side degraded, all-pairs cross-resolution TAR@FAR=1e-3 (full image
   i against low image j, i < j), and ‖f(low)‖ / ‖f(full)‖.
+- the learning curve of the rows in CURVE_ROWS (first seed): all-pairs
+  TAR@FAR=1e-3 after each quarter of the run, to show where it flattens.
 
 Outputs in --output_dir: runs/<row>_seed<s>.json (one per trained model;
 an existing file is skipped, so an interrupted study resumes; a model_dir
 with a checkpoint resumes training), results.json (every run + the
-aggregate: mean and std over seeds), table.md (the printed tables), and
-norms.png (feature-norm histograms of the test images: SM against the
-SM+R rows, full resolution and 1/4 resolution, the paper's Figure 1 idea).
-
-Budget of the default study (2 shared CPU cores), from a 60-step row timed
-here: 14 rows × 1 seed, each 400 steps of batch 256 (≈ 2.6 epochs of the
-40,000 training images) of small_cnn, SGD lr 0.05 cosine with 50 warm-up
-steps. A step costs 0.25 s at the 1,000-1,150 images/s measured (0.39 s at
-the 659 images/s of a loaded machine, README), so 400 steps take 1.7-2.6
-min, plus ≈ 0.3 min of loading the 40,000 images and XLA compilation and
-≈ 0.65 min of evaluation (measured 39 s: embedding the 5,000 test images at
-full and 3 reduced resolutions, four 12.5M-pair ROCs, 10-fold and
-identification from the same embeddings): 2.7-3.6 min a row, 14 rows
-≈ 38-50 min (+ ≈ 8 min generating the data set once if it is not cached).
---scale multiplies the steps (--scale 0.5: ≈ 25-32 min); --seeds 0,1,2
-triples the time: pick --rows then (e.g. SM,SM+R_0.01,SF,SF+R_0.01 × 3
-seeds ≈ 32-43 min).
-
-The A-Softmax λ annealing (λ = max(5, 1000 / (1 + γ·step))) is stretched
-over the run: γ = (1000/5 − 1) / steps, so λ reaches its floor 5 at the
-last step. Compressing SphereFace's own schedule instead (floor at 6 % of
-the run, step 24 of 400) collapsed both SF and SF+R_0.01 here: the margin
-arrives before the features have any angle to work with, every feature
-norm goes to 0 (|F| ≈ 0.003) and the cross-entropy stays at ln 1000.
+aggregate), table.md (the printed tables: verification, low resolution,
+learning curves and the verdict on each claim of the paper), and norms.png
+(feature-norm histograms of the test images, SM against the SM+R rows and
+SF against SF+R, full and 1/4 resolution: the paper's Figure 1 idea).
 
 --full (a GPU machine): the paper's backbone sphereface20 (512-d) on the
 same characters rendered at 112 × 112, batch 256, SGD lr 0.1 with
 SphereFace's step schedule (× 0.1 at 16k and 24k of 28k steps), weight decay
-5e-4, unscaled A-Softmax annealing; several hours per row on one GPU.
+5e-4, 28k steps; several hours per row on one GPU.
 
 The scale here is tiny next to the paper (CASIA-WebFace, 10k identities,
 0.5M images, 28k steps): read the tables as a check of the direction of
@@ -89,7 +82,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-# The paper's rows: name → keyword arguments of `training.train`.
+# The paper's rows: name → keyword arguments of `training.train` (what is
+# not given takes train.py's default for the head).
 ROWS = {
     "SM": dict(head="softmax", lambda_ring=0.0),
     "SM+R_0.01": dict(head="softmax", lambda_ring=0.01),
@@ -98,22 +92,31 @@ ROWS = {
     "L2SM_10": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=10.0),
     "L2SM_20": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=20.0),
     "L2SM_30": dict(head="l2softmax", lambda_ring=0.0, l2_alpha=30.0),
-    "SM+CL": dict(head="centerloss", lambda_ring=0.0),
-    "SF": dict(head="asoftmax", lambda_ring=0.0, margin=4),
-    "SF+R_0.03": dict(head="asoftmax", lambda_ring=0.03, margin=4),
-    "SF+R_0.01": dict(head="asoftmax", lambda_ring=0.01, margin=4),
-    "SF+R_0.001": dict(head="asoftmax", lambda_ring=0.001, margin=4),
-    "SF+R_0.0001": dict(head="asoftmax", lambda_ring=0.0001, margin=4),
+    "SM+CL": dict(head="softmax", lambda_ring=0.0, center_loss_weight=0.003),
+    "SF": dict(head="asoftmax", lambda_ring=0.0),
+    "SF+R_0.03": dict(head="asoftmax", lambda_ring=0.03),
+    "SF+R_0.01": dict(head="asoftmax", lambda_ring=0.01),
+    "SF+R_0.001": dict(head="asoftmax", lambda_ring=0.001),
+    "SF+R_0.0001": dict(head="asoftmax", lambda_ring=0.0001),
+    "SF+CL": dict(head="asoftmax", lambda_ring=0.0, center_loss_weight=0.003),
+    "SF_no_warmup": dict(
+        head="asoftmax", lambda_ring=0.0, margin_warmup_steps=0
+    ),
+    "SF+R_0.01_no_warmup": dict(
+        head="asoftmax", lambda_ring=0.01, margin_warmup_steps=0
+    ),
     "ArcFace": dict(head="arcface", lambda_ring=0.0),
     "ArcFace+R": dict(head="arcface", lambda_ring=0.01),
 }
+# Rows whose first seed also records a learning curve.
+CURVE_ROWS = ("SM", "SM+R_0.01", "SF", "SF+R_0.01", "ArcFace+R")
+CURVE_POINTS = 4
 FARS = (1e-3, 1e-4, 1e-5, 1e-6)
 LOW_RES = (2.0, 3.0, 4.0)
-# SphereFace: A-Softmax λ annealing constant for 28k iterations.
+# SphereFace's solver: 28k iterations.
 SPHEREFACE_ITERATIONS = 28000
-SPHEREFACE_GAMMA = 0.12
-SPHEREFACE_LAMBDA_BASE = 1000.0
-SPHEREFACE_LAMBDA_MIN = 5.0
+# train.py's default run on the embedded set: 6 epochs of 40,000 images.
+DEFAULT_STEPS = 938
 
 
 def settings(args) -> dict:
@@ -137,7 +140,7 @@ def settings(args) -> dict:
             steps=max(1, round(args.steps * args.scale)),
             lr=0.05,
             lr_schedule="cosine",
-            warmup_steps=50,
+            warmup_steps=100,
             kanji_options={},
         )
     if args.smoke:
@@ -157,11 +160,6 @@ def settings(args) -> dict:
     if args.cache_dir:
         s["kanji_options"]["cache_dir"] = args.cache_dir
     s.update(optimizer="sgd", momentum=0.9, weight_decay=5e-4)
-    s["lambda_gamma"] = (
-        SPHEREFACE_GAMMA
-        if args.full
-        else (SPHEREFACE_LAMBDA_BASE / SPHEREFACE_LAMBDA_MIN - 1) / s["steps"]
-    )
     return s
 
 
@@ -278,8 +276,29 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
     return out, norms
 
 
-def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
-    """Trains and evaluates one (row, seed); writes runs/<row>_seed<s>.json."""
+def curve_point(embedding_model, root: pathlib.Path) -> dict:
+    """All-pairs TAR at FAR 1e-3 and 1e-4 of the test images, and 10-fold."""
+    from ring_loss_tf import data
+    from ring_loss_tf import evaluation
+    from ring_loss_tf import metrics
+
+    embedder = evaluation.load_embedder(embedding_model, name="model")
+    paths, labels, _ = data.read_image_folder(root / "test", load=False)
+    images = data.load_images(
+        paths, image_size=embedder.image_size, channels=embedder.channels
+    )
+    measured = tars(*metrics.all_pairs(embedder(images), labels),
+                    fars=(1e-3, 1e-4))
+    return measured["tar_at_far"]
+
+
+def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
+            curve=False):
+    """Trains and evaluates one (row, seed); writes runs/<row>_seed<s>.json.
+
+    With `curve`, training stops after each of CURVE_POINTS equal parts
+    (a checkpoint, then the same run resumes) to measure `curve_point`.
+    """
     from ring_loss_tf import kanji
     from ring_loss_tf import training
 
@@ -296,19 +315,38 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
     started = time.monotonic()
     keras.backend.clear_session()
     settings_json = {k: v for k, v in kwargs.items() if not callable(v)}
+    steps = kwargs["steps"]
+    stops = [steps]
+    if curve:
+        stops = [round(steps * (i + 1) / CURVE_POINTS)
+                 for i in range(CURVE_POINTS)]
+    learning_curve = []
+    curve_seconds = 0.0
     try:
-        result = training.train(
-            model_dir=str(model_dir),
-            seed=seed,
-            kanji_options=kanji_options,
-            evaluate=False,
-            export=False,
-            log_every=max(1, kwargs["steps"] // 4),
-            checkpoint_every=max(50, kwargs["steps"] // 4),
-            max_to_keep=1,
-            print_fn=lambda line: print(f"[{name}] {line}", flush=True),
-            **kwargs,
-        )
+        for stop in stops:
+            result = training.train(
+                model_dir=str(model_dir),
+                seed=seed,
+                kanji_options=kanji_options,
+                evaluate=False,
+                export=False,
+                log_every=max(1, steps // 4),
+                checkpoint_every=max(50, steps // 4),
+                max_to_keep=1,
+                stop_at_step=stop if stop < steps else None,
+                print_fn=lambda line: print(f"[{name}] {line}", flush=True),
+                **kwargs,
+            )
+            if curve:
+                measuring = time.monotonic()
+                root = pathlib.Path(kanji.prepare(**kanji_options))
+                point = curve_point(
+                    result["trainer"].models.embedding_model, root
+                )
+                learning_curve.append({"step": result["step"], **point})
+                curve_seconds += time.monotonic() - measuring
+                print(f"[{name}] step {result['step']}: all-pairs TAR "
+                      f"{point}", flush=True)
     except training.NonFiniteLossError as error:
         # A result too: the row diverges with these settings.
         print(f"[{name}] diverged: {error}", flush=True)
@@ -318,7 +356,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
         if not keep:
             shutil.rmtree(model_dir, ignore_errors=True)
         return payload
-    train_seconds = time.monotonic() - started
+    train_seconds = time.monotonic() - started - curve_seconds
     root = pathlib.Path(kanji.prepare(**kanji_options))
     trainer = result["trainer"]
     started = time.monotonic()
@@ -339,6 +377,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep):
             trainer.radius()
         ),
         "train_seconds": round(train_seconds, 1),
+        "learning_curve": learning_curve,
         "eval_seconds": round(time.monotonic() - started, 1),
         **measured,
     }
@@ -392,6 +431,163 @@ def _cell(runs, path, digits=2):
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {100 * statistics.pstdev(values):.{digits}f}"
+
+
+def saved_runs(output_dir: pathlib.Path, rows) -> dict:
+    """{row: [run, ...]} of every runs/<row>_seed<s>.json in output_dir.
+
+    The rows named in `rows` first, then any other row with a saved run.
+    """
+    found = {}
+    for path in sorted((output_dir / "runs").glob("*_seed*.json")):
+        run = json.loads(path.read_text())
+        found.setdefault(run["row"], []).append(run)
+    ordered = [r for r in rows if r in found]
+    ordered += [r for r in ROWS if r in found and r not in ordered]
+    return {r: sorted(found[r], key=lambda x: x["seed"]) for r in ordered}
+
+
+def _stat(runs, path):
+    """(mean, population std, n) of a rate over seeds; None if unresolved."""
+    values = [_get(r, path) for r in _trained(runs)]
+    if not values or any(v is None for v in values):
+        return None
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), spread, len(values)
+
+
+def _tar(runs, far):
+    return _stat(runs, ("all_pairs", "tar_at_far", f"{far:g}"))
+
+
+def _pct(stat):
+    mean, spread, n = stat
+    text = f"{100 * mean:.1f}"
+    return text + (f" ± {100 * spread:.1f}" if n > 1 else "")
+
+
+def _beats(by_row, better, worse, fars=(1e-3, 1e-4, 1e-5)):
+    """(holds, evidence): `better` above `worse` at every FAR, by more than
+    the sum of the seed spreads where there are several seeds."""
+    if better not in by_row or worse not in by_row:
+        return None, "not run"
+    holds, cells = True, []
+    for far in fars:
+        a, b = _tar(by_row[better], far), _tar(by_row[worse], far)
+        if a is None or b is None:
+            return None, f"TAR@{far:g} unresolved or a row diverged"
+        holds &= a[0] - b[0] > a[1] + b[1]
+        cells.append(f"{far:g}: {_pct(a)} vs {_pct(b)}")
+    seeds = min(len(_trained(by_row[better])), len(_trained(by_row[worse])))
+    note = f" ({seeds} seed{'s' if seeds > 1 else ''})"
+    return holds, f"TAR@FAR {'; '.join(cells)}{note}"
+
+
+def _gain(by_row, better, worse, path):
+    a, b = _stat(by_row[better], path), _stat(by_row[worse], path)
+    if a is None or b is None or b[0] <= 0:
+        return None
+    return a[0] / b[0]
+
+
+def verdicts(by_row: dict, low_res) -> list[tuple[str, bool | None, str]]:
+    """Each claim of the paper → (claim, holds here?, the numbers)."""
+    out = []
+    for better, worse in (("SM+R_0.01", "SM"), ("SF+R_0.01", "SF")):
+        holds, evidence = _beats(by_row, better, worse)
+        out.append((f"{better} > {worse}", holds, evidence))
+    trained = {r: runs for r, runs in by_row.items() if _trained(runs)
+               and all(_tar(runs, f) for f in (1e-3, 1e-4, 1e-5))}
+    if trained:
+        def score(row):
+            return statistics.fmean(
+                _tar(trained[row], f)[0] for f in (1e-3, 1e-4, 1e-5)
+            )
+        ranked = sorted(trained, key=score, reverse=True)
+        best = ranked[0]
+        out.append((
+            "SF + R is the best row", best.startswith("SF+R"),
+            f"best mean TAR@FAR 1e-3..1e-5: {best} {100 * score(best):.1f}, "
+            f"then {ranked[1]} {100 * score(ranked[1]):.1f}"
+            if len(ranked) > 1 else f"best: {best}",
+        ))
+    for better, worse in (("SM+R_0.01", "SM"), ("SF+R_0.01", "SF")):
+        if better not in by_row or worse not in by_row:
+            continue
+        gains = {f: _gain(by_row, better, worse,
+                          ("all_pairs", "tar_at_far", f"{f:g}"))
+                 for f in FARS}
+        resolved = [f for f in FARS if gains[f] is not None]
+        holds = None
+        if len(resolved) >= 2:
+            holds = gains[resolved[-1]] > gains[resolved[0]]
+        out.append((
+            f"the gain of {better} over {worse} is largest at low FAR",
+            holds,
+            "TAR ratio " + ", ".join(
+                f"{f:g}: {gains[f]:.2f}×" for f in resolved
+            ),
+        ))
+        if low_res:
+            k = f"{max(low_res):g}"
+            low = _gain(by_row, better, worse,
+                        ("low_res", k, "all_pairs", "tar_at_far", "0.001"))
+            full = gains[1e-3]
+            holds = None if low is None or full is None else low > full
+            out.append((
+                f"the gain of {better} over {worse} is largest at low "
+                "resolution",
+                holds,
+                f"TAR@1e-3 ratio at 1/{k} resolution "
+                + ("n/a" if low is None else f"{low:.2f}×")
+                + " vs full " + ("n/a" if full is None else f"{full:.2f}×"),
+            ))
+    for better, worse in (("SM+R_0.01", "L2SM_10"), ("SM+R_0.01", "L2SM_20"),
+                          ("SM+R_0.01", "L2SM_30"), ("SM+R_0.01", "SM+CL"),
+                          ("SF+R_0.01", "SF+CL")):
+        holds, evidence = _beats(by_row, better, worse)
+        out.append((f"{better} > {worse}", holds, evidence))
+    return out
+
+
+def format_verdicts(by_row, low_res) -> list[str]:
+    lines = [
+        "",
+        "Verdicts: each claim of the paper on this set (holds: above at "
+        "every FAR 1e-3..1e-5 by more than the summed seed spreads).",
+        "",
+        "| claim | here | numbers (%) |",
+        "|---|---|---|",
+    ]
+    word = {True: "holds", False: "does not hold", None: "not measured"}
+    for claim, holds, evidence in verdicts(by_row, low_res):
+        lines.append(f"| {claim} | {word[holds]} | {evidence} |")
+    return lines
+
+
+def format_curves(by_row) -> list[str]:
+    curves = {
+        row: run["learning_curve"]
+        for row, runs in by_row.items()
+        for run in _trained(runs)[:1]
+        if run.get("learning_curve")
+    }
+    if not curves:
+        return []
+    steps = [p["step"] for p in next(iter(curves.values()))]
+    lines = [
+        "",
+        "Learning curves (seed 0): all-pairs TAR@FAR=1e-3 after each "
+        "quarter of the run.",
+        "",
+        "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for row, points in curves.items():
+        cells = ["n/a" if p["0.001"] is None else f"{100 * p['0.001']:.1f}"
+                 for p in points]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_tables(by_row: dict, low_res) -> str:
@@ -460,14 +656,22 @@ def format_tables(by_row: dict, low_res) -> str:
             )
             cells.append(f"{accuracy} / {tar} / {ratio:.2f}×")
         lines.append(f"| {row}{diverged[row]} | " + " | ".join(cells) + " |")
+    lines += format_curves(by_row)
+    lines += format_verdicts(by_row, low_res)
     return "\n".join(lines)
 
 
 def plot_norms(output_dir: pathlib.Path, by_row: dict, low_res) -> str | None:
-    """norms.png: norm histograms of SM vs each SM+R (first seed)."""
-    rows = [r for r in by_row if (r == "SM" or r.startswith("SM+R"))
-            and _trained(by_row[r])]
-    if not rows:
+    """norms.png: norm histograms, SM vs each SM+R and SF vs each SF+R
+    (first seed; the _no_warmup rows left out)."""
+    families = []
+    for base in ("SM", "SF"):
+        rows = [r for r in by_row
+                if (r == base or r.startswith(base + "+R"))
+                and "no_warmup" not in r and _trained(by_row[r])]
+        if rows:
+            families.append(rows)
+    if not families:
         return None
     import matplotlib
 
@@ -476,22 +680,25 @@ def plot_norms(output_dir: pathlib.Path, by_row: dict, low_res) -> str | None:
 
     factor = max(low_res) if low_res else None
     keys = ["full"] + ([f"1/{factor:g}"] if factor else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2))
-    axes = np.atleast_1d(axes)
-    for ax, key in zip(axes, keys):
-        for row in rows:
-            run = _trained(by_row[row])[0]
-            path = output_dir / "norms" / f"{row}_seed{run['seed']}.npz"
-            norms = np.load(path)[key]
-            # Relative to the row's full-resolution mean, so rows with
-            # different natural scales share one axis.
-            mean = np.load(path)["full"].mean()
-            ax.hist(norms / mean, bins=60, range=(0, 2), histtype="step",
-                    label=f"{row} (mean {norms.mean():.3g})")
-        ax.set_xlabel("‖f(x)‖ / mean full-resolution norm")
-        ax.set_ylabel("test images")
-        ax.set_title(f"Feature norms, {key} resolution")
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        len(families), len(keys), figsize=(6 * len(keys), 4.2 * len(families)),
+        squeeze=False,
+    )
+    for family, axes_row in zip(families, axes):
+        for ax, key in zip(axes_row, keys):
+            for row in family:
+                run = _trained(by_row[row])[0]
+                path = output_dir / "norms" / f"{row}_seed{run['seed']}.npz"
+                norms = np.load(path)[key]
+                # Relative to the row's full-resolution mean, so rows with
+                # different natural scales share one axis.
+                mean = np.load(path)["full"].mean()
+                ax.hist(norms / mean, bins=60, range=(0, 2), histtype="step",
+                        label=f"{row} (mean {norms.mean():.3g})")
+            ax.set_xlabel("‖f(x)‖ / mean full-resolution norm")
+            ax.set_ylabel("test images")
+            ax.set_title(f"Feature norms, {key} resolution")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = output_dir / "norms.png"
     fig.savefig(path, dpi=100)
@@ -506,7 +713,7 @@ def main(argv=None):
         help=f"comma-separated subset of: {', '.join(ROWS)}",
     )
     parser.add_argument("--seeds", default="0", help="e.g. 0,1,2")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiplies --steps")
     parser.add_argument("--batch_size", type=int, default=256)
@@ -562,9 +769,13 @@ def main(argv=None):
     by_row = {}
     for row in rows:
         by_row[row] = [
-            run_one(row, seed, common, output_dir, low_res, args.keep_models)
+            run_one(row, seed, common, output_dir, low_res, args.keep_models,
+                    curve=row in CURVE_ROWS and seed == 0 and not args.full)
             for seed in seeds
         ]
+    # The tables show every finished run of output_dir (seeds trained by
+    # earlier invocations too), in ROWS order.
+    by_row = saved_runs(output_dir, rows)
     tables = format_tables(by_row, low_res)
     print()
     print(tables)
