@@ -18,15 +18,17 @@ initial backbone weights; only the loss differs:
     SM+CL       softmax + center loss    SF_no_warmup, SF+R_0.01_no_warmup
     ArcFace     additive angular margin                the margin from step 1
     ArcFace+R   ArcFace + Ring loss (λ = 0.01)
+    CosFace     additive cosine margin   CosFace+R     CosFace + Ring loss
 
 The A-Softmax rows use SphereFace's λ schedule unchanged (λ = max(5,
 1000/(1 + 0.12 t))) after train.py's default margin warm-up: 200 steps
 without the margin, then t counts from 1 (the SphereFace authors' advice
 for runs that do not converge: start from softmax training). SF and SF+R
 differ only by Ring loss; the two _no_warmup rows are the paper's recipe
-(margin from the first step), shown as their own finding. ArcFace rows use
-train.py's defaults for that head: the same warm-up and insightface's
-BN → FC → BN embedding block (README, "Staged margin training").
+(margin from the first step), shown as their own finding. ArcFace and
+CosFace rows (beyond the paper) use train.py's defaults for those heads:
+the same warm-up and insightface's BN → FC → BN embedding block (README,
+"Staged margin training").
 
 Each trained model is evaluated on the unseen test characters of the
 embedded KanjiVG set (500 identities × 10 images; cosine scores):
@@ -107,6 +109,8 @@ ROWS = {
     ),
     "ArcFace": dict(head="arcface", lambda_ring=0.0),
     "ArcFace+R": dict(head="arcface", lambda_ring=0.01),
+    "CosFace": dict(head="cosface", lambda_ring=0.0),
+    "CosFace+R": dict(head="cosface", lambda_ring=0.01),
 }
 # Rows whose first seed also records a learning curve.
 CURVE_ROWS = ("SM", "SM+R_0.01", "SF", "SF+R_0.01", "ArcFace+R")
