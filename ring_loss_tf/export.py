@@ -47,11 +47,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ring_loss_tf import quiet
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_image_bytes"
@@ -69,6 +72,7 @@ ONNX_INSTALL = "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
 # 3e-4. A permuted, rescaled or misaligned output is off by far more.
 RELATIVE_TOLERANCE = 1e-2
 MIN_COSINE = 0.9999
+_XNNPACK_NOTICE = r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
 # ITU-R 601-2 luma, as Pillow and `ring_loss_tf.data.to_channels`.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -297,9 +301,15 @@ def _convert_tflite(saved_model_dir, path):
 
 
 def _run_tflite(path, images):
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    runner = interpreter.get_signature_runner(SERVING_SIGNATURE)
-    return runner(images=images)["embedding"]
+    # The check's own interpreter: its deprecation in favour of ai_edge_litert
+    # and its XNNPACK notice are nothing the user can act on.
+    with warnings.catch_warnings(), quiet.dropped_lines([_XNNPACK_NOTICE]):
+        warnings.filterwarnings(
+            "ignore", r"\s*Warning: tf.lite.Interpreter is deprecated"
+        )
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+        runner = interpreter.get_signature_runner(SERVING_SIGNATURE)
+        return runner(images=images)["embedding"]
 
 
 def _convert_onnx(saved_model_dir, path):

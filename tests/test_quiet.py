@@ -1,6 +1,6 @@
 """The entry points print the project's lines, not TensorFlow's log.
 
-train.py and evaluate.py run as a user
+train.py, evaluate.py and `python -m ring_loss_tf.export` run as a user
 runs them (no TF_CPP_MIN_LOG_LEVEL in the environment) on a tiny embedded
 set, and every line of their stdout and stderr must be one the project
 writes or a warning it passes through, each listed below (issue 15). Then
@@ -48,6 +48,10 @@ EVALUATE_LINES = [
     r"",
     r"Wrote \S+/eval/results\.json(, \S+\.png)+",
 ]
+EXPORT_LINES = [
+    r"Exported \S+/run to \S+/exported: assets, fingerprint\.pb, model\.onnx, "
+    r"model\.tflite, saved_model\.pb, training_model\.keras, variables",
+]
 # Warnings the project passes through: its own DataWarning (skipped image
 # folders or files), followed by Python's line of source. These runs have
 # none; TensorFlow's and the converters' warnings are not passed through.
@@ -73,6 +77,11 @@ def runs(tmp_path_factory):
         "evaluate.py": [
             python, str(REPO / "evaluate.py"), f"--model={root / 'run'}",
             f"--output_dir={root / 'eval'}", "--low_res=2",
+        ],
+        "export": [
+            python, "-m", "ring_loss_tf.export",
+            f"--model_dir={root / 'run'}", f"--output={root / 'exported'}",
+            "--tflite", "--onnx", "--keras",
         ],
     }
     return {
@@ -106,6 +115,7 @@ def _foreign_lines(output, ours):
     [
         ("train.py", TRAIN_LINES),
         ("evaluate.py", EVALUATE_LINES),
+        ("export", EXPORT_LINES),
     ],
 )
 def test_entry_points_print_only_the_project_lines(runs, name, ours):
