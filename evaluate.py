@@ -281,6 +281,10 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]} (flags are --name=value).")
     factors = _check_flags()
+    # Imports TensorFlow without its start-up log (ring_loss_tf/quiet.py).
+    from ring_loss_tf import quiet
+
+    quiet.absl_warnings_only()
     from ring_loss_tf import evaluation
 
     sets, ident = _data_plan()

@@ -274,7 +274,11 @@ def main(argv):
     _check_flags()
     image_size = _parse_image_size(FLAGS.image_size)
     ring_radius = _parse_radius(FLAGS.ring_radius)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Before TensorFlow: for this script the package imports it without its
+    # start-up log (ring_loss_tf/quiet.py).
+    from ring_loss_tf import quiet
+
+    quiet.absl_warnings_only()
     import tensorflow as tf
 
     devices = None

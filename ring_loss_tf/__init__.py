@@ -5,6 +5,14 @@ export live in their own modules (`ring_loss_tf.data`, ...), imported where
 they are used so that the layers work on every Keras backend.
 """
 
+from ring_loss_tf import quiet as _quiet
+
+# Only in train.py, evaluate.py and `python -m ring_loss_tf.export`: their
+# output is the project's lines (ring_loss_tf/quiet.py); elsewhere importing
+# the package leaves TensorFlow's logging as it is.
+if _quiet.is_entry_point():
+    _quiet.import_tensorflow()
+
 from ring_loss_tf.layers import ArcFace
 from ring_loss_tf.layers import BatchNorm
 from ring_loss_tf.layers import ASoftmax

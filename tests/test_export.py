@@ -10,10 +10,12 @@ import inspect
 import io
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -256,6 +258,194 @@ def test_l2_normalize_keeps_tiny_norms_and_maps_zero_to_zero():
     np.testing.assert_allclose(got[0], [0.6, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(got[1], [0.0, 0.0])
     np.testing.assert_allclose(got[2], _unit(x[2:])[0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A training dir after 300 steps on a tiny embedded set (~12 s).
+
+    Trained, not fresh: its embeddings have norms near 8 and it is the kind
+    of model whose TFLite embedding differs by a grey level's worth where a
+    check pixel's luma rounds the other way (issue 15).
+    """
+    root = tmp_path_factory.mktemp("trained")
+    training.train(
+        model_dir=str(root / "run"),
+        kanji_options=dict(
+            cache_dir=str(root / "cache"),
+            num_train_identities=20,
+            num_test_identities=8,
+            train_samples_per_identity=8,
+            test_samples_per_identity=4,
+        ),
+        batch_size=32,
+        steps=300,
+        warmup_steps=20,
+        evaluate=False,
+        export=False,
+        print_fn=lambda line: None,
+    )
+    return root / "run"
+
+
+def _relative_and_cosine(got, expected):
+    """The reference of the parity check: per row, in float64."""
+    got = np.asarray(got, np.float64)
+    expected = np.asarray(expected, np.float64)
+    norms = np.linalg.norm(expected, axis=1)
+    relative = np.linalg.norm(got - expected, axis=1) / norms
+    cosine = np.sum(got * expected, axis=1) / (
+        np.linalg.norm(got, axis=1) * norms
+    )
+    return relative, cosine
+
+
+def test_cli_exports_a_trained_model_to_tflite_and_onnx(
+    trained, tmp_path, capsys
+):
+    output = tmp_path / "exported"
+    status = export.main(
+        [f"--model_dir={trained}", f"--output={output}", "--tflite", "--onnx"]
+    )
+    assert status == 0, capsys.readouterr().err
+    models = export.load_training_models(trained)
+    images, expected = export._check_images(models.embedding_model)
+    interpreter = tf.lite.Interpreter(model_path=str(output / "model.tflite"))
+    lite = interpreter.get_signature_runner("serving_default")(images=images)
+    relative, cosine = _relative_and_cosine(lite["embedding"], expected)
+    assert np.all(relative <= 1e-2) and np.all(cosine >= 0.9999)
+    assert np.all(np.linalg.norm(expected, axis=1) > 1)  # trained, not zero
+
+
+def _corrupt(expected, how):
+    if how == "rows permuted":
+        return expected[[1, 2, 0]]
+    if how == "dimensions permuted":
+        return expected[:, np.random.default_rng(0).permutation(128)]
+    if how == "scaled by 1.1":
+        return expected * 1.1
+    if how == "scaled by 0.5":
+        return expected * 0.5
+    if how == "one component off":
+        got = expected.copy()
+        got[1, 5] += 0.1 * np.linalg.norm(expected[1])
+        return got
+    if how == "NaN":
+        got = expected.copy()
+        got[2, 0] = np.nan
+        return got
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "rows permuted",
+        "dimensions permuted",
+        "scaled by 1.1",
+        "scaled by 0.5",
+        "one component off",
+        "NaN",
+    ],
+)
+def test_parity_check_refuses_a_wrong_conversion(trained, how):
+    models = export.load_training_models(trained)
+    _, expected = export._check_images(models.embedding_model)
+    got = _corrupt(expected, how).astype(np.float32)
+    relative, cosine = _relative_and_cosine(got, expected)
+    with np.errstate(invalid="ignore"):
+        badness = np.fmax(relative / 1e-2, (1 - cosine) / (1 - 0.9999))
+    worst = int(np.nanargmax(badness)) if how != "NaN" else 2
+    with pytest.raises(export.ExportError) as info:
+        export._compare("TFLite", got, expected)
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        rf"TFLite: the converted model's embedding of check image "
+        rf"{worst + 1} of 3 differs from the Keras model's by "
+        rf"{re.escape(f'{relative[worst]:.3g}')} of its norm, cosine "
+        rf"{re.escape(f'{cosine[worst]:.6f}')} \(allowed: at most 0\.01, "
+        r"cosine at least 0\.9999\); the export was not written\. Please "
+        r"report it with your TensorFlow and converter versions\.",
+        message,
+    ), message
+
+
+def test_parity_check_accepts_float_noise_and_refuses_a_wrong_shape(trained):
+    models = export.load_training_models(trained)
+    _, expected = export._check_images(models.embedding_model)
+    noise = np.random.default_rng(1).normal(size=expected.shape)
+    # 1e-3 of each norm: well inside the tolerance, 10× the one-pixel effect.
+    got = expected + 1e-3 / np.sqrt(128) * noise * np.linalg.norm(
+        expected, axis=1, keepdims=True
+    )
+    export._compare("ONNX", got.astype(np.float32), expected)
+    with pytest.raises(
+        export.ExportError,
+        match=r"^ONNX: the converted model's embeddings have shape \(3, 64\), "
+        r"the Keras model's \(3, 128\); the export was not written\.",
+    ):
+        export._compare("ONNX", expected[:, :64], expected)
+
+
+def test_parity_check_with_zero_embeddings():
+    expected = np.array([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero
+        # A zero row is judged against the batch's largest norm (5).
+        export._compare(
+            "TFLite", expected + [[0, 0], [0, 0], [1e-9, 0]], expected
+        )
+        with pytest.raises(
+            export.ExportError,
+            match=r"check image 3 of 3 differs from the Keras model's by "
+            r"2e\+05 of its norm, cosine 0\.000000",
+        ):
+            export._compare("TFLite", expected + [[0, 0], [0, 0], [1, 0]],
+                            expected)
+        # All zero (a dead model): only zeros match it.
+        zeros = np.zeros((3, 2), np.float32)
+        export._compare("ONNX", zeros, zeros)
+        with pytest.raises(export.ExportError, match=r"cosine 0\.000000"):
+            export._compare("ONNX", zeros + [1e-3, 0], zeros)
+
+
+def test_a_model_of_zero_embeddings_exports(tmp_path):
+    model = _tiny()
+    for variable in model.variables:
+        variable.assign(tf.zeros_like(variable))
+    path = export.export_saved_model(model, tmp_path / "zero", tflite=True)
+    interpreter = tf.lite.Interpreter(model_path=str(path / "model.tflite"))
+    images = np.zeros((2, *SIZE, 3), np.uint8)  # a blank image too
+    lite = interpreter.get_signature_runner("serving_default")(images=images)
+    np.testing.assert_array_equal(lite["embedding"], 0.0)
+    np.testing.assert_array_equal(lite["normalized_embedding"], 0.0)
+
+
+def test_export_refuses_a_wrong_tflite_conversion_end_to_end(
+    trained, tmp_path, monkeypatch, capsys
+):
+    real_run_tflite = export._run_tflite
+
+    def permuted(path, images):
+        return real_run_tflite(path, images)[:, ::-1]
+
+    monkeypatch.setattr(export, "_run_tflite", permuted)
+    output = tmp_path / "exported"
+    status = export.main(
+        [f"--model_dir={trained}", f"--output={output}", "--tflite"]
+    )
+    assert status == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"error: TFLite: the converted model's embedding of check image \d "
+        r"of 3 differs from the Keras model's by [\d.]+ of its norm, cosine "
+        r"-?[\d.]+ \(allowed: at most 0\.01, cosine at least 0\.9999\); the "
+        r"export was not written\. .*",
+        lines[0],
+    ), lines[0]
+    assert list(tmp_path.iterdir()) == []  # no export, no staging left
 
 
 def _save_fingerprint(path):
