@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds every Bazel target and runs Bazel tests offline with a virtualenv's
-# Python; installs Bazel 4 from Debian's packages (bazel-bootstrap) first if
-# it is missing.
+# Builds every Bazel target and runs every Bazel test target (or the ones
+# given) offline with a virtualenv's Python; installs Bazel 4 from Debian's
+# packages (bazel-bootstrap) first if it is missing. .ci/run runs them all.
 #
 # usage: .ci/bazel_test.sh [--python PATH] [BAZEL_TEST_ARG...]
 #

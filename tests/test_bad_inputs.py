@@ -9,7 +9,7 @@ the flag checks of train.py (through `training.train`, which train.py calls
 and whose `ArgumentError` it prints as `--flag=value: problem; fix`) and of
 evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow).
 
-Files are built with the writers of tests/test_data.py, which follow the
+Files are built with the writers of tests/data_files.py, which follow the
 published formats independently of the readers.
 """
 
@@ -25,14 +25,14 @@ from ring_loss_tf import data
 from ring_loss_tf import evaluation
 from ring_loss_tf import recordio
 from ring_loss_tf import training
-from tests.test_data import _CallsAFunction
-from tests.test_data import constant_png
-from tests.test_data import make_folder
-from tests.test_data import make_lfw
-from tests.test_data import pack
-from tests.test_data import write_bin
-from tests.test_data import write_rec
-from tests.test_data import write_record
+from tests.data_files import CallsAFunction
+from tests.data_files import constant_png
+from tests.data_files import make_folder
+from tests.data_files import make_lfw
+from tests.data_files import pack
+from tests.data_files import write_bin
+from tests.data_files import write_rec
+from tests.data_files import write_record
 
 CORRUPT = (
     r"Corrupt or truncated image file\. Remove or replace the file, or skip "
@@ -227,7 +227,7 @@ def _not_recordio(tmp):
 
 def _malicious_bin(tmp):
     witness = tmp / "created_by_the_pickle"
-    write_bin(tmp / "evil.bin", [_CallsAFunction(str(witness))], [True], 2)
+    write_bin(tmp / "evil.bin", [CallsAFunction(str(witness))], [True], 2)
 
     def run():
         try:

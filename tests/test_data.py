@@ -14,14 +14,18 @@ from PIL import Image
 
 from ring_loss_tf import data
 from ring_loss_tf import recordio
+from tests.data_files import MAGIC
+from tests.data_files import CallsAFunction
+from tests.data_files import constant_png
+from tests.data_files import encode
+from tests.data_files import make_folder
+from tests.data_files import make_lfw
+from tests.data_files import pack
+from tests.data_files import write_bin
+from tests.data_files import write_rec
+from tests.data_files import write_record
 
 RNG = np.random.default_rng(0)
-
-
-def encode(array, fmt, **kwargs):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def pgm(array, maxval=255):
@@ -45,22 +49,6 @@ def run_both(fn, *args):
     dataset = tf.data.Dataset.from_tensors(args).map(fn)
     in_data = next(iter(dataset))
     return np.asarray(eager), np.asarray(in_data)
-
-
-def constant_png(value, size=(8, 8), mode="L"):
-    shape = size if mode == "L" else size + (3,)
-    return encode(np.full(shape, value, np.uint8), "PNG")
-
-
-def make_folder(root, counts, value=lambda label, k: 10 * label + k + 1):
-    """root/<idNN>/<k>.png, each image constant at value(label, k)."""
-    root = pathlib.Path(root)
-    for label, count in enumerate(counts):
-        directory = root / f"id{label:02d}"
-        directory.mkdir(parents=True)
-        for k in range(count):
-            (directory / f"{k}.png").write_bytes(constant_png(value(label, k)))
-    return root
 
 
 def labels_and_values(dataset):
@@ -419,67 +407,7 @@ def test_training_dataset_argument_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# RecordIO, written here from the published format (dmlc-core recordio.h,
-# mxnet.recordio.pack), independently of the reader.
-
-MAGIC = 0xCED7230A
-
-
-def write_record(file, payload):
-    """dmlc RecordIOWriter::WriteRecord: split at aligned magic numbers."""
-    magic = struct.pack("<I", MAGIC)
-    start = 0
-    for i in range(0, len(payload) - len(payload) % 4, 4):
-        if payload[i : i + 4] == magic:
-            flag = 1 if start == 0 else 2
-            file.write(magic + struct.pack("<I", flag << 29 | (i - start)))
-            file.write(payload[start:i])
-            start = i + 4
-    flag = 3 if start else 0
-    rest = payload[start:]
-    file.write(magic + struct.pack("<I", flag << 29 | len(rest)))
-    file.write(rest + b"\0" * (-len(payload) % 4))
-
-
-def pack(label, image, id1=0):
-    """mxnet.recordio.pack: IRHeader (flag, label, id, id2) + labels + data."""
-    if np.ndim(label):
-        labels = np.asarray(label, "<f4")
-        return struct.pack("<IfQQ", len(labels), 0.0, id1, 0) + (
-            labels.tobytes() + image
-        )
-    return struct.pack("<IfQQ", 0, label, id1, 0) + image
-
-
-def write_rec(directory, images_per_class, header=True, vector_label=False):
-    """insightface layout: record 0 header, images 1..a-1, identities a..b-1.
-
-    Image i of class c is a constant PNG of grey level 20*c + i + 1.
-    """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    records, ranges = [], []
-    for c, count in enumerate(images_per_class):
-        first = len(records) + (1 if header else 0)
-        for i in range(count):
-            label = [c, 0.5] if vector_label else float(c)
-            records.append(pack(label, constant_png(20 * c + i + 1)))
-        ranges.append((first, first + count))
-    if header:
-        a = len(records) + 1
-        b = a + len(images_per_class)
-        identity = [pack([float(s), float(e)], b"") for s, e in ranges]
-        records = [pack([float(a), float(b)], b"")] + records + identity
-    offsets = []
-    with open(directory / "train.rec", "wb") as file:
-        for payload in records:
-            offsets.append(file.tell())
-            write_record(file, payload)
-    with open(directory / "train.idx", "w") as file:
-        for key, offset in enumerate(offsets):
-            file.write(f"{key}\t{offset}\n")
-    return directory, records
-
+# RecordIO (files from the writers of tests/data_files.py)
 
 def test_recordio_reader_framing_and_split_records(tmp_path):
     magic = struct.pack("<I", MAGIC)
@@ -586,19 +514,6 @@ def test_recordio_corrupt_image_names_the_record(tmp_path):
 
 # --------------------------------------------------------------------------
 # LFW pairs
-
-
-def make_lfw(root, counts, ext="png"):
-    root = pathlib.Path(root)
-    for label, count in enumerate(counts):
-        name = f"Person_{label}"
-        (root / name).mkdir(parents=True)
-        for n in range(1, count + 1):
-            (root / name / f"{name}_{n:04d}.{ext}").write_bytes(
-                encode(np.full((6, 5, 3), (30 * label + n) % 256, np.uint8),
-                       "PNG")
-            )
-    return root
 
 
 def test_read_lfw_pairs(tmp_path):
@@ -739,11 +654,6 @@ def test_read_image_folder_and_load_images(tmp_path):
 # insightface .bin
 
 
-def write_bin(path, bins, issame, protocol):
-    with open(path, "wb") as file:
-        pickle.dump((bins, issame), file, protocol=protocol)
-
-
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_read_bin(tmp_path, protocol):
     values = [10, 20, 30, 40, 50, 60]
@@ -764,17 +674,9 @@ def test_read_bin(tmp_path, protocol):
     assert grey.images.shape == (6, 4, 4, 1)
 
 
-class _CallsAFunction:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.mkdir, (self.path,))
-
-
 def test_read_bin_refuses_code_and_non_pickles(tmp_path):
     witness = str(tmp_path / "created_by_the_pickle")
-    write_bin(tmp_path / "evil.bin", [_CallsAFunction(witness)], [True], 2)
+    write_bin(tmp_path / "evil.bin", [CallsAFunction(witness)], [True], 2)
     with pytest.raises(data.UnsafePickleError,
                        match=r"evil\.bin: refusing to load global"):
         data.read_bin(tmp_path / "evil.bin")

@@ -56,11 +56,9 @@ from hypothesis import strategies as st
 from ring_loss_tf import data
 from ring_loss_tf import kanji
 from ring_loss_tf import recordio
-from tests.test_data import constant_png
-from tests.test_data import make_lfw
-from tests.test_data import pack
-from tests.test_data import write_rec
-from tests.test_data import write_record
+from tests.data_files import constant_png
+from tests.data_files import make_lfw
+from tests.data_files import write_rec
 
 _COMMON = dict(
     deadline=None,

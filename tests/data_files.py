@@ -1,0 +1,142 @@
+"""Writers of the files the data readers take, for tests (not public API).
+
+Each writer follows the published format, not ring_loss_tf's readers, so a
+reader bug cannot hide behind the same bug in the writer: image folders and
+PNGs (Pillow), LFW trees, RecordIO (dmlc-core recordio.h and mxnet.recordio),
+insightface .bin pickles. tests/test_data.py, tests/test_bad_inputs.py and
+tests/test_fuzz.py build their inputs with them; a test module imports
+helpers from here, never from another test module, so that each Bazel test
+target (tests/BUILD) carries what it imports.
+"""
+
+import io
+import os
+import pathlib
+import pickle
+import struct
+
+import numpy as np
+from PIL import Image
+
+
+def encode(array, fmt, **kwargs):
+    """`array` encoded as an image file of format `fmt` by Pillow."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def constant_png(value, size=(8, 8), mode="L"):
+    shape = size if mode == "L" else size + (3,)
+    return encode(np.full(shape, value, np.uint8), "PNG")
+
+
+def make_folder(root, counts, value=lambda label, k: 10 * label + k + 1):
+    """root/<idNN>/<k>.png, each image constant at value(label, k)."""
+    root = pathlib.Path(root)
+    for label, count in enumerate(counts):
+        directory = root / f"id{label:02d}"
+        directory.mkdir(parents=True)
+        for k in range(count):
+            (directory / f"{k}.png").write_bytes(constant_png(value(label, k)))
+    return root
+
+
+# --------------------------------------------------------------------------
+# RecordIO, written from the published format (dmlc-core recordio.h,
+# mxnet.recordio.pack), independently of the reader.
+
+MAGIC = 0xCED7230A
+
+
+def write_record(file, payload):
+    """dmlc RecordIOWriter::WriteRecord: split at aligned magic numbers."""
+    magic = struct.pack("<I", MAGIC)
+    start = 0
+    for i in range(0, len(payload) - len(payload) % 4, 4):
+        if payload[i : i + 4] == magic:
+            flag = 1 if start == 0 else 2
+            file.write(magic + struct.pack("<I", flag << 29 | (i - start)))
+            file.write(payload[start:i])
+            start = i + 4
+    flag = 3 if start else 0
+    rest = payload[start:]
+    file.write(magic + struct.pack("<I", flag << 29 | len(rest)))
+    file.write(rest + b"\0" * (-len(payload) % 4))
+
+
+def pack(label, image, id1=0):
+    """mxnet.recordio.pack: IRHeader (flag, label, id, id2) + labels + data."""
+    if np.ndim(label):
+        labels = np.asarray(label, "<f4")
+        return struct.pack("<IfQQ", len(labels), 0.0, id1, 0) + (
+            labels.tobytes() + image
+        )
+    return struct.pack("<IfQQ", 0, label, id1, 0) + image
+
+
+def write_rec(directory, images_per_class, header=True, vector_label=False):
+    """insightface layout: record 0 header, images 1..a-1, identities a..b-1.
+
+    Image i of class c is a constant PNG of grey level 20*c + i + 1.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records, ranges = [], []
+    for c, count in enumerate(images_per_class):
+        first = len(records) + (1 if header else 0)
+        for i in range(count):
+            label = [c, 0.5] if vector_label else float(c)
+            records.append(pack(label, constant_png(20 * c + i + 1)))
+        ranges.append((first, first + count))
+    if header:
+        a = len(records) + 1
+        b = a + len(images_per_class)
+        identity = [pack([float(s), float(e)], b"") for s, e in ranges]
+        records = [pack([float(a), float(b)], b"")] + records + identity
+    offsets = []
+    with open(directory / "train.rec", "wb") as file:
+        for payload in records:
+            offsets.append(file.tell())
+            write_record(file, payload)
+    with open(directory / "train.idx", "w") as file:
+        for key, offset in enumerate(offsets):
+            file.write(f"{key}\t{offset}\n")
+    return directory, records
+
+
+# --------------------------------------------------------------------------
+# LFW trees
+
+
+def make_lfw(root, counts, ext="png"):
+    root = pathlib.Path(root)
+    for label, count in enumerate(counts):
+        name = f"Person_{label}"
+        (root / name).mkdir(parents=True)
+        for n in range(1, count + 1):
+            (root / name / f"{name}_{n:04d}.{ext}").write_bytes(
+                encode(np.full((6, 5, 3), (30 * label + n) % 256, np.uint8),
+                       "PNG")
+            )
+    return root
+
+
+# --------------------------------------------------------------------------
+# insightface .bin
+
+
+def write_bin(path, bins, issame, protocol):
+    with open(path, "wb") as file:
+        pickle.dump((bins, issame), file, protocol=protocol)
+
+
+class CallsAFunction:
+    """Pickles to a call of os.mkdir(path): a witness that unpickling ran
+    code (the directory exists afterwards)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))

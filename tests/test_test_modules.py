@@ -1,0 +1,110 @@
+"""Tests of the test modules themselves: each one runs on its own.
+
+Bazel runs each tests/test_*.py as its own target (tests/BUILD) with the
+helper modules of `//tests:helpers`, not with the other test modules. An
+import of one test module from another passes under `python -m pytest`,
+where the whole directory is on disk, and fails under `bazel test` with
+`ModuleNotFoundError`. Helpers that several modules use belong in a helper
+module such as tests/data_files.py. The test modules are parsed here, not
+imported, so the check needs no TensorFlow and sees imports inside functions.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+# Not resolved: under Bazel this is the runfiles tree, which holds the test
+# modules this target lists as data, not the source tree.
+TESTS = pathlib.Path(__file__).parent
+
+
+def _test_module(name, level=0):
+    """The test module `name` (dotted, `level` dots relative) names, or None.
+
+    `tests.test_x...`, `.test_x...` and a bare `test_x` (importable when
+    tests/ is on sys.path) are test modules; `tests.layer_checks` and
+    another package's `test_*` module are not.
+    """
+    parts = [part for part in name.split(".") if part]
+    if level == 0:
+        if parts[:1] == ["tests"]:
+            parts = parts[1:]
+        elif len(parts) > 1:
+            return None
+    if parts and parts[0].startswith("test_"):
+        return parts[0]
+    return None
+
+
+def imported_test_modules(source):
+    """The test modules that Python `source` imports, anywhere in it.
+
+    Counts `import`, `from ... import` and calls of `importlib.import_module`
+    or `__import__` with a literal module name.
+    """
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [(alias.name, 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [(f"{module}.{alias.name}", node.level)
+                     for alias in node.names]
+        elif isinstance(node, ast.Call) and node.args:
+            function = node.func
+            callee = (function.attr if isinstance(function, ast.Attribute)
+                      else getattr(function, "id", None))
+            name = getattr(node.args[0], "value", None)
+            if callee in ("import_module", "__import__") and isinstance(
+                name, str
+            ):
+                names = [(name, len(name) - len(name.lstrip(".")))]
+        for name, level in names:
+            module = _test_module(name, level)
+            if module:
+                found.add(module)
+    return found
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from tests.test_data import make_folder", {"test_data"}),
+        ("from tests import test_data", {"test_data"}),
+        ("import tests.test_data as t", {"test_data"}),
+        ("import test_data", {"test_data"}),
+        ("from .test_data import pack", {"test_data"}),
+        ("from . import test_data", {"test_data"}),
+        ("def f():\n    from tests.test_fuzz import x", {"test_fuzz"}),
+        ("importlib.import_module('tests.test_data')", {"test_data"}),
+        ("__import__('test_data')", {"test_data"}),
+        ("from tests import layer_checks", set()),
+        ("from tests.data_files import constant_png", set()),
+        ("import kill_resume", set()),
+        ("from tensorflow.python.framework import test_util", set()),
+        ("import evaluate; importlib.import_module('evaluate')", set()),
+    ],
+)
+def test_imported_test_modules_finds_each_form_of_import(source, expected):
+    assert imported_test_modules(source) == expected
+
+
+def test_no_test_module_imports_another():
+    modules = sorted(TESTS.glob("test_*.py"))
+    # Guards against a vacuous pass, e.g. a Bazel target without the modules
+    # as data: these three once imported test_data.
+    assert {"test_data.py", "test_bad_inputs.py", "test_fuzz.py"} <= {
+        module.name for module in modules
+    }, modules
+    offenders = {}
+    for module in modules:
+        imported = imported_test_modules(module.read_text()) - {module.stem}
+        if imported:
+            offenders[module.name] = sorted(imported)
+    assert not offenders, (
+        f"test modules import other test modules: {offenders}. Bazel runs "
+        "each test module without the others (tests/BUILD); move what they "
+        "share into a helper module such as tests/data_files.py."
+    )
