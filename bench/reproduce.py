@@ -518,7 +518,8 @@ def _gain(by_row, better, worse, path):
 def verdicts(by_row: dict, low_res) -> list[tuple[str, bool | None, str]]:
     """Each claim of the paper → (claim, holds here?, the numbers)."""
     out = []
-    for better, worse in (("SM+R_0.01", "SM"), ("SF+R_0.01", "SF")):
+    for better, worse in (("SM+R_0.01", "SM"), ("SF+R_0.01", "SF"),
+                          ("SF+R_0.03", "SF")):
         holds, evidence = _beats(by_row, better, worse)
         out.append((f"{better} > {worse}", holds, evidence))
     # The paper's rows only: ArcFace and CosFace came after it.
