@@ -22,7 +22,12 @@ the command that resumes (exit status 128 + the signal number).
 The paper's setting on a face folder (GPU):
 
     python train.py --data_dir=/data/casia --backbone=sphereface20 \\
-        --head=asoftmax --lambda_ring=0.01 --batch_size=256 --steps=28000
+        --head=asoftmax --lambda_ring=0.01 --batch_size=256 --steps=28000 \\
+        --margin_warmup_steps=0
+
+(--margin_warmup_steps=0: the margin from the first step, as the paper
+trains; the default for A-Softmax, ArcFace and CosFace is 200 steps without
+it first, README "Staged margin training".)
 
 Flags are checked before anything is built; a bad one stops with one line
 naming the flag and the fix.
