@@ -1,0 +1,110 @@
+"""The study's verdicts (bench/reproduce.py) on runs made up here.
+
+The README's verdict table comes from these functions; the cases are
+computed by hand: means and population standard deviations of three seeds.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", REPO / "bench" / "reproduce.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(row, seed, tar, low=0.1):
+    """A finished run whose all-pairs TAR is `tar` at every FAR."""
+    return {
+        "row": row,
+        "seed": seed,
+        "all_pairs": {
+            "num_genuine": 10, "num_impostor": 10**6,
+            "tar_at_far": {f: tar for f in ("0.001", "0.0001", "1e-05",
+                                            "1e-06")},
+        },
+        "ten_fold": {"accuracy_mean": 0.9, "accuracy_std": 0.01,
+                     "num_pairs": 20},
+        "identification": {"rank1": 0.5, "rank5": 0.6, "num_probes": 4,
+                           "num_gallery": 2, "num_distractors": 2},
+        "norms": {"mean": 10.0, "cv": 0.1},
+        "low_res": {"4": {"ten_fold_accuracy": 0.8, "norm_ratio": 0.9,
+                          "all_pairs": {"tar_at_far": {"0.001": low}}}},
+    }
+
+
+def _rows(**tars):
+    return {row: [_run(row, s, t) for s, t in enumerate(values)]
+            for row, values in tars.items()}
+
+
+def test_beats_needs_the_gap_to_exceed_the_summed_spreads(reproduce):
+    # A: mean 0.72, std 0.0163; B: mean 0.61, std 0.0082: gap 0.11 > 0.025.
+    clear = _rows(A=[0.70, 0.72, 0.74], B=[0.60, 0.61, 0.62])
+    verdict, evidence = reproduce._beats(clear, "A", "B")
+    assert verdict is True
+    assert "0.001: 72.0 ± 1.6 vs 61.0 ± 0.8" in evidence
+    assert "(seeds: 3 vs 3)" in evidence
+    # Gap 0.02 < 0.0163 + 0.0163: above in the mean only.
+    close = _rows(A=[0.70, 0.72, 0.74], B=[0.68, 0.70, 0.72])
+    assert reproduce._beats(close, "A", "B")[0] == reproduce.WITHIN_SPREAD
+    assert reproduce._beats(close, "B", "A")[0] is False
+    assert reproduce._beats(close, "A", "C") == (None, "not run")
+
+
+def test_beats_is_not_measured_when_a_tar_is_unresolved(reproduce):
+    rows = _rows(A=[0.7], B=[0.6])
+    rows["B"][0]["all_pairs"]["tar_at_far"]["1e-05"] = None
+    verdict, evidence = reproduce._beats(rows, "A", "B")
+    assert verdict is None and "TAR@1e-05 unresolved" in evidence
+
+
+def test_best_row_is_judged_among_the_papers_rows(reproduce):
+    rows = _rows(**{"SM": [0.5], "SF": [0.6], "SF+R_0.01": [0.7],
+                    "ArcFace+R": [0.9]})
+    verdicts = {claim: (holds, text)
+                for claim, holds, text in reproduce.verdicts(rows, (4.0,))}
+    holds, text = verdicts["SF + R is the best of the paper's rows"]
+    assert holds is True and text.startswith(
+        "best mean TAR@FAR 1e-3..1e-5: SF+R_0.01 70.0, then SF 60.0")
+    rows["SM"] = [_run("SM", 0, 0.8)]
+    verdicts = {claim: holds
+                for claim, holds, _ in reproduce.verdicts(rows, (4.0,))}
+    assert verdicts["SF + R is the best of the paper's rows"] is False
+
+
+def test_low_resolution_gain_compares_ratios(reproduce):
+    # Full resolution: 0.6 / 0.5 = 1.2; at 1/4: 0.3 / 0.2 = 1.5.
+    rows = {"SM": [_run("SM", 0, 0.5, low=0.2)],
+            "SM+R_0.01": [_run("SM+R_0.01", 0, 0.6, low=0.3)]}
+    verdicts = {claim: (holds, text)
+                for claim, holds, text in reproduce.verdicts(rows, (4.0,))}
+    holds, text = verdicts[
+        "the gain of SM+R_0.01 over SM is largest at low resolution"]
+    assert holds is True and text == (
+        "TAR@1e-3 ratio at 1/4 resolution 1.50× vs full 1.20×")
+
+
+def test_saved_runs_and_tables_show_a_diverged_row(reproduce, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for run in (_run("SM", 1, 0.5), _run("SM", 0, 0.4)):
+        (runs / f"SM_seed{run['seed']}.json").write_text(json.dumps(run))
+    (runs / "ArcFace+R_seed0.json").write_text(json.dumps(
+        {"row": "ArcFace+R", "seed": 0, "diverged_at_step": 37}))
+    by_row = reproduce.saved_runs(tmp_path, ["ArcFace+R"])
+    assert list(by_row) == ["ArcFace+R", "SM"]
+    assert [r["seed"] for r in by_row["SM"]] == [0, 1]
+    tables = reproduce.format_tables(by_row, (4.0,))
+    assert "| ArcFace+R (diverged at step 37) |" in tables
+    assert "| SM | 45.00 ± 5.00 |" in tables
