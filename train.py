@@ -12,8 +12,9 @@ resumes from the last checkpoint.
 
 Measured from a fresh clone on an idle 2-core machine: 3 min 31 s wall in
 all (43 s of it generating the data set), peak RSS 1.0 GiB; 10-fold
-accuracy 97.32% ± 0.42, TAR@FAR=1e-3 66.31%, TAR@FAR=1e-4 49.37% (10,000
-genuine and 10,000 impostor pairs of 500 unseen characters).
+accuracy 97.32% ± 0.43, TAR@FAR=1e-3 65.82%, TAR@FAR=1e-4 49.24% (10,000
+genuine and 10,000 impostor pairs of 500 unseen characters; README,
+Training, says where the last digits have differed).
 `python bench/train.py --quick_start` measures it again.
 
 Ctrl-C or SIGTERM stops after the current step with a checkpoint and prints
