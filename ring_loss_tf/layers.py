@@ -477,12 +477,18 @@ def a_softmax_logits(embeddings, kernel, labels, margin=4, lambda_=0.0):
     Returns:
         float32 logits `(batch_size, num_classes)`.
     """
-    projected, cos, norms = _cosine_logits(embeddings, kernel)
+    return _a_softmax_from_cosines(
+        *_cosine_logits(embeddings, kernel), labels, margin, lambda_
+    )
+
+
+def _a_softmax_from_cosines(projected, cos, norms, labels, margin, lambda_):
+    """`a_softmax_logits` from the outputs of `_cosine_logits`."""
     lambda_ = _float32(lambda_)
     target = norms * (lambda_ * cos + a_softmax_psi(cos, margin)) / (
         1.0 + lambda_
     )
-    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    mask = _target_mask(labels, ops.shape(cos)[-1])
     return mask * target + (1.0 - mask) * projected
 
 
@@ -646,8 +652,8 @@ class ASoftmax(_MarginHead):
 
     def call(self, inputs, training=None):
         embeddings, labels = _with_labels(self, inputs)
+        projected, cos, norms = _cosine_logits(embeddings, self.kernel)
         if not training:
-            projected, _, _ = _cosine_logits(embeddings, self.kernel)
             return projected
         t = self._count_training_call()
         lambda_ = a_softmax_lambda(
@@ -657,12 +663,11 @@ class ASoftmax(_MarginHead):
             self.lambda_power,
             self.lambda_min,
         )
-        logits = a_softmax_logits(
-            embeddings, self.kernel, labels, self.margin, lambda_
+        logits = _a_softmax_from_cosines(
+            projected, cos, norms, labels, self.margin, lambda_
         )
         if not self.margin_warmup_steps:
             return logits
-        projected, _, _ = _cosine_logits(embeddings, self.kernel)
         return ops.where(t > 0, logits, projected)
 
     def get_config(self):
@@ -687,7 +692,11 @@ class ASoftmax(_MarginHead):
 def cosface_logits(embeddings, kernel, labels, scale=64.0, margin=0.35):
     """CosFace / AM-Softmax: s·(cos θ_j − m·[j = y])  (Wang et al. 2018)."""
     _, cos, _ = _cosine_logits(embeddings, kernel)
-    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    return _cosface_from_cosines(cos, labels, scale, margin)
+
+
+def _cosface_from_cosines(cos, labels, scale, margin):
+    mask = _target_mask(labels, ops.shape(cos)[-1])
     return scale * (cos - margin * mask)
 
 
@@ -710,6 +719,10 @@ def arcface_logits(
     cos θ > 0 (Deng et al. 2019).
     """
     _, cos, _ = _cosine_logits(embeddings, kernel)
+    return _arcface_from_cosines(cos, labels, scale, margin, easy_margin)
+
+
+def _arcface_from_cosines(cos, labels, scale, margin, easy_margin):
     with_margin = cos * math.cos(margin) - _sine(cos) * math.sin(margin)
     if easy_margin:
         target = ops.where(cos > 0, with_margin, cos)
@@ -717,7 +730,7 @@ def arcface_logits(
         threshold = math.cos(math.pi - margin)
         fallback = cos - math.sin(math.pi - margin) * margin
         target = ops.where(cos > threshold, with_margin, fallback)
-    mask = _target_mask(labels, ops.shape(kernel)[-1])
+    mask = _target_mask(labels, ops.shape(cos)[-1])
     return scale * (mask * target + (1.0 - mask) * cos)
 
 
@@ -750,7 +763,7 @@ class _ScaledMarginHead(_MarginHead):
         _, cos, _ = _cosine_logits(embeddings, self.kernel)
         if not training:
             return self.scale * cos
-        logits = self._margin_logits(embeddings, labels)
+        logits = self._margin_logits(cos, labels)
         if not self.margin_warmup_steps:
             return logits
         return ops.where(self._count_training_call() > 0, logits,
@@ -784,10 +797,8 @@ class CosFace(_ScaledMarginHead):
             num_classes, scale, margin, margin_warmup_steps, **kwargs
         )
 
-    def _margin_logits(self, embeddings, labels):
-        return cosface_logits(
-            embeddings, self.kernel, labels, self.scale, self.margin
-        )
+    def _margin_logits(self, cos, labels):
+        return _cosface_from_cosines(cos, labels, self.scale, self.margin)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -819,14 +830,9 @@ class ArcFace(_ScaledMarginHead):
             )
         self.easy_margin = bool(easy_margin)
 
-    def _margin_logits(self, embeddings, labels):
-        return arcface_logits(
-            embeddings,
-            self.kernel,
-            labels,
-            self.scale,
-            self.margin,
-            self.easy_margin,
+    def _margin_logits(self, cos, labels):
+        return _arcface_from_cosines(
+            cos, labels, self.scale, self.margin, self.easy_margin
         )
 
     def get_config(self):
