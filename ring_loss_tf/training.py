@@ -121,6 +121,16 @@ DEFAULT_MARGIN_WARMUP_STEPS = {"asoftmax": 200, "cosface": 200, "arcface": 200}
 # The embedding block train.py uses when --embedding_block is not given.
 DEFAULT_EMBEDDING_BLOCK = {"cosface": "bn", "arcface": "bn"}
 MARGIN_HEADS = ("asoftmax", "cosface", "arcface")
+# Wen et al.'s λ: the center-loss weight of head "centerloss" (softmax +
+# center loss) when none is given; other heads have none by default.
+CENTERLOSS_HEAD_WEIGHT = 0.003
+
+
+def center_loss_weight_for(head, center_loss_weight):
+    """The center-loss weight a run uses: the given one, else the head's."""
+    if center_loss_weight is not None:
+        return center_loss_weight
+    return CENTERLOSS_HEAD_WEIGHT if head == "centerloss" else 0.0
 
 
 class ArgumentError(ValueError):
@@ -391,8 +401,7 @@ def build_models(
     `scale` default to the head's own defaults. Call under the strategy's
     scope.
     """
-    if center_loss_weight is None:
-        center_loss_weight = 0.003 if head == "centerloss" else 0.0
+    center_loss_weight = center_loss_weight_for(head, center_loss_weight)
     embedding_model = backbones.get(backbone)(
         input_shape=(*image_size, channels),
         embedding_dim=embedding_dim,
@@ -1420,8 +1429,7 @@ def train(
         margin_warmup_steps = DEFAULT_MARGIN_WARMUP_STEPS.get(head, 0)
     if embedding_block is None:
         embedding_block = DEFAULT_EMBEDDING_BLOCK.get(head, "fc")
-    if center_loss_weight is None:
-        center_loss_weight = 0.003 if head == "centerloss" else 0.0
+    center_loss_weight = center_loss_weight_for(head, center_loss_weight)
     arguments.update(
         margin_warmup_steps=margin_warmup_steps,
         embedding_block=embedding_block,
