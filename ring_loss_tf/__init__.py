@@ -1,31 +1,53 @@
 """Ring loss (Zheng, Pal, Savvides, CVPR 2018) for TensorFlow 2 / Keras 3.
 
-The layers are importable from the top level; data, training, metrics and
-export live in their own modules (`ring_loss_tf.data`, ...), imported where
-they are used so that the layers work on every Keras backend.
+The layers are importable from the top level (`ring_loss_tf.RingLoss`, ...);
+data, training, metrics and export live in their own modules
+(`ring_loss_tf.data`, ...), imported where they are used so that the layers
+work on every Keras backend.
+
+The layers load on first use (PEP 562), so importing a module that needs no
+Keras, `ring_loss_tf.config` for one, does not import TensorFlow: train.py
+checks its flags before TensorFlow starts.
 """
 
 from ring_loss_tf import quiet as _quiet
 
-# Only in train.py, evaluate.py and `python -m ring_loss_tf.export`: their
-# output is the project's lines (ring_loss_tf/quiet.py); elsewhere importing
-# the package leaves TensorFlow's logging as it is.
-if _quiet.is_entry_point():
+# Only in `python -m ring_loss_tf.export`: its output is the project's
+# lines (ring_loss_tf/quiet.py), and the package is imported before the
+# module can say so. train.py and evaluate.py call `quiet.import_tensorflow`
+# themselves, after their flag checks; elsewhere importing the package
+# leaves TensorFlow's logging as it is.
+if _quiet.is_module_entry_point():
     _quiet.import_tensorflow()
 
-from ring_loss_tf.layers import ArcFace
-from ring_loss_tf.layers import BatchNorm
-from ring_loss_tf.layers import ASoftmax
-from ring_loss_tf.layers import CenterLoss
-from ring_loss_tf.layers import CosFace
-from ring_loss_tf.layers import L2Constrained
-from ring_loss_tf.layers import RingLoss
-from ring_loss_tf.layers import a_softmax_logits
-from ring_loss_tf.layers import arcface_logits
-from ring_loss_tf.layers import center_loss
-from ring_loss_tf.layers import cosface_logits
-from ring_loss_tf.layers import l2_constrained
-from ring_loss_tf.layers import ring_loss
-from ring_loss_tf.layers import safe_norm
+_LAYERS = (
+    "ArcFace",
+    "ASoftmax",
+    "BatchNorm",
+    "CenterLoss",
+    "CosFace",
+    "L2Constrained",
+    "RingLoss",
+    "a_softmax_logits",
+    "arcface_logits",
+    "center_loss",
+    "cosface_logits",
+    "l2_constrained",
+    "ring_loss",
+    "safe_norm",
+)
 
+__all__ = list(_LAYERS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _LAYERS:
+        from ring_loss_tf import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'ring_loss_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAYERS))

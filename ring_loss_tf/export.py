@@ -40,7 +40,6 @@ Command line (reads a training `--model_dir`: config.json + checkpoint):
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pathlib
 import shutil
@@ -54,7 +53,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ring_loss_tf import models
 from ring_loss_tf import quiet
+from ring_loss_tf.errors import first_line
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serve_image_bytes"
@@ -447,11 +448,9 @@ def export_saved_model(
             training_model.save(str(target / KERAS_FILE))
         _move_into_place(target, output_dir, staging)
     except (OSError, tf.errors.OpError) as error:
-        from ring_loss_tf.training import _first_line
-
         raise ExportError(
             f"Could not write the export to {output_dir} "
-            f"({_first_line(error)}); "
+            f"({first_line(error)}); "
             + ("the previous export there is intact"
                if output_dir.exists() else "nothing was written there")
             + ". Free disk space (or raise the file size limit, `ulimit -f`)"
@@ -475,40 +474,6 @@ def _move_into_place(new, output_dir, staging):
         if previous is not None:
             os.rename(previous, output_dir)
         raise
-
-
-def load_training_models(model_dir: str | os.PathLike):
-    """Rebuilds the models of a training `model_dir` at its last checkpoint.
-
-    Reads `config.json` (written by `ring_loss_tf.training.train`), builds
-    the same backbone, ring and head, and restores the latest checkpoint.
-
-    Returns:
-        `ring_loss_tf.training.Models` (`embedding_model`, `train_model`, ...).
-
-    Raises:
-        FileNotFoundError: no config.json or no checkpoint in `model_dir`.
-    """
-    from ring_loss_tf import training
-
-    model_dir = pathlib.Path(model_dir)
-    config_path = model_dir / training.CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path} not found: --model_dir must be the directory "
-            "train.py wrote (config.json + checkpoints)."
-        )
-    latest = tf.train.latest_checkpoint(str(model_dir))
-    if latest is None:
-        raise FileNotFoundError(
-            f"{model_dir} has no checkpoint yet: train first (train.py "
-            "saves one every --checkpoint_every steps and at the end)."
-        )
-    config = json.loads(config_path.read_text())
-    models = training.build_models(**training.model_settings(config))
-    status = tf.train.Checkpoint(model=models.train_model).restore(latest)
-    status.expect_partial().assert_existing_objects_matched()
-    return models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,16 +519,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--output={args.output} already exists; add --overwrite to "
                 "replace it or choose another directory."
             )
-        models = load_training_models(args.model_dir)
+        trained = models.load_training_models(args.model_dir)
         path = export_saved_model(
-            models.embedding_model,
+            trained.embedding_model,
             args.output,
             overwrite=args.overwrite,
             tflite=args.tflite,
             onnx=args.onnx,
-            training_model=models.train_model if args.keras else None,
+            training_model=trained.train_model if args.keras else None,
         )
-    except (FileExistsError, FileNotFoundError, ImportError) as error:
+    except (FileExistsError, FileNotFoundError, ImportError,
+            ValueError) as error:
         parser.error(str(error))
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,9 +18,10 @@ TensorFlow 2.21 would add, and where each is stopped:
   given.
 
 Importing the package from other code changes nothing: `ring_loss_tf`
-calls `import_tensorflow` on import only in an entry point's process
-(`is_entry_point`). This module imports nothing but the standard library,
-so that the package can use it before TensorFlow is imported.
+calls `import_tensorflow` on import only under `python -m
+ring_loss_tf.export` (`is_module_entry_point`); the two scripts call it
+after checking their flags. This module imports nothing but the standard
+library, so that the package can use it before TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import sys
 import tempfile
 from typing import Iterable
 
-SCRIPTS = ("train.py", "evaluate.py")  # beside the package
 MODULES = ("ring_loss_tf.export",)  # python -m
 
 _STARTUP_NOISE = (
@@ -46,14 +46,8 @@ _NO_DRIVER = "Could not find cuda drivers on your machine"
 _CUINIT_FAILED = r"E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] failed call to cuInit: .*"
 
 
-def is_entry_point() -> bool:
-    """Whether this process runs one of the project's entry points."""
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file and os.path.basename(main_file) in SCRIPTS:
-        here = os.path.dirname(os.path.realpath(__file__))
-        return os.path.dirname(os.path.realpath(main_file)) == (
-            os.path.dirname(here)
-        )
+def is_module_entry_point() -> bool:
+    """Whether this process runs `python -m` one of `MODULES`."""
     return _module_being_started() in MODULES
 
 

@@ -1,0 +1,230 @@
+"""Model assembly: backbone → RingLoss → CenterLoss → head, from a config.
+
+`build_models(config)` builds the training model `[images, labels] →
+[logits, embeddings]` and the embedding model `images → embeddings` (the
+backbone: what is exported and evaluated) from a `TrainConfig`.
+`load_training_models(model_dir)` rebuilds them from a run's config.json and
+restores its latest checkpoint. The loss is not built here: the trainer
+takes sparse cross-entropy from the logits and adds the layers' `add_loss`
+terms (ring, center) and weight decay on `decayed_variables`.
+
+The backbones and heads come from `registry`; each head function below
+takes `(features, labels, model, num_classes, seed)` and returns `(logits,
+head_layer)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import keras
+import tensorflow as tf
+
+from ring_loss_tf import config as config_lib
+from ring_loss_tf import layers
+from ring_loss_tf import registry
+
+
+@dataclasses.dataclass
+class Models:
+    """The models of one run.
+
+    Attributes:
+        train_model: `[images, labels] → [logits, embeddings]`.
+        embedding_model: `images → embeddings` (the backbone; exported).
+        ring: the `RingLoss` layer, or None when λ = 0.
+        head: the head layer producing logits.
+    """
+
+    train_model: keras.Model
+    embedding_model: keras.Model
+    ring: layers.RingLoss | None
+    head: keras.layers.Layer
+
+
+def _dense_logits(num_classes, seed):
+    # Logits in float32 under mixed precision.
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        dtype="float32",
+        name="logits",
+    )
+
+
+def softmax_head(features, labels, model, num_classes, seed):
+    """Plain softmax: a dense layer to the class logits."""
+    dense = _dense_logits(num_classes, seed)
+    return dense(features), dense
+
+
+def l2softmax_head(features, labels, model, num_classes, seed):
+    """l2-constrained softmax (Ranjan et al.): ‖x‖ fixed to α, then dense."""
+    dense = _dense_logits(num_classes, seed)
+    scaled = layers.L2Constrained(model.l2_alpha, name="l2")(features)
+    return dense(scaled), dense
+
+
+def _margin_options(model, scale=False):
+    options = {"margin_warmup_steps": model.margin_warmup_steps}
+    if model.margin is not None:
+        options["margin"] = model.margin
+    if scale and model.scale is not None:
+        options["scale"] = model.scale
+    return options
+
+
+def _seeded_kernel(head, seed):
+    # The margin heads take no initializer argument: draw their kernel from
+    # the seed too, so equal seeds give equal models.
+    if seed is not None:
+        head.kernel.assign(
+            keras.initializers.GlorotUniform(seed=seed + 1)(head.kernel.shape)
+        )
+    return head
+
+
+def asoftmax_head(features, labels, model, num_classes, seed):
+    """A-Softmax (SphereFace) with its λ schedule and margin warm-up."""
+    head = layers.ASoftmax(
+        num_classes,
+        lambda_base=model.lambda_base,
+        lambda_gamma=model.lambda_gamma,
+        lambda_power=model.lambda_power,
+        lambda_min=model.lambda_min,
+        name="asoftmax",
+        **_margin_options(model),
+    )
+    logits = head([features, labels])
+    return logits, _seeded_kernel(head, seed)
+
+
+def cosface_head(features, labels, model, num_classes, seed):
+    """CosFace (additive cosine margin)."""
+    head = layers.CosFace(
+        num_classes, name="cosface", **_margin_options(model, scale=True)
+    )
+    logits = head([features, labels])
+    return logits, _seeded_kernel(head, seed)
+
+
+def arcface_head(features, labels, model, num_classes, seed):
+    """ArcFace (additive angular margin)."""
+    head = layers.ArcFace(
+        num_classes, name="arcface", **_margin_options(model, scale=True)
+    )
+    logits = head([features, labels])
+    return logits, _seeded_kernel(head, seed)
+
+
+def build_models(config: config_lib.TrainConfig) -> Models:
+    """Builds backbone → RingLoss (if λ > 0) → CenterLoss (if its weight is
+    > 0) → head, as `config` says. Call under the strategy's scope.
+
+    Args:
+        config: a `TrainConfig` with `num_classes` set; settings left None
+            take their defaults (`config.resolve`).
+
+    Raises:
+        ConfigError: `num_classes` is not set.
+    """
+    config = config_lib.resolve(config)
+    data, model = config.data, config.model
+    if model.num_classes is None:
+        raise config_lib.ConfigError(
+            "num_classes", None, "is not set",
+            "give the class count of the training data",
+        )
+    config_lib.check(config, parts=("model",))
+    seed = config.run.seed
+    backbone = registry.load(registry.BACKBONES[model.backbone])
+    input_shape = (*data.image_size, data.channels)
+    embedding_model = backbone(
+        input_shape=input_shape,
+        embedding_dim=model.embedding_dim,
+        seed=seed,
+        embedding_block=model.embedding_block,
+    )
+    images = keras.Input(input_shape, name="images")
+    labels = keras.Input((), dtype="int32", name="labels")
+    embeddings = embedding_model(images)
+    features = embeddings
+    ring = None
+    if model.lambda_ring > 0:
+        ring = layers.RingLoss(
+            loss_weight=model.lambda_ring, radius_init=model.ring_radius,
+            name="ring_loss",
+        )
+        features = ring(features)
+    if model.center_loss_weight > 0:
+        features = layers.CenterLoss(
+            model.num_classes, model.center_loss_weight, model.center_alpha,
+            name="center_loss",
+        )([features, labels])
+    head_function = registry.load(registry.HEADS[model.head])
+    logits, head = head_function(
+        features, labels, model, model.num_classes, seed
+    )
+    train_model = keras.Model(
+        [images, labels], [logits, embeddings], name="training_model"
+    )
+    return Models(train_model, embedding_model, ring, head)
+
+
+def decayed_variables(model):
+    """The variables weight decay applies to: kernels of convs and denses.
+
+    Never the ring radius R, the centers, PReLU slopes or biases: only
+    trainable variables named "kernel", outside `RingLoss`, `CenterLoss` and
+    `PReLU` layers.
+    """
+    excluded = set()
+    for layer in all_layers(model):
+        if isinstance(
+            layer, (layers.RingLoss, layers.CenterLoss, keras.layers.PReLU)
+        ):
+            excluded.update(id(v) for v in layer.weights)
+    return [
+        v
+        for v in model.trainable_variables
+        if v.name == "kernel" and id(v) not in excluded
+    ]
+
+
+def all_layers(model):
+    """The layers of `model` and of the models nested in it."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def load_training_models(model_dir: str | os.PathLike) -> Models:
+    """Rebuilds the models of a training `model_dir` at its last checkpoint.
+
+    Reads `config.json` (any version `config.load` reads), builds the same
+    backbone, ring and head, and restores the latest checkpoint.
+
+    Raises:
+        FileNotFoundError: no config.json or no checkpoint in `model_dir`.
+        ValueError: config.json is not one a run writes.
+    """
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / config_lib.CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: --model_dir must be the directory "
+            "train.py wrote (config.json + checkpoints)."
+        )
+    latest = tf.train.latest_checkpoint(str(model_dir))
+    if latest is None:
+        raise FileNotFoundError(
+            f"{model_dir} has no checkpoint yet: train first (train.py "
+            "saves one every --checkpoint_every steps and at the end)."
+        )
+    models = build_models(config_lib.load(model_dir))
+    status = tf.train.Checkpoint(model=models.train_model).restore(latest)
+    status.expect_partial().assert_existing_objects_matched()
+    return models

@@ -1,0 +1,90 @@
+"""The backbones and heads train.py knows, by name.
+
+A new backbone or head is one function plus one line here (README,
+"Extending"). Entries name their function as "module:function" so that this
+module, and the configuration checks that read it, import no TensorFlow: a
+misspelt `--head` fails before TensorFlow loads.
+
+A backbone function takes `(input_shape, embedding_dim, *, seed,
+embedding_block)` and returns a `keras.Model` from images to embeddings
+(see `ring_loss_tf.backbones`). A head function takes `(features, labels,
+model, num_classes, seed)` — symbolic Keras tensors, the run's
+`ModelConfig`, the class count and the seed — and returns `(logits,
+head_layer)` (see `ring_loss_tf.models`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+BACKBONES = {
+    "small_cnn": "ring_loss_tf.backbones:small_cnn",
+    "sphereface4": "ring_loss_tf.backbones:sphereface4",
+    "sphereface20": "ring_loss_tf.backbones:sphereface20",
+}
+
+EMBEDDING_BLOCKS = ("fc", "bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A head train.py can build, and what a run gets when a flag is omitted.
+
+    Attributes:
+        function: "module:function" building the head (module docstring).
+        margin: the head has an angular margin (`margin_warmup_steps`
+            applies to it).
+        margin_warmup_steps: the default warm-up without the margin. 200 for
+            the margin heads: on the embedded set A-Softmax collapses and
+            ArcFace / CosFace barely learn without one (README, "Staged
+            margin training"); 0 is the papers' recipe.
+        embedding_block: the default embedding block. "bn" for the cosine
+            heads: without insightface's BN → FC → BN their feature norm runs
+            away (README, "Staged margin training").
+        center_loss_weight: the default center-loss weight (Wen et al.'s
+            λ = 0.003 for "centerloss"; 0 is off).
+    """
+
+    function: str
+    margin: bool = False
+    margin_warmup_steps: int = 0
+    embedding_block: str = "fc"
+    center_loss_weight: float = 0.0
+
+
+HEADS = {
+    "softmax": Head("ring_loss_tf.models:softmax_head"),
+    "asoftmax": Head(
+        "ring_loss_tf.models:asoftmax_head", margin=True,
+        margin_warmup_steps=200,
+    ),
+    "l2softmax": Head("ring_loss_tf.models:l2softmax_head"),
+    "centerloss": Head(
+        "ring_loss_tf.models:softmax_head", center_loss_weight=0.003
+    ),
+    "cosface": Head(
+        "ring_loss_tf.models:cosface_head", margin=True,
+        margin_warmup_steps=200, embedding_block="bn",
+    ),
+    "arcface": Head(
+        "ring_loss_tf.models:arcface_head", margin=True,
+        margin_warmup_steps=200, embedding_block="bn",
+    ),
+}
+
+
+def load(entry):
+    """The function an entry names ("module:function"), or the entry itself
+    when it is already a callable (a head or backbone added at run time)."""
+    if callable(entry):
+        return entry
+    if isinstance(entry, Head):
+        entry = entry.function
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def margin_heads() -> tuple[str, ...]:
+    """The heads with a margin, in registry order."""
+    return tuple(name for name, head in HEADS.items() if head.margin)

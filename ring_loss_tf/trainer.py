@@ -1,0 +1,531 @@
+"""The distributed step: strategy, `Trainer`, checkpoints, learning rate.
+
+One training step, for a global batch of B examples on N replicas:
+
+    each replica r, inside tf.function(jit_compile=jit):
+        L_r = Σ_{i ∈ batch_r} CE_i / B  +  (Σ model.losses + wd/2 Σ‖W‖²) / N
+        g_r = ∂L_r/∂θ
+    outside the compiled function: g = Σ_r g_r (all-reduce), apply_gradients
+
+so g is the gradient of the mean cross-entropy over the global batch plus the
+regularisers, whatever N is: two replicas give the update one device gives on
+the same batch (tested). The split is forced: Keras cannot compile the whole
+`strategy.run` under `MirroredStrategy` (`model.compile(jit_compile=True)`
+fails there), so only the per-replica forward and backward pass is compiled
+and the all-reduce and update run outside it. The forward pass of the ring
+loss uses R initialised eagerly before the first step
+(`RingLoss.initialize_radius`), so the compiled step holds no cross-replica
+variable assignment.
+
+Input: every worker reads the same seeded stream of global batches, and
+replica r takes rows [r·B/N, (r+1)·B/N) of each. So the examples of a step
+do not depend on the number of replicas or workers, a resumed run restores
+one plain `tf.data` iterator, and N replicas give exactly the one-device
+result. The price: each worker decodes the whole global batch (cheap next to
+the network for image folders; shard the input if it is not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import tempfile
+import threading
+
+import keras
+import tensorflow as tf
+
+from ring_loss_tf import layers
+from ring_loss_tf import models as models_lib
+from ring_loss_tf.config import OPTIMIZERS
+from ring_loss_tf.config import check_replicas
+from ring_loss_tf.errors import CheckpointWriteError
+from ring_loss_tf.errors import ConfigError
+from ring_loss_tf.errors import first_line
+
+# SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
+STEP_BOUNDARIES = (16 / 28, 24 / 28)
+
+
+class StopOnSignals:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step.
+
+    Use as a context manager around the training loop and pass the instance
+    as `stop_requested` (calling it returns the signal's name, or None). A
+    second signal of the same kind acts at once (Ctrl-C twice: a
+    KeyboardInterrupt; SIGTERM twice: the default termination); the
+    checkpoints already written are intact either way. Outside the main
+    thread, where Python cannot install handlers, it does nothing.
+
+    Args:
+        signals: the signals to catch.
+        print_fn: told once when a stop is requested.
+    """
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM),
+                 print_fn=print):
+        self.signals = tuple(signals)
+        self.print_fn = print_fn
+        self.received = None
+        self._previous = {}
+
+    def __call__(self):
+        return self.received
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        self.print_fn(
+            f"{name} received: stopping after this step with a checkpoint "
+            f"(send {name} again to stop at once)."
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous or signal.SIG_DFL)
+        self._previous = {}
+        return False
+
+
+# --------------------------------------------------------------------------
+# Strategy
+# --------------------------------------------------------------------------
+
+
+def tf_config_workers():
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({error}); set it as described in "
+            "the tf.distribute multi-worker guide or unset it."
+        ) from None
+    return config.get("cluster", {}).get("worker", [])
+
+
+def build_strategy(devices=None):
+    """The distribution strategy for this process.
+
+    - `TF_CONFIG` naming several workers: `MultiWorkerMirroredStrategy`
+      (one replica per local GPU, or the CPU), ring collectives.
+    - Otherwise `MirroredStrategy` over `devices`, default all visible GPUs,
+      or the CPU when there is none. On CPU-only device lists the gradients
+      are reduced with `ReductionToOneDevice`: the default collectives can
+      fail with "Shape mismatch in the collective instance" when a second
+      strategy with another model runs in the same process (seen with
+      TensorFlow 2.21 when a test builds two trainers).
+
+    Args:
+        devices: device names, e.g. `["/cpu:0", "/cpu:1"]` (logical CPU
+            devices); None for the default above.
+    """
+    if len(tf_config_workers()) > 1:
+        if devices is not None:
+            raise ValueError(
+                "`devices` cannot be combined with a multi-worker TF_CONFIG: "
+                "each worker uses its local devices. Received: "
+                f"devices={devices!r}"
+            )
+        experimental = tf.distribute.experimental
+        options = experimental.CommunicationOptions(
+            implementation=experimental.CommunicationImplementation.RING
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=options
+        )
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or ["/cpu:0"]
+    devices = list(devices)
+    cpu_only = all("CPU" in d.upper() for d in devices)
+    cross_device_ops = None
+    if cpu_only:
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=cross_device_ops
+    )
+
+
+def is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return (
+        "chief" not in cluster
+        and resolver.task_type == "worker"
+        and resolver.task_id == 0
+    )
+
+
+# --------------------------------------------------------------------------
+# Learning rate
+# --------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="ring_loss_tf")
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(t) = base · warm-up(t) · decay(t), t = optimizer step (from 0).
+
+    warm-up(t) = min(1, (t + 1) / warmup_steps) (1 without warm-up);
+    decay: "step" × 0.1 at each fraction of `total_steps` in `boundaries`
+    (SphereFace: 16k and 24k of 28k), "cosine" ½(1 + cos(π · t/total_steps)),
+    "constant" 1.
+    """
+
+    def __init__(
+        self,
+        base,
+        total_steps,
+        schedule="cosine",
+        warmup_steps=0,
+        boundaries=STEP_BOUNDARIES,
+    ):
+        self.base = float(base)
+        self.total_steps = int(total_steps)
+        self.schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+        self.boundaries = tuple(float(b) for b in boundaries)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        total = float(max(self.total_steps, 1))
+        if self.schedule == "cosine":
+            progress = tf.minimum(step / total, 1.0)
+            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        elif self.schedule == "step":
+            factor = tf.constant(1.0)
+            for fraction in self.boundaries:
+                factor *= tf.where(step >= round(fraction * total), 0.1, 1.0)
+        else:
+            factor = tf.constant(1.0)
+        if self.warmup_steps > 0:
+            factor *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+        return self.base * factor
+
+    def get_config(self):
+        return {
+            "base": self.base,
+            "total_steps": self.total_steps,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup_steps,
+            "boundaries": list(self.boundaries),
+        }
+
+
+# --------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs the custom distributed training loop on one `Models`.
+
+    Args:
+        strategy: a `tf.distribute` strategy (see `build_strategy`).
+        model_fn: called without arguments under the strategy scope; returns
+            a `Models`.
+        global_batch_size: B, divisible by the number of replicas.
+        learning_rate: float or `LearningRateSchedule`.
+        optimizer: "sgd" (momentum) or "adam".
+        momentum: SGD momentum.
+        weight_decay: wd of the term wd/2 · Σ‖W‖² over `decayed_variables`.
+        jit: compile the replica forward/backward with XLA.
+        model_dir: checkpoints and summaries (None: neither).
+        max_to_keep: checkpoints kept.
+        mixed_precision: None, "mixed_float16" (dynamic loss scaling) or
+            "mixed_bfloat16". The policy must be set before `model_fn` runs;
+            `training.train` does it.
+    """
+
+    def __init__(
+        self,
+        strategy,
+        model_fn,
+        *,
+        global_batch_size,
+        learning_rate=0.1,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=5e-4,
+        jit=True,
+        model_dir=None,
+        max_to_keep=3,
+        mixed_precision=None,
+    ):
+        self.strategy = strategy
+        self.num_replicas = strategy.num_replicas_in_sync
+        check_replicas(global_batch_size, self.num_replicas)
+        self.global_batch_size = global_batch_size
+        self.per_replica_batch_size = global_batch_size // self.num_replicas
+        self.weight_decay = float(weight_decay)
+        self.jit = bool(jit)
+        self.model_dir = None if model_dir is None else pathlib.Path(model_dir)
+        self.is_chief = is_chief(strategy)
+        self.num_workers = max(1, len(tf_config_workers()))
+        with strategy.scope():
+            self.models = model_fn()
+            if optimizer == "sgd":
+                opt = keras.optimizers.SGD(learning_rate, momentum=momentum)
+            elif optimizer == "adam":
+                opt = keras.optimizers.Adam(learning_rate)
+            else:
+                raise ConfigError(
+                    "optimizer", optimizer, "unknown optimizer",
+                    f"use one of {', '.join(OPTIMIZERS)}",
+                )
+            self.mixed_precision = mixed_precision
+            self.loss_scaling = mixed_precision == "mixed_float16"
+            if self.loss_scaling:
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            self.optimizer = opt
+            self.trainable = self.models.train_model.trainable_variables
+            self.optimizer.build(self.trainable)
+            self.step = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="global_step"
+            )
+        self.decayed = models_lib.decayed_variables(self.models.train_model)
+        self._forward_backward = tf.function(
+            self._forward_backward_fn, jit_compile=self.jit
+        )
+        self._train_step = tf.function(self._train_step_fn)
+        self.checkpoint = None
+        self.manager = None
+        self._worker_dir = None
+
+    # -- checkpoints -------------------------------------------------------
+
+    def attach_checkpoint(self, iterator=None, max_to_keep=3):
+        """Creates the checkpoint of model, optimizer, step and `iterator`.
+
+        On a multi-worker run only the chief writes to `model_dir`; the
+        others write to a temporary directory that is deleted (every worker
+        must take part in saving).
+        """
+        items = {
+            "model": self.models.train_model,
+            "optimizer": self.optimizer,
+            "step": self.step,
+        }
+        if iterator is not None:
+            items["iterator"] = iterator
+        self.checkpoint = tf.train.Checkpoint(**items)
+        if self.model_dir is None:
+            return None
+        directory = self.model_dir
+        if not self.is_chief:
+            self._worker_dir = pathlib.Path(
+                tempfile.mkdtemp(prefix="ring_loss_tf-worker-")
+            )
+            directory = self._worker_dir
+        if self.is_chief:
+            # Partial writes of a killed run (TensorFlow writes
+            # ckpt-N_temp/ and merges it into ckpt-N.*): never read again.
+            for stale in pathlib.Path(directory).glob("ckpt-*_temp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(directory), max_to_keep=max_to_keep
+        )
+        latest = tf.train.latest_checkpoint(str(self.model_dir))
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        return latest
+
+    def save(self):
+        """Saves a checkpoint (all workers call it); returns its path.
+
+        Raises:
+            CheckpointWriteError: it could not be written (no space, a file
+                size limit, permissions); the earlier checkpoints are intact
+                (the `checkpoint` index names a new one only once it is
+                complete).
+        """
+        if self.manager is None:
+            return None
+        step = int(self.step.numpy())
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as error:
+            reason = first_line(error)
+            latest = tf.train.latest_checkpoint(str(self.model_dir))
+            kept = (
+                f"the previous checkpoint {latest} is intact"
+                if latest
+                else "no earlier checkpoint exists"
+            )
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint of step {step} to "
+                f"{self.manager.directory} ({reason}); {kept}. Free disk "
+                "space (or raise the file size limit, `ulimit -f`) and rerun "
+                "the same command to resume."
+            ) from None
+        return path if self.is_chief else None
+
+    def any_worker(self, flag):
+        """True on every worker if `flag` is true on any (a collective on
+        multi-worker runs, so all of them stop at the same step)."""
+        if self.num_workers <= 1:
+            return bool(flag)
+        value = self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant(1 if flag else 0, tf.int32)
+        )
+        total = self.strategy.reduce("SUM", value, axis=None)
+        return int(total.numpy()) > 0
+
+    def close(self):
+        if self._worker_dir is not None:
+            shutil.rmtree(self._worker_dir, ignore_errors=True)
+            self._worker_dir = None
+
+    # -- the step ----------------------------------------------------------
+
+    def _forward_backward_fn(self, images, labels):
+        """Per-replica loss and gradients (compiled with XLA when jit)."""
+        models = self.models
+        with tf.GradientTape() as tape:
+            logits, embeddings = models.train_model(
+                [images, labels], training=True
+            )
+            logits = tf.cast(logits, tf.float32)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits
+            )
+            cross_entropy = tf.reduce_sum(per_example) / self.global_batch_size
+            zero = tf.constant(0.0, tf.float32)
+            model_losses = [
+                tf.cast(x, tf.float32) for x in models.train_model.losses
+            ]
+            regularisation = tf.add_n(model_losses) if model_losses else zero
+            ring = (
+                tf.add_n([tf.cast(x, tf.float32) for x in models.ring.losses])
+                if models.ring is not None and models.ring.losses
+                else zero
+            )
+            decay = zero
+            if self.weight_decay > 0 and self.decayed:
+                decay = 0.5 * self.weight_decay * tf.add_n(
+                    [
+                        tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                        for v in self.decayed
+                    ]
+                )
+            # The all-reduce sums replicas: per-replica terms are divided by
+            # the replica count, per-example terms by the global batch.
+            loss = cross_entropy + (regularisation + decay) / self.num_replicas
+            scaled = (
+                self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+            )
+        gradients = tape.gradient(scaled, self.trainable)
+        norms = tf.norm(tf.cast(embeddings, tf.float32), axis=-1)
+        stats = {
+            "loss": loss,
+            "cross_entropy": cross_entropy,
+            "ring_loss": ring / self.num_replicas,
+            "weight_decay": decay / self.num_replicas,
+            "feature_norm": tf.reduce_sum(norms) / self.global_batch_size,
+        }
+        return gradients, stats, norms
+
+    def _replica_step(self, images, labels):
+        gradients, stats, norms = self._forward_backward(images, labels)
+        # Outside the compiled function: the optimizer all-reduces (sums)
+        # the gradients across replicas, then updates the mirrored weights.
+        self.optimizer.apply_gradients(zip(gradients, self.trainable))
+        return stats, norms
+
+    def _train_step_fn(self, images, labels):
+        per_replica = self.per_replica_batch_size
+
+        def shard(context):
+            start = context.replica_id_in_sync_group * per_replica
+            return (
+                images[start : start + per_replica],
+                labels[start : start + per_replica],
+            )
+
+        sharded = self.strategy.experimental_distribute_values_from_function(
+            shard
+        )
+        stats, norms = self.strategy.run(self._replica_step, args=sharded)
+        reduced = {
+            k: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, v, axis=None
+            )
+            for k, v in stats.items()
+        }
+        local_norms = tf.concat(
+            self.strategy.experimental_local_results(norms), axis=0
+        )
+        return reduced, local_norms
+
+    def initialize_radius(self, images):
+        """R from the first global batch, eagerly (no-op when restored)."""
+        if self.models.ring is None:
+            return None
+        embeddings = self.models.embedding_model(images, training=False)
+        return self.models.ring.initialize_radius(embeddings)
+
+    def train_step(self, images, labels):
+        """One step on a global batch; returns ({name: float}, norms)."""
+        stats, norms = self._train_step(images, labels)
+        self.step.assign_add(1)
+        return {k: float(v) for k, v in stats.items()}, norms
+
+    # -- state for logs ----------------------------------------------------
+
+    def radius(self):
+        ring = self.models.ring
+        return None if ring is None else float(ring.radius.numpy())
+
+    def head_lambda(self):
+        """A-Softmax's λ of the last step (None: another head or warm-up)."""
+        head = self.models.head
+        if isinstance(head, layers.ASoftmax):
+            value = head.current_lambda()
+            if value is not None:
+                return float(keras.ops.convert_to_numpy(value))
+        return None
+
+    def in_margin_warmup(self):
+        """True while a margin head still trains without its margin."""
+        head = self.models.head
+        return bool(
+            getattr(head, "margin_warmup_steps", 0)
+            and head.margin_step() == 0
+        )
+
+    def peak_learning_rate(self):
+        """The base of a `LearningRate` schedule, else the current rate."""
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        schedule = getattr(optimizer, "_learning_rate", None)
+        if isinstance(schedule, LearningRate):
+            return schedule.base
+        return self.learning_rate()
+
+    def learning_rate(self):
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
