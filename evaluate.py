@@ -208,12 +208,12 @@ def _cached(loader):
 
 def _data_plan():
     """(verification sets {name: loader}, identification dict or None)."""
-    from ring_loss_tf import data
+    from ring_loss_tf import eval_data
 
     sets, ident = {}, None
     if FLAGS.lfw_dir:
         sets[pathlib.Path(FLAGS.pairs).stem] = (
-            lambda size, channels: data.read_lfw_pairs(
+            lambda size, channels: eval_data.read_lfw_pairs(
                 FLAGS.pairs,
                 FLAGS.lfw_dir,
                 image_size=size,
@@ -222,7 +222,7 @@ def _data_plan():
         )
     for path in FLAGS.bin:
         name = pathlib.Path(path).stem
-        sets[name] = lambda size, channels, path=path: data.read_bin(
+        sets[name] = lambda size, channels, path=path: eval_data.read_bin(
             path, image_size=size, channels=channels
         )
     if FLAGS.gallery:
@@ -244,7 +244,7 @@ def _data_plan():
             options[name] = value
     root = kanji.prepare(**options)
     print(f"No data flag: the embedded test split at {root}")
-    sets["kanji-test"] = lambda size, channels: data.read_lfw_pairs(
+    sets["kanji-test"] = lambda size, channels: eval_data.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
     )
     ident = {

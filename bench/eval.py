@@ -170,11 +170,12 @@ def bench_embedding(args):
 
     from ring_loss_tf import backbones
     from ring_loss_tf import data
+    from ring_loss_tf import eval_data
     from ring_loss_tf import evaluation
     from ring_loss_tf import kanji
 
     root = kanji.prepare(cache_dir=args.cache_dir)
-    paths, _, _ = data.read_image_folder(root / "test", load=False)
+    paths, _, _ = eval_data.read_image_folder(root / "test", load=False)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model
         if model_path is None:

@@ -232,19 +232,20 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
     Returns (JSON-ready dict, {"full": norms, "1/k": norms} arrays).
     """
     from ring_loss_tf import data
+    from ring_loss_tf import eval_data
     from ring_loss_tf import evaluation
     from ring_loss_tf import metrics
 
     embedder = evaluation.load_embedder(embedding_model, name="model")
     size, channels = embedder.image_size, embedder.channels
-    paths, labels, _ = data.read_image_folder(root / "test", load=False)
+    paths, labels, _ = eval_data.read_image_folder(root / "test", load=False)
     images = data.load_images(paths, image_size=size, channels=channels)
     full = embedder(images)
     norms = {"full": np.linalg.norm(full, axis=1)}
     out = {"image_size": list(images.shape[1:3])}
     out["all_pairs"] = tars(*metrics.all_pairs(full, labels))
     out["norms"] = metrics.norm_statistics(full)
-    pairs = data.read_lfw_pairs(
+    pairs = eval_data.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
     )
     where = {os.path.realpath(p): i for i, p in enumerate(paths)}
@@ -296,11 +297,12 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
 def curve_point(embedding_model, root: pathlib.Path) -> dict:
     """All-pairs TAR at FAR 1e-3 and 1e-4 of the test images, and 10-fold."""
     from ring_loss_tf import data
+    from ring_loss_tf import eval_data
     from ring_loss_tf import evaluation
     from ring_loss_tf import metrics
 
     embedder = evaluation.load_embedder(embedding_model, name="model")
-    paths, labels, _ = data.read_image_folder(root / "test", load=False)
+    paths, labels, _ = eval_data.read_image_folder(root / "test", load=False)
     images = data.load_images(
         paths, image_size=embedder.image_size, channels=embedder.channels
     )

@@ -5,12 +5,12 @@ loaded with `tf.saved_model.load` (so `ring_loss_tf.layers` are not needed to
 load it). `Embedder` adapts uint8 images to the model's declared input:
 
     channels   grey → 3 equal channels, colour → grey (ITU-R 601-2 luma,
-               as `data.to_channels`)
+               as `images.to_channels`)
     size       resized (bilinear, antialiased, rounded) if the model has a
                fixed size that differs
     dtype      uint8 inputs get the uint8 pixels; float inputs get
                (x − 127.5) / 128, the normalisation of the training pipeline
-               (`data.normalize`), unless `input_normalization="none"` (raw
+               (`images.normalize`), unless `input_normalization="none"` (raw
                0..255) or "unit" (x / 255)
 
 and, with `flip=True`, returns f(x) + f(mirror(x)) (horizontal flip).
@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from ring_loss_tf import data
+from ring_loss_tf import eval_data
 from ring_loss_tf import metrics
 
 INPUT_NORMALIZATIONS = ("auto", "none", "unit")
@@ -364,7 +365,7 @@ def downsample(images: np.ndarray, factor: float) -> np.ndarray:
 
 def evaluate_verification(
     embedder: Embedder,
-    pairs: data.VerificationSet,
+    pairs: eval_data.VerificationSet,
     *,
     metric: str = "cosine",
     flip: bool = False,
@@ -430,7 +431,7 @@ def embed_folder(
     Images are read `chunk_size` at a time, so only the embeddings of a
     large set (e.g. 1M distractors) are held in memory.
     """
-    paths, labels, class_names = data.read_image_folder(root, load=False)
+    paths, labels, class_names = eval_data.read_image_folder(root, load=False)
     names = np.asarray(class_names)[labels]
     parts = []
     for start in range(0, len(paths), chunk_size):
@@ -573,7 +574,7 @@ def evaluate_model(
 
     Args:
         embedder: an `Embedder`.
-        verification_sets: {name: `data.VerificationSet`, or a callable
+        verification_sets: {name: `eval_data.VerificationSet`, or a callable
             (image_size, channels) -> VerificationSet, called once}.
         identification: None or {"gallery", "probes", "distractors"
             (optional)} paths.

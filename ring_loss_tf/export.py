@@ -74,7 +74,7 @@ ONNX_INSTALL = "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
 RELATIVE_TOLERANCE = 1e-2
 MIN_COSINE = 0.9999
 _XNNPACK_NOTICE = r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
-# ITU-R 601-2 luma, as Pillow and `ring_loss_tf.data.to_channels`.
+# ITU-R 601-2 luma, as Pillow and `ring_loss_tf.images.to_channels`.
 _LUMA = (0.299, 0.587, 0.114)
 
 

@@ -589,7 +589,7 @@ def prepare(
     Returns:
         The root directory (`<cache_dir>/kanji-<hash>`).
     """
-    from ring_loss_tf import data  # data imports TensorFlow: only here
+    from ring_loss_tf import eval_data  # imports TensorFlow: only here
 
     for name, value, minimum in [
         ("train_samples_per_identity", train_samples_per_identity, 1),
@@ -649,7 +649,7 @@ def prepare(
         genuine_available = num_test_identities * math.comb(
             test_samples_per_identity, 2
         )
-        data.make_pairs_file(
+        eval_data.make_pairs_file(
             temporary / "test",
             temporary / "pairs.txt",
             num_folds=folds,

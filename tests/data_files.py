@@ -2,11 +2,13 @@
 
 Each writer follows the published format, not ring_loss_tf's readers, so a
 reader bug cannot hide behind the same bug in the writer: image folders and
-PNGs (Pillow), LFW trees, RecordIO (dmlc-core recordio.h and mxnet.recordio),
-insightface .bin pickles. tests/test_data.py, tests/test_bad_inputs.py and
-tests/test_fuzz.py build their inputs with them; a test module imports
-helpers from here, never from another test module, so that each Bazel test
-target (tests/BUILD) carries what it imports.
+PNGs (Pillow), binary PGMs (by hand), LFW trees, RecordIO (dmlc-core
+recordio.h and mxnet.recordio), insightface .bin pickles.
+tests/test_images.py, tests/test_data.py, tests/test_eval_data.py,
+tests/test_bad_inputs.py and tests/test_fuzz.py build their inputs with
+them; a test module imports helpers from here, never from another test
+module, so that each Bazel test target (tests/BUILD) carries what it
+imports.
 """
 
 import io
@@ -29,6 +31,22 @@ def encode(array, fmt, **kwargs):
 def constant_png(value, size=(8, 8), mode="L"):
     shape = size if mode == "L" else size + (3,)
     return encode(np.full(shape, value, np.uint8), "PNG")
+
+
+def pgm(array, maxval=255):
+    """Binary PGM written by hand (independent of any decoder)."""
+    h, w = array.shape
+    header = f"P5\n{w} {h}\n{maxval}\n".encode()
+    dtype = ">u2" if maxval > 255 else np.uint8
+    return header + array.astype(dtype).tobytes()
+
+
+def smooth_rgb(h=20, w=24):
+    """uint8 (h, w, 3) colour ramps: smooth, so lossy codecs stay close."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack(
+        [x * 250 // w, y * 250 // h, 250 - (x + y) * 200 // (w + h)], axis=-1
+    ).astype(np.uint8)
 
 
 def make_folder(root, counts, value=lambda label, k: 10 * label + k + 1):

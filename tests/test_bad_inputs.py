@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import data
+from ring_loss_tf import eval_data
 from ring_loss_tf import evaluation
 from ring_loss_tf import recordio
 from ring_loss_tf import training
@@ -110,7 +111,7 @@ def pairs_case(text):
     def setup(tmp):
         lfw = make_lfw(tmp / "lfw", [2, 2])
         (tmp / "pairs.txt").write_text(text)
-        return lambda: data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+        return lambda: eval_data.read_lfw_pairs(tmp / "pairs.txt", lfw)
 
     return setup
 
@@ -231,7 +232,7 @@ def _malicious_bin(tmp):
 
     def run():
         try:
-            data.read_bin(tmp / "evil.bin")
+            eval_data.read_bin(tmp / "evil.bin")
         finally:
             assert not witness.exists(), "the pickle ran code"
 
@@ -240,7 +241,7 @@ def _malicious_bin(tmp):
 
 def _text_bin(tmp):
     (tmp / "lfw.bin").write_text("hello, I am not a pickle")
-    return lambda: data.read_bin(tmp / "lfw.bin")
+    return lambda: eval_data.read_bin(tmp / "lfw.bin")
 
 
 def _bin_with_corrupt_middle(tmp):
@@ -249,13 +250,13 @@ def _bin_with_corrupt_middle(tmp):
     png = constant_png(10, (4, 4))
     bad = png[:45] + bytes([png[45] ^ 0xFF]) + png[46:]
     write_bin(tmp / "mid.bin", [png, bad], [True], 2)
-    return lambda: data.read_bin(tmp / "mid.bin", image_size=(4, 4),
-                                 channels=1)
+    return lambda: eval_data.read_bin(tmp / "mid.bin", image_size=(4, 4),
+                                      channels=1)
 
 
 def _odd_bin(tmp):
     write_bin(tmp / "odd.bin", [constant_png(1)] * 3, [True], 4)
-    return lambda: data.read_bin(tmp / "odd.bin")
+    return lambda: eval_data.read_bin(tmp / "odd.bin")
 
 
 def _corrupt_eval_image(tmp):
@@ -281,7 +282,7 @@ def _root_is_a_text_file(tmp):
 
 def _pairs_missing(tmp):
     lfw = make_lfw(tmp / "lfw", [2])
-    return lambda: data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+    return lambda: eval_data.read_lfw_pairs(tmp / "pairs.txt", lfw)
 
 
 def _data_dir_without_train(tmp):
@@ -293,7 +294,7 @@ def _data_dir_without_train(tmp):
 # The matrix: (name, setup, exception, message pattern).
 
 InvalidArgument = tf.errors.InvalidArgumentError
-UnsafePickle = data.UnsafePickleError
+UnsafePickle = eval_data.UnsafePickleError
 ArgumentError = training.ArgumentError
 
 CASES = [
@@ -328,7 +329,7 @@ CASES = [
      ValueError, r"Training data must be a directory or a \.rec file\. "
                  r"Received: {tmp}/x\.txt"),
     ("missing LFW image directory",
-     lambda t: lambda: data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
+     lambda t: lambda: eval_data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
      FileNotFoundError, r"^LFW image directory not found: {tmp}/no_lfw\. "
                         r"Pass the directory holding one folder per "
                         r"identity, <identity>/<identity>_<nnnn>\.<ext>, "
@@ -379,7 +380,7 @@ CASES = [
                  r"pickle of \(images, issame\)\): UnpicklingError"),
     # Found by tests/test_fuzz.py: the pickle error's own newline.
     (".bin of one persistent-id opcode",
-     lambda t: (lambda: data.read_bin(t / "p.bin"))
+     lambda t: (lambda: eval_data.read_bin(t / "p.bin"))
      if (t / "p.bin").write_bytes(b"P") else None,
      ValueError, r"^{tmp}/p\.bin is not an insightface \.bin file \(a pickle "
                  r"of \(images, issame\)\): UnpicklingError: A load "
@@ -395,17 +396,17 @@ CASES = [
     # Found by tests/test_fuzz.py: b"" pickles (protocol 2) as a call of
     # bytes(), which was refused as unsafe.
     (".bin with an empty image",
-     lambda t: (lambda: data.read_bin(t / "empty.bin"))
+     lambda t: (lambda: eval_data.read_bin(t / "empty.bin"))
      if write_bin(t / "empty.bin", [b"", constant_png(1)], [True], 2) is None
      else None,
      InvalidArgument, CORRUPT + r"{tmp}/empty\.bin image 0"),
     (".bin whose images are not bytes",
-     lambda t: (lambda: data.read_bin(t / "int.bin"))
+     lambda t: (lambda: eval_data.read_bin(t / "int.bin"))
      if write_bin(t / "int.bin", [5, 7], [True], 2) is None else None,
      ValueError, r"^{tmp}/int\.bin: image 0 is of type int, not encoded "
                  r"image bytes\. Use a \.bin from insightface's datasets"),
     (".bin whose issame is not booleans",
-     lambda t: (lambda: data.read_bin(t / "str.bin"))
+     lambda t: (lambda: eval_data.read_bin(t / "str.bin"))
      if write_bin(t / "str.bin", [b"a", b"b"], ["yes"], 2) is None
      else None,
      ValueError, r"^{tmp}/str\.bin: expected a list of booleans as the "
@@ -416,7 +417,7 @@ CASES = [
     (".bin with 3 images for 1 pair", _odd_bin,
      ValueError, r"odd\.bin: expected 2 images per pair, found 3 images for "
                  r"1 pairs\."),
-    (".bin missing", lambda t: lambda: data.read_bin(t / "none.bin"),
+    (".bin missing", lambda t: lambda: eval_data.read_bin(t / "none.bin"),
      FileNotFoundError, r"Verification \.bin file not found: {tmp}/none\.bin"),
     # RecordIO
     ("truncated .rec (scanned, no .idx)",

@@ -21,8 +21,9 @@ import tensorflow as tf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from ring_loss_tf import data
+from ring_loss_tf import eval_data
 from ring_loss_tf import evaluation
+from ring_loss_tf import images
 from ring_loss_tf import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_colour_images_become_pillow_grey_and_sizes_are_adapted(world):
     # Other sizes are resized as the training pipeline resizes.
     big = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 1))
     big = big.astype(np.uint8)
-    want = np.stack([data.resize_image(x, (SIZE, SIZE)) for x in big])
+    want = np.stack([images.resize_image(x, (SIZE, SIZE)) for x in big])
     np.testing.assert_allclose(e.adapt(big) * 128 + 127.5, want)
 
 
@@ -217,7 +218,7 @@ def _reference_pair_embeddings(world, flip=False):
 @pytest.mark.parametrize("metric,flip", [("cosine", False), ("l2", True)])
 def test_verification_end_to_end(world, metric, flip):
     root = world["root"]
-    pairs = data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
     out = evaluation.evaluate_verification(
         _embedder(world), pairs, metric=metric, flip=flip
     )
@@ -257,7 +258,7 @@ def test_downsample_is_block_mean_then_bilinear():
 
 def test_low_resolution_probe_side(world):
     root = world["root"]
-    pairs = data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
     out = evaluation.evaluate_verification(
         _embedder(world), pairs, low_res=(2,)
     )
@@ -440,7 +441,7 @@ def test_bin_set_through_evaluate_model(world, tmp_path):
     report = evaluation.evaluate_model(
         _embedder(world),
         verification_sets={
-            "tiny": lambda size, channels: data.read_bin(
+            "tiny": lambda size, channels: eval_data.read_bin(
                 tmp_path / "tiny.bin", image_size=size, channels=channels
             )
         },

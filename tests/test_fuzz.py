@@ -4,9 +4,10 @@ Each reader gets random input and mutations of a valid file (bytes flipped,
 set, inserted, deleted, 4-byte words overwritten, the file cut short; lines
 of text dropped, repeated or rewritten):
 
-    pairs.txt      data.parse_pairs_file, data.read_lfw_pairs
-    .bin           data.read_bin (its restricted unpickler), also pickles of
-                   arbitrary plain data and pickles that call functions
+    pairs.txt      eval_data.parse_pairs_file, eval_data.read_lfw_pairs
+    .bin           eval_data.read_bin (its restricted unpickler), also
+                   pickles of arbitrary plain data and pickles that call
+                   functions
     RecordIO       recordio.unpack, RecordIOReader (.rec and .idx),
                    recordio.image_records, data.open_training_source
     KanjiVG SVG    kanji.parse_path, kanji.load_strokes
@@ -54,6 +55,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from ring_loss_tf import data
+from ring_loss_tf import eval_data
 from ring_loss_tf import kanji
 from ring_loss_tf import recordio
 from tests.data_files import constant_png
@@ -240,8 +242,9 @@ def test_parse_pairs_file_fuzz(workdir):
     def check(contents):
         path.write_bytes(contents)
         result = []
-        outcomes[outcome(lambda: result.append(data.parse_pairs_file(path)),
-                         ValueError, [path])] += 1
+        outcomes[outcome(
+            lambda: result.append(eval_data.parse_pairs_file(path)),
+            ValueError, [path])] += 1
         if result:
             # Independent check of a successful parse against the header.
             lines = [l.split() for l in contents.decode(
@@ -268,8 +271,8 @@ def test_read_lfw_pairs_fuzz(workdir):
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         outcomes[outcome(
-            lambda: data.read_lfw_pairs(path, lfw, image_size=(6, 5),
-                                        channels=3),
+            lambda: eval_data.read_lfw_pairs(path, lfw, image_size=(6, 5),
+                                             channels=3),
             (ValueError, FileNotFoundError, tf.errors.InvalidArgumentError),
             [path, lfw],
         )] += 1
@@ -329,7 +332,7 @@ def test_read_bin_fuzz(workdir):
     witness = str(workdir / "created_by_the_pickle")
     outcomes = collections.Counter()
     valid = {p: _valid_bin(p) for p in (2, 4)}
-    errors = (ValueError, data.UnsafePickleError,
+    errors = (ValueError, eval_data.UnsafePickleError,
               tf.errors.InvalidArgumentError)
 
     malicious = st.builds(
@@ -355,8 +358,8 @@ def test_read_bin_fuzz(workdir):
     ))
     def check(contents):
         path.write_bytes(contents)
-        outcomes[outcome(lambda: data.read_bin(path, image_size=(4, 4),
-                                               channels=1),
+        outcomes[outcome(lambda: eval_data.read_bin(path, image_size=(4, 4),
+                                                    channels=1),
                          errors, [path])] += 1
         assert not os.path.exists(witness), "the pickle ran code"
 
@@ -381,7 +384,7 @@ def test_read_bin_corrupt_image_fuzz(workdir):
         bins = [png] * i + [image] + [png] * (3 - i)
         path.write_bytes(pickle.dumps((bins, [True, False]), protocol))
         kind = outcome(
-            lambda: data.read_bin(path, image_size=(4, 4), channels=1),
+            lambda: eval_data.read_bin(path, image_size=(4, 4), channels=1),
             (ValueError, tf.errors.InvalidArgumentError),
             [f"{path} image {i}"],
         )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ring_loss_tf import data
+from ring_loss_tf import eval_data
 from ring_loss_tf import kanji
 
 TINY = dict(
@@ -251,7 +251,7 @@ def test_prepare_layout_splits_and_pairs(tmp_path):
         assert not set(gallery) & set(probes)
 
     # Pairs round trip through the LFW reader.
-    pairs = data.read_lfw_pairs(root / "pairs.txt", root / "test")
+    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "test")
     assert pairs.num_folds == 10
     for k in range(10):
         in_fold = pairs.fold == k

@@ -97,7 +97,8 @@ def test_model_dir_that_is_a_file_is_refused_and_kept(tmp_path):
 
 
 def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
-    from ring_loss_tf import data
+    from ring_loss_tf import eval_data
+    from ring_loss_tf import images
     from ring_loss_tf import metrics
 
     model_dir = tmp_path / "run"
@@ -142,10 +143,10 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
     assert match, out
     # Recompute the table from the export alone.
     (root,) = cache.glob("kanji-*")
-    pairs = data.read_lfw_pairs(root / "pairs.txt", root / "test",
-                                image_size=(32, 32), channels=1)
+    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "test",
+                                     image_size=(32, 32), channels=1)
     loaded = tf.saved_model.load(str(export_dir))
-    embeddings = loaded.serve(data.normalize(pairs.images)).numpy()
+    embeddings = loaded.serve(images.normalize(pairs.images)).numpy()
     scores = metrics.pair_scores(embeddings[pairs.left],
                                  embeddings[pairs.right])
     expected = metrics.verify(scores, pairs.issame, fold=pairs.fold)

@@ -1,0 +1,372 @@
+"""Image ops: encoded bytes to pixels, resizing, scaling and augmentation.
+
+Graph functions, each working eagerly and inside tf.data: the bytes check
+(`image_bytes_ok`), decoding (`decode_image`, `decode_native`, with a PGM
+decoder TensorFlow lacks), `to_channels`, `resize_image`, `normalize` and
+the stateless augmentation (`augment_batch`). The training pipeline
+(`ring_loss_tf.data`) and evaluation (`ring_loss_tf.data.load_images`,
+`ring_loss_tf.eval_data`) both decode and resize with them, so both see the
+same pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".gif")
+AUGMENTATIONS = ("face", "characters", "none")
+# The remedy every corrupt-image error ends with.
+CORRUPT_IMAGE_FIX = (
+    "Remove or replace the file, or skip such files with skip_corrupt=True "
+    "(--skip_corrupt)."
+)
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has an image extension (any case), not hidden."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _byte(contents, position):
+    """Byte at `position` (negative: from the end) as int32, -1 if absent."""
+    length = tf.strings.length(contents)
+    position = tf.where(position < 0, length + position, position)
+    inside = tf.logical_and(position >= 0, position < length)
+    value = tf.io.decode_raw(
+        tf.strings.substr(
+            contents, tf.clip_by_value(position, 0, length), 1
+        )
+        + tf.constant(b"\x00"),
+        tf.uint8,
+    )[0]
+    return tf.where(inside, tf.cast(value, tf.int32), tf.constant(-1))
+
+
+def image_bytes_ok(contents: tf.Tensor) -> tf.Tensor:
+    """Whether encoded image bytes look whole: a cheap graph-side check.
+
+    Checks the signature of PNG, JPEG, BMP, GIF and binary PGM, and that the
+    file is not truncated: PNG ends with its IEND chunk, JPEG has its EOI
+    marker (FF D9) in the last 64 bytes, a BMP is as long as its header says,
+    a GIF ends with ';' within its last 16 bytes, a PGM holds width x height
+    samples. Returns a scalar bool tensor. A corrupt middle is left to the
+    decoder, whose error cannot name the file.
+    """
+    contents = tf.convert_to_tensor(contents, tf.string)
+    length = tf.strings.length(contents)
+    head = tf.strings.substr(contents, 0, 8)
+    tail = tf.io.decode_raw(
+        tf.strings.substr(
+            contents, tf.maximum(length - 64, 0), tf.minimum(length, 64)
+        )
+        + tf.constant(b"\x00"),  # never empty: decode_raw needs >= 1 byte
+        tf.uint8,
+    )
+    tail = tf.cast(tail[:-1], tf.int32)
+
+    is_png = tf.equal(head, b"\x89PNG\r\n\x1a\n")
+    png_ok = tf.equal(
+        tf.strings.substr(contents, tf.maximum(length - 8, 0), 4), b"IEND"
+    )
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+    jpeg_ok = tf.reduce_any(
+        tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9))
+    )
+    is_bmp = tf.equal(tf.strings.substr(contents, 0, 2), b"BM")
+    bmp_size = (
+        _byte(contents, 2)
+        + 256 * _byte(contents, 3)
+        + 65536 * _byte(contents, 4)
+        + 16777216 * _byte(contents, 5)
+    )
+    bmp_ok = tf.logical_and(length >= 26, length >= bmp_size)
+    is_gif = tf.equal(tf.strings.substr(contents, 0, 4), b"GIF8")
+    gif_ok = tf.reduce_any(tf.equal(tail[-16:], 0x3B))
+    is_pgm = tf.equal(tf.strings.substr(contents, 0, 2), b"P5")
+    pgm_ok = _pgm_complete(contents)
+    return tf.reduce_any(
+        tf.stack(
+            [
+                tf.logical_and(is_png, png_ok),
+                tf.logical_and(is_jpeg, jpeg_ok),
+                tf.logical_and(is_bmp, bmp_ok),
+                tf.logical_and(is_gif, gif_ok),
+                tf.logical_and(is_pgm, pgm_ok),
+            ]
+        )
+    )
+
+
+_PGM_HEADER = r"(?s)P5\s+(\d{1,6})\s+(\d{1,6})\s+(\d{1,5})\s.*"
+
+
+def _pgm_header(contents):
+    """(width, height, maxval, header length) of a binary PGM, as int32."""
+    # The header is ASCII; its first 64 bytes may include binary samples,
+    # which become '?' so the (UTF-8) regex engine sees valid text.
+    raw = tf.io.decode_raw(
+        tf.strings.substr(contents, 0, 64) + tf.constant(b"\x00"), tf.uint8
+    )[:-1]
+    raw = tf.cast(raw, tf.int32)
+    head = tf.strings.unicode_encode(
+        tf.where(raw >= 128, 63, tf.maximum(raw, 1)), "UTF-8"
+    )
+    ok = tf.strings.regex_full_match(head, _PGM_HEADER)
+    head = tf.where(ok, head, "P5 0 0 0 ")
+    fields = tf.strings.split(
+        tf.strings.regex_replace(head, _PGM_HEADER, r"\1 \2 \3")
+    )
+    values = tf.strings.to_number(fields, tf.int32)
+    header = tf.strings.regex_replace(
+        head, r"(?s)(P5\s+\d+\s+\d+\s+\d+\s).*", r"\1"
+    )
+    return values[0], values[1], values[2], tf.strings.length(header), ok
+
+
+def _pgm_complete(contents):
+    width, height, maxval, header, ok = _pgm_header(contents)
+    sample_bytes = tf.where(maxval > 255, 2, 1)
+    needed = header + width * height * sample_bytes
+    return tf.logical_and(ok, tf.strings.length(contents) >= needed)
+
+
+def _decode_pgm(contents):
+    """Binary PGM (P5, 8 or 16 bit) -> uint8 (height, width, 1)."""
+    width, height, maxval, header, _ = _pgm_header(contents)
+    count = width * height
+
+    def eight_bit():
+        return tf.io.decode_raw(
+            tf.strings.substr(contents, header, count) + tf.constant(b"\0"),
+            tf.uint8,
+        )[:count]
+
+    def sixteen_bit():
+        samples = tf.io.decode_raw(
+            tf.strings.substr(contents, header, 2 * count),
+            tf.uint16,
+            little_endian=False,
+        )
+        scaled = tf.cast(samples, tf.float32) * 255.0 / tf.cast(
+            maxval, tf.float32
+        )
+        return tf.cast(tf.round(scaled), tf.uint8)
+
+    samples = tf.cond(maxval > 255, sixteen_bit, eight_bit)
+    return tf.reshape(samples, tf.stack([height, width, 1]))
+
+
+def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 (h, w, 1|2|3|4) -> uint8 (h, w, channels), channels 1 or 3.
+
+    Grey becomes three equal channels; colour becomes grey with the ITU-R
+    601-2 weights Pillow uses (L = 0.299 R + 0.587 G + 0.114 B, rounded);
+    alpha is dropped.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"`channels` must be 1 or 3. Received: {channels}")
+    image = tf.convert_to_tensor(image)
+    have = tf.shape(image)[-1]
+    grey = image[..., :1]
+    if channels == 3:
+        return tf.cond(
+            have >= 3,
+            lambda: image[..., :3],
+            lambda: tf.tile(grey, [1, 1, 3]),
+        )
+
+    def from_colour():
+        weights = tf.constant([0.299, 0.587, 0.114], tf.float32)
+        rgb = tf.cast(image[..., :3], tf.float32)
+        value = tf.reduce_sum(rgb * weights, axis=-1, keepdims=True)
+        return tf.cast(tf.clip_by_value(tf.round(value), 0, 255), tf.uint8)
+
+    return tf.cond(have >= 3, from_colour, lambda: grey)
+
+
+def decode_image(
+    contents: tf.Tensor,
+    channels: int,
+    name: tf.Tensor | str = "image",
+    expect: str | None = None,
+) -> tf.Tensor:
+    """Encoded PNG/JPEG/BMP/GIF/PGM bytes -> uint8 (h, w, channels).
+
+    First checks the bytes with `image_bytes_ok` and fails with an
+    InvalidArgumentError whose message names `name` (the file) if they look
+    corrupt or truncated. Then `to_channels`. `expect` ("png" or "jpeg"), the
+    format most files have, adds a fast path of a few ops for whole files of
+    that format; any other file takes the general path.
+    """
+    image = decode_native(contents, name, expect)
+    image = to_channels(image, channels)
+    return tf.ensure_shape(image, [None, None, channels])
+
+
+def _png_whole(contents):
+    length = tf.strings.length(contents)
+    return tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 8), b"\x89PNG\r\n\x1a\n"),
+        tf.equal(
+            tf.strings.substr(contents, tf.maximum(length - 8, 0), 4), b"IEND"
+        ),
+    )
+
+
+def _jpeg_whole(contents):
+    length = tf.strings.length(contents)
+    return tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8"),
+        tf.equal(
+            tf.strings.substr(contents, tf.maximum(length - 2, 0), 2),
+            b"\xff\xd9",
+        ),
+    )
+
+
+def _decode_jpeg(contents):
+    # The accurate integer IDCT, libjpeg's default (as in Pillow).
+    return tf.io.decode_jpeg(
+        contents, channels=0, dct_method="INTEGER_ACCURATE"
+    )
+
+
+_FAST_PATHS = {
+    "png": (_png_whole, lambda c: tf.io.decode_png(c, channels=0)),
+    "jpeg": (_jpeg_whole, _decode_jpeg),
+}
+
+
+def decode_native(
+    contents: tf.Tensor,
+    name: tf.Tensor | str = "image",
+    expect: str | None = None,
+) -> tf.Tensor:
+    """Like `decode_image`, keeping the file's channels (1 to 4)."""
+    contents = tf.convert_to_tensor(contents, tf.string)
+    if expect is not None:
+        if expect not in _FAST_PATHS:
+            raise ValueError(
+                f"`expect` must be None or one of {sorted(_FAST_PATHS)}. "
+                f"Received: expect={expect!r}"
+            )
+        whole, decode = _FAST_PATHS[expect]
+        image = tf.cond(
+            whole(contents),
+            lambda: decode(contents),
+            lambda: decode_native(contents, name),
+        )
+        return tf.ensure_shape(image, [None, None, None])
+    check = tf.debugging.Assert(
+        image_bytes_ok(contents),
+        [f"Corrupt or truncated image file. {CORRUPT_IMAGE_FIX} File:", name],
+        summarize=1,
+    )
+    with tf.control_dependencies([check]):
+        is_pgm = tf.equal(tf.strings.substr(contents, 0, 2), b"P5")
+        is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+
+        def other():
+            return tf.cond(
+                is_jpeg,
+                lambda: _decode_jpeg(contents),
+                lambda: tf.io.decode_image(
+                    contents, channels=0, expand_animations=False
+                ),
+            )
+
+        image = tf.cond(is_pgm, lambda: _decode_pgm(contents), other)
+    return tf.ensure_shape(image, [None, None, None])
+
+
+def resize_image(image: tf.Tensor, image_size: Sequence[int]) -> tf.Tensor:
+    """uint8 (h, w, c) -> float32 (height, width, c) with values in 0..255.
+
+    Bilinear with antialiasing, rounded to whole grey levels so training and
+    evaluation (which keeps uint8) see the same pixels; an image of the right
+    size passes through unchanged.
+    """
+    height, width = (int(v) for v in image_size)
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
+
+    def resize():
+        resized = tf.image.resize(
+            tf.cast(image, tf.float32), (height, width), antialias=True
+        )
+        return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+    resized = tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
+    return tf.ensure_shape(resized, [height, width, image.shape[-1]])
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """Grey levels 0..255 -> (x - 127.5) / 128, about [-1, 1] (SphereFace)."""
+    return (tf.cast(image, tf.float32) - 127.5) / 128.0
+
+
+def max_translation(image_size: Sequence[int]) -> int:
+    """The largest random shift, in pixels: 1/16 of the shorter side (>= 1)."""
+    return max(1, int(round(min(image_size[:2]) / 16)))
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, mode: str) -> tf.Tensor:
+    """Stateless random augmentation of a (b, h, w, c) float batch.
+
+    "face": each image is mirrored left-right with probability 1/2 and
+    shifted by whole pixels, up to `max_translation` each way, uniformly;
+    "characters": the shift only (a mirrored character is another
+    character); "none": unchanged. Pixels shifted in from outside mirror the
+    border ("d c b a | a b c d", numpy's "symmetric" padding), so the image
+    keeps its background. One projective-transform op for the batch, exact
+    at whole-pixel shifts. `seed`: int tensor of shape (2,); the same seed
+    gives the same result.
+    """
+    if mode not in AUGMENTATIONS:
+        raise ValueError(
+            f"`augment` must be one of {AUGMENTATIONS}. Received: {mode!r}"
+        )
+    images = tf.convert_to_tensor(images)
+    if mode == "none":
+        return images
+    height, width = images.shape[1], images.shape[2]
+    shift = max_translation((height, width))
+    batch = tf.shape(images)[0]
+    seed = tf.cast(seed, tf.int64)
+    offsets = tf.random.stateless_uniform(
+        tf.stack([batch, 2]), seed, minval=-shift, maxval=shift + 1,
+        dtype=tf.int32,
+    )
+    offsets = tf.cast(offsets, tf.float32)
+    if mode == "face":
+        flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        flip = tf.random.stateless_uniform(tf.stack([batch]), flip_seed) < 0.5
+    else:
+        flip = tf.zeros(tf.stack([batch]), tf.bool)
+    # Output pixel (x, y) reads input (sx * x + dx', y + dy) with sx = -1
+    # and dx' = width - 1 + dx for a mirrored image.
+    sign = tf.where(flip, -1.0, 1.0)
+    dx = tf.where(flip, width - 1.0, 0.0) + offsets[:, 0]
+    zero = tf.zeros_like(sign)
+    one = tf.ones_like(sign)
+    transforms = tf.stack(
+        [sign, zero, dx, zero, one, offsets[:, 1], zero, zero], axis=1
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.constant([height, width], tf.int32),
+        fill_value=tf.constant(0.0, images.dtype),
+        interpolation="NEAREST",
+        fill_mode="REFLECT",
+    )
+
+
+def augment_image(
+    image: tf.Tensor, seed: tf.Tensor, mode: str
+) -> tf.Tensor:
+    """`augment_batch` of one (h, w, c) image."""
+    return augment_batch(tf.convert_to_tensor(image)[None], seed, mode)[0]
