@@ -818,3 +818,39 @@ def write_outputs(
         plt.close(fig)
         written.append(path)
     return written
+
+
+def verify_pairs(embedding_model, pairs_path, image_dir):
+    """10-fold accuracy and TAR@FAR 1e-3, 1e-4 of `pairs_path` (LFW format)
+    for an in-memory embedding model (the end of training)."""
+    embedder = load_embedder(embedding_model, name="model")
+    pairs = eval_data.read_lfw_pairs(
+        pairs_path, image_dir, image_size=embedder.image_size,
+        channels=embedder.channels,
+    )
+    embeddings = embedder(pairs.images)
+    scores = metrics.pair_scores(
+        embeddings[pairs.left], embeddings[pairs.right]
+    )
+    return metrics.verify(
+        scores, pairs.issame, fold=getattr(pairs, "fold", None),
+        fars=(1e-3, 1e-4),
+    )
+
+
+def format_verification(result, title):
+    """A short markdown table of a `metrics.VerificationResult`."""
+
+    def rate(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    rows = [
+        f"{title}: {result.num_genuine} genuine, {result.num_impostor} "
+        "impostor pairs",
+        "| 10-fold accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-4 |",
+        "|---|---|---|",
+        f"| {100 * result.accuracy_mean:.2f}% ± {100 * result.accuracy_std:.2f}"
+        f" | {rate(result.tar_at_far.get(1e-3))}"
+        f" | {rate(result.tar_at_far.get(1e-4))} |",
+    ]
+    return "\n".join(rows)
