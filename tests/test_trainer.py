@@ -1,0 +1,230 @@
+"""Tests of ring_loss_tf.trainer: the distributed step.
+
+References: a one-device run on the same global batch (for two replicas and
+two worker processes), a plain `tf.GradientTape` step written out by hand
+(for the loss scaling and weight decay), closed forms (learning rate). Every
+distributed test builds its own strategy with its own model: TensorFlow 2.21
+can fail a collective ("Shape mismatch in the collective instance") when two
+strategies share a model.
+"""
+
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ring_loss_tf import trainer as trainer_lib
+from tiny_runs import GLOBAL_BATCH
+from tiny_runs import assert_same_state
+from tiny_runs import batches
+from tiny_runs import model_fn
+from tiny_runs import state
+from tiny_runs import trainer_run
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "head, lambda_ring", [("softmax", 0.01), ("asoftmax", 0.01)]
+)
+def test_two_replicas_equal_one_device(head, lambda_ring):
+    one = trainer_run(["/cpu:0"], head, lambda_ring)
+    two = trainer_run(["/cpu:0", "/cpu:1"], head, lambda_ring)
+    assert two.num_replicas == 2
+    a, b = state(one), state(two)
+    assert_same_state(one.initial_state, two.initial_state, atol=0)
+    assert_same_state(a, b)
+    # The steps changed every trainable weight (the test is not vacuous).
+    for v in one.models.train_model.trainable_variables:
+        assert np.abs(a[v.path] - one.initial_state[v.path]).max() > 1e-6
+    radius_key = next(k for k in a if k.endswith("radius"))
+    assert abs(a[radius_key] - one.radius()) < 1e-6
+    if head == "asoftmax":
+        assert two.models.head.iterations.numpy() == 3
+        assert one.head_lambda() == pytest.approx(
+            max(5.0, 10.0 / (1 + 0.12 * 3))
+        )
+
+
+def test_step_matches_hand_written_gradient_step():
+    """One step = SGD on mean CE + ring loss + wd/2·Σ‖kernel‖² (by hand)."""
+    lr, wd = 0.1, 5e-3
+    trainer = trainer_lib.Trainer(
+        trainer_lib.build_strategy(["/cpu:0"]),
+        model_fn("softmax", 0.05),
+        global_batch_size=GLOBAL_BATCH,
+        learning_rate=lr,
+        momentum=0.0,
+        weight_decay=wd,
+        jit=False,
+    )
+    ((images, labels),) = batches(1, seed=5)
+    trainer.initialize_radius(images)
+    before = state(trainer)
+
+    reference = model_fn("softmax", 0.05)()
+    reference.train_model.set_weights(
+        trainer.models.train_model.get_weights()
+    )
+    reference.ring.initialize_radius(reference.embedding_model(images))
+    variables = reference.train_model.trainable_variables
+    with tf.GradientTape() as tape:
+        logits, _ = reference.train_model([images, labels], training=True)
+        ce = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        )
+        loss = ce + tf.add_n(reference.train_model.losses)
+    grads = tape.gradient(loss, variables)
+    expected = {}
+    for v, g in zip(variables, grads):
+        g = g.numpy().astype(np.float64)
+        name = v.path.rsplit("/", 1)[-1]
+        layer = v.path.split("/")[-2]
+        if name == "kernel":
+            g = g + wd * before[v.path]
+        else:
+            assert name in ("bias", "alpha", "radius"), v.path
+            assert "prelu" in layer or name != "alpha"
+        expected[v.path] = before[v.path] - lr * g
+    stats, _ = trainer.train_step(images, labels)
+    after = state(trainer)
+    for key, value in expected.items():
+        np.testing.assert_allclose(after[key], value, atol=1e-6, err_msg=key)
+    assert stats["cross_entropy"] == pytest.approx(float(ce), rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_learning_rate_schedule_closed_form(schedule):
+    total, warmup, base = 28, 4, 0.1
+    lr = trainer_lib.LearningRate(base, total, schedule, warmup_steps=warmup)
+    for t in range(0, 35):
+        if schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * min(t / total, 1)))
+        elif schedule == "step":
+            decay = 0.1 ** ((t >= 16) + (t >= 24))
+        else:
+            decay = 1.0
+        expected = base * decay * min(1.0, (t + 1) / warmup)
+        assert float(lr(t)) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_batch_not_divisible_by_the_replicas_is_a_config_error():
+    from ring_loss_tf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"batch_size=7: not divisible by "
+                       r"the 2 replicas; use a multiple of 2, e.g. 6"):
+        trainer_lib.Trainer(
+            trainer_lib.build_strategy(["/cpu:0", "/cpu:1"]), model_fn(),
+            global_batch_size=7,
+        )
+
+
+def test_mixed_bfloat16_step_is_close_to_float32():
+    """mixed_bfloat16 (the CPU policy): bf16 compute, float32 weights and R."""
+    ((images, labels),) = batches(1, seed=2)
+
+    def first_step(policy):
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            trainer = trainer_lib.Trainer(
+                trainer_lib.build_strategy(["/cpu:0"]),
+                model_fn("softmax", 0.01),
+                global_batch_size=GLOBAL_BATCH,
+                learning_rate=0.05,
+                jit=False,
+                mixed_precision=None if policy == "float32" else policy,
+            )
+        finally:
+            keras.config.set_dtype_policy(previous)
+        trainer.initialize_radius(images)
+        stats, _ = trainer.train_step(images, labels)
+        return trainer, stats
+
+    mixed, mixed_stats = first_step("mixed_bfloat16")
+    full, full_stats = first_step("float32")
+    conv = mixed.models.embedding_model.get_layer("conv1_1")
+    assert conv.compute_dtype == "bfloat16" and conv.kernel.dtype == "float32"
+    assert mixed.models.ring.radius.dtype == "float32"
+    assert not mixed.loss_scaling  # bfloat16 needs no loss scaling
+    for key in ("cross_entropy", "ring_loss", "feature_norm"):
+        assert mixed_stats[key] == pytest.approx(full_stats[key], rel=3e-2)
+    assert mixed.radius() == pytest.approx(full.radius(), rel=1e-2)
+
+
+# --------------------------------------------------------------------------
+# Two MultiWorkerMirroredStrategy worker processes vs one process
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import tiny_runs
+    trainer = tiny_runs.trainer_run(None, sys.argv[3], 0.01)
+    assert trainer.num_replicas == 2, trainer.num_replicas
+    if trainer.is_chief:
+        np.savez(sys.argv[4], **{k.replace("/", "|"): v
+                                 for k, v in tiny_runs.state(trainer).items()})
+    """
+)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_worker_processes_equal_one_process(tmp_path):
+    head = "asoftmax"
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    out = tmp_path / "chief.npz"
+    processes = []
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers},
+             "task": {"type": "worker", "index": index}}
+        )
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        env.pop("PYTHONPATH", None)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(REPO),
+                 str(REPO / "tests"), head, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    for process in processes:
+        try:
+            logs.append(process.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    multi = {k.replace("|", "/"): v for k, v in np.load(out).items()}
+    single = state(trainer_run(["/cpu:0"], head, 0.01))
+    assert_same_state(single, multi)
