@@ -36,7 +36,8 @@ def format_verification(result: metrics.VerificationResult, title: str) -> str:
         "impostor pairs",
         "| 10-fold accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-4 |",
         "|---|---|---|",
-        f"| {100 * result.accuracy_mean:.2f}% ± {100 * result.accuracy_std:.2f}"
+        f"| {100 * result.accuracy_mean:.2f}% ± "
+        f"{100 * result.accuracy_std:.2f}"
         f" | {rate(result.tar_at_far.get(1e-3))}"
         f" | {rate(result.tar_at_far.get(1e-4))} |",
     ]
