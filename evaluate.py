@@ -286,6 +286,7 @@ def main(argv):
 
     quiet.absl_warnings_only()
     from ring_loss_tf import evaluation
+    from ring_loss_tf import evaluation_report
 
     sets, ident = _data_plan()
     reports = []
@@ -316,9 +317,9 @@ def main(argv):
             _fail(str(error))
         reports.append(report)
         reports[-1].model["path"] = str(model)
-    print(evaluation.format_table(reports))
+    print(evaluation_report.format_table(reports))
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    written = evaluation.write_outputs(
+    written = evaluation_report.write_outputs(
         reports,
         FLAGS.output_dir,
         plots=FLAGS.plots,

@@ -34,7 +34,8 @@ times are inflated; the ratio is what to compare):
     embedding (small_cnn, 32×32×1): 1,516 images/s
 
 The full 10,000 × 1,000,000 run is 1.0e13 FLOPs: about 15-20 minutes per
-repetition at these rates, so it was not run on the shared machine.
+repetition at these rates, too long for the shared machine, hence the
+smaller sets above.
 """
 
 import argparse

@@ -180,49 +180,6 @@ def settings(args) -> dict:
     return s
 
 
-def cross_pairs(full, low, labels):
-    """Scores cos(full_i, low_j) and same-identity flags for all i < j."""
-    from ring_loss_tf import metrics
-
-    a = metrics.l2_normalize(full.astype(np.float32))
-    b = metrics.l2_normalize(low.astype(np.float32))
-    scores, same = [], []
-    n = len(a)
-    for start in range(0, n, 2048):
-        s = a[start : start + 2048] @ b.T
-        for r in range(start, min(start + 2048, n)):
-            scores.append(s[r - start, r + 1 :])
-            same.append(labels[r + 1 :] == labels[r])
-    return np.concatenate(scores), np.concatenate(same)
-
-
-def tars(scores, same, fars=FARS) -> dict:
-    from ring_loss_tf import metrics
-
-    curve = metrics.roc(scores, same)
-    return {
-        "num_genuine": curve.num_genuine,
-        "num_impostor": curve.num_impostor,
-        "tar_at_far": {
-            f"{far:g}": metrics.tar_at_far(curve, far)[0] for far in fars
-        },
-    }
-
-
-def _index_of(root: pathlib.Path, paths) -> list[int]:
-    """Indices into the test images (`paths`) of the files under `root`
-    (identification/<part>/<identity>/<file>: copies of test images)."""
-    where = {
-        (pathlib.Path(p).parent.name, pathlib.Path(p).name): i
-        for i, p in enumerate(paths)
-    }
-    return [
-        where[(f.parent.name, f.name)]
-        for f in sorted(root.glob("*/*"))
-        if f.is_file()
-    ]
-
-
 def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
     """All measurements of one trained embedding model (see the docstring).
 
@@ -243,22 +200,14 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
     full = embedder(images)
     norms = {"full": np.linalg.norm(full, axis=1)}
     out = {"image_size": list(images.shape[1:3])}
-    out["all_pairs"] = tars(*metrics.all_pairs(full, labels))
+    out["all_pairs"] = evaluation.all_pairs_tar(full, labels, fars=FARS)
     out["norms"] = metrics.norm_statistics(full)
     pairs = eval_data.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
     )
-    where = {os.path.realpath(p): i for i, p in enumerate(paths)}
-    pair_index = np.array([where[os.path.realpath(n)] for n in pairs.names])
-    left, right = pair_index[pairs.left], pair_index[pairs.right]
-
-    def ten_fold(a, b):
-        scores = metrics.pair_scores(a[left], b[right])
-        return metrics.verify(
-            scores, pairs.issame, fold=pairs.fold, fars=(1e-3,)
-        )
-
-    r = ten_fold(full, full)
+    left, right = evaluation.pair_indices(pairs, paths)
+    r = evaluation.verify_embedded(full[left], full[right], pairs,
+                                   fars=(1e-3,))
     out["ten_fold"] = {
         "accuracy_mean": r.accuracy_mean,
         "accuracy_std": r.accuracy_std,
@@ -269,20 +218,19 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
         low = embedder(evaluation.downsample(images, factor))
         low_norm = np.linalg.norm(low, axis=1)
         norms[f"1/{factor:g}"] = low_norm
-        cross = tars(*cross_pairs(full, low, labels), fars=(1e-3, 1e-4))
         out["low_res"][f"{factor:g}"] = {
             # Probe side (the right image of each pair) degraded.
-            "ten_fold_accuracy": ten_fold(full, low).accuracy_mean,
-            "all_pairs": cross,
-            "norm_ratio": float(np.mean(low_norm / norms["full"])),
+            "ten_fold_accuracy": evaluation.verify_embedded(
+                full[left], low[right], pairs, fars=(1e-3,)
+            ).accuracy_mean,
+            "all_pairs": evaluation.all_pairs_tar(
+                full, labels, others=low, fars=(1e-3, 1e-4)
+            ),
+            "norm_ratio": evaluation.norm_ratio(full, low),
             "norm_cv": float(np.std(low_norm) / np.mean(low_norm)),
         }
-    ident_root = root / "identification"
-    g = _index_of(ident_root / "gallery", paths)
-    p = _index_of(ident_root / "probes", paths)
-    d = _index_of(ident_root / "distractors", paths)
-    ident = metrics.identify(
-        full[p], labels[p], full[g], labels[g], full[d], max_rank=10
+    ident = evaluation.identify_copies(
+        full, labels, paths, root / "identification", max_rank=10
     )
     out["identification"] = {
         "rank1": ident.rank1,
@@ -295,19 +243,19 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
 
 
 def curve_point(embedding_model, root: pathlib.Path) -> dict:
-    """All-pairs TAR at FAR 1e-3 and 1e-4 of the test images, and 10-fold."""
+    """All-pairs TAR at FAR 1e-3 and 1e-4 of the test images."""
     from ring_loss_tf import data
     from ring_loss_tf import eval_data
     from ring_loss_tf import evaluation
-    from ring_loss_tf import metrics
 
     embedder = evaluation.load_embedder(embedding_model, name="model")
     paths, labels, _ = eval_data.read_image_folder(root / "test", load=False)
     images = data.load_images(
         paths, image_size=embedder.image_size, channels=embedder.channels
     )
-    measured = tars(*metrics.all_pairs(embedder(images), labels),
-                    fars=(1e-3, 1e-4))
+    measured = evaluation.all_pairs_tar(
+        embedder(images), labels, fars=(1e-3, 1e-4)
+    )
     return measured["tar_at_far"]
 
 

@@ -8,7 +8,8 @@ identity", and a pair is predicted genuine when `score >= threshold`.
 
 - `pair_scores`: cosine or (negative squared) L2 scores of embedding pairs.
 - `roc`, `verify`: the LFW 10-fold accuracy, TAR at fixed FARs, EER, AUC.
-- `all_pairs`: genuine/impostor scores of every pair of a labelled set.
+- `all_pairs`: genuine/impostor scores of every pair of a labelled set
+  (or of the set against a second embedding of the same images).
 - `identify`: rank-k identification and the CMC of probes against a gallery
   plus distractors (MegaFace style), in bounded memory.
 - `norm_statistics`: statistics and histogram of embedding norms.
@@ -439,6 +440,7 @@ def all_pairs(
     labels: np.ndarray,
     metric: str = "cosine",
     *,
+    others: np.ndarray | None = None,
     chunk_size: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of every unordered pair i < j of a labelled set.
@@ -447,12 +449,25 @@ def all_pairs(
     far lower FARs than 6,000 pairs. Rows are processed `chunk_size` at a
     time; the outputs themselves are O(n²) (float32 scores + bool).
 
+    With `others` (a second embedding of the same n images, e.g. of their
+    low-resolution copies), pair i < j scores `embeddings[i]` against
+    `others[j]`: every cross-resolution pair once, an image never against
+    its own copy.
+
     Returns:
         (scores float32 `(n(n−1)/2,)`, issame bool), in row-major order of
         the upper triangle.
     """
     _check_metric(metric)
     x = _as_matrix(embeddings, "embeddings").astype(np.float32)
+    y = x if others is None else (
+        _as_matrix(others, "others").astype(np.float32)
+    )
+    if y.shape != x.shape:
+        raise ValueError(
+            "`others` must have the shape of `embeddings` (the same images "
+            f"embedded again). Received: {y.shape} and {x.shape}"
+        )
     labels = np.asarray(labels).reshape(-1)
     if labels.size != x.shape[0]:
         raise ValueError(
@@ -462,13 +477,15 @@ def all_pairs(
     n = x.shape[0]
     if metric == "cosine":
         x = l2_normalize(x)
-    sq = np.sum(np.square(x, dtype=np.float64), axis=1)
+        y = x if others is None else l2_normalize(y)
+    sq_x = np.sum(np.square(x, dtype=np.float64), axis=1)
+    sq_y = np.sum(np.square(y, dtype=np.float64), axis=1)
     scores, same = [], []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        s = x[start:stop] @ x.T
+        s = x[start:stop] @ y.T
         if metric == "l2":
-            s = 2 * s - sq[start:stop, None] - sq[None, :]
+            s = 2 * s - sq_x[start:stop, None] - sq_y[None, :]
         for r in range(start, stop):
             scores.append(s[r - start, r + 1 :].astype(np.float32))
             same.append(labels[r + 1 :] == labels[r])

@@ -1,8 +1,10 @@
 """Test-session setup shared by every test module.
 
 The CPU is split into two logical devices before TensorFlow initialises, so
-distributed tests can compare two replicas against one device (design.md §3).
-This must run before anything touches a TensorFlow device, hence here.
+distributed tests can compare two replicas against one device: on a machine
+without GPUs, MirroredStrategy(["/cpu:0", "/cpu:1"]) needs those logical
+devices. TensorFlow fixes its devices when it initialises them, so this must
+run before anything touches a TensorFlow device, hence here.
 """
 
 import os

@@ -58,7 +58,8 @@ def test_sphereface_matches_table(function, units, depth):
 
 
 def test_sphereface20_has_28m_parameters_with_casia_head():
-    # design.md §3: 28.1M parameters with the 10,572-way classifier.
+    # The paper's setting: SphereFace-20 with CASIA-WebFace's 10,572-way
+    # classifier, 28.1M parameters in all.
     total = _sphereface_params((1, 2, 4, 1), (112, 96, 3), 512) + (
         512 * 10572
     )

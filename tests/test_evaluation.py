@@ -1,11 +1,12 @@
 """Tests of ring_loss_tf.evaluation and evaluate.py, end to end.
 
-A tiny Keras model (with a layer class defined only in this file) is trained
-for a few steps on tiny synthetic images and exported; every figure is
-checked against an independent path: the Keras model called directly on
-images normalised here, scikit-learn's AUC, brute-force ranks. evaluate.py
-runs in a subprocess, where this file's layer class cannot be imported, so
-loading there proves the SavedModel needs no model code.
+The tiny model of tests/eval_world.py (with a layer class defined only
+there) is trained for a few steps on tiny synthetic images and exported;
+every figure is checked against an independent path: the Keras model called
+directly on images normalised here, scores and metrics in NumPy, scikit-
+learn's AUC, brute-force ranks. evaluate.py runs in a subprocess, where the
+layer class cannot be imported, so loading there proves the SavedModel
+needs no model code.
 """
 
 import json
@@ -14,205 +15,34 @@ import pathlib
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from ring_loss_tf import data
 from ring_loss_tf import eval_data
 from ring_loss_tf import evaluation
-from ring_loss_tf import images
 from ring_loss_tf import metrics
+from tests import eval_world
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SIZE = 16
-NUM_IDS = 10
-PER_ID = 4
-
-
-class Scale(keras.layers.Layer):
-    """A custom layer known only to this test module."""
-
-    def build(self, input_shape):
-        self.scale = self.add_weight(shape=(), initializer="ones")
-
-    def call(self, x):
-        return x * self.scale
-
-
-def _name(k):
-    return f"id{k:02d}"
-
-
-def _write(path, image):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0]).save(path)
-
-
-def _pairs_lines():
-    """2 folds x (3 genuine, 3 impostor); (line, issame, fold, a, b)."""
-    rows = []
-    for fold in range(2):
-        for j in range(3):
-            k = 5 * fold + j
-            rows.append(
-                (
-                    f"{_name(k)}\t1\t{2 + j % 3}",
-                    True,
-                    fold,
-                    (k, 1),
-                    (k, 2 + j % 3),
-                )
-            )
-        for j in range(3):
-            k1, k2 = 5 * fold + j, 5 * fold + j + 2
-            rows.append(
-                (
-                    f"{_name(k1)} {1 + j} {_name(k2)} {2 + j}",
-                    False,
-                    fold,
-                    (k1, 1 + j),
-                    (k2, 2 + j),
-                )
-            )
-    return rows
+SIZE = eval_world.SIZE
+NUM_IDS = eval_world.NUM_IDS
+PER_ID = eval_world.PER_ID
+_name = eval_world.identity
+_reference_pair_embeddings = eval_world.reference_pair_embeddings
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(0)
-    bases = rng.integers(0, 256, size=(NUM_IDS, SIZE, SIZE, 1))
-    images = {}
-    for k in range(NUM_IDS):
-        for n in range(1, PER_ID + 1):
-            noise = rng.normal(0, 60, size=(SIZE, SIZE, 1))
-            image = np.clip(bases[k] + noise, 0, 255).astype(np.uint8)
-            images[(k, n)] = image
-            name = f"{_name(k)}_{n:04d}.png"
-            _write(root / "lfw" / _name(k) / name, image)
-            if k < 6:
-                part = "gallery" if n == 1 else "probes"
-            else:
-                part = "distractors"
-            _write(root / part / _name(k) / name, image)
-    rows = _pairs_lines()
-    (root / "pairs.txt").write_text(
-        "2 3\n" + "\n".join(r[0] for r in rows) + "\n"
-    )
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIZE, SIZE, 1))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(8)(x)
-    embedding = Scale()(x)
-    model = keras.Model(inputs, embedding)
-    classifier = keras.Sequential([model, keras.layers.Dense(NUM_IDS)])
-    classifier.compile(
-        "adam",
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    keys = sorted(images)
-    train_x = (np.stack([images[k] for k in keys]) - 127.5) / 128
-    train_y = np.array([k for k, _ in keys])
-    classifier.fit(train_x, train_y, epochs=3, batch_size=40, verbose=0)
-
-    model_dir = root / "run"
-    model.export(str(model_dir / "export"), verbose=False)
-
-    class Uint8Serving(tf.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        @tf.function(
-            input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.uint8)]
-        )
-        def serve(self, images):
-            x = (tf.cast(images[..., :1], tf.float32) - 127.5) / 128.0
-            e = self.model(x)
-            return {
-                "embedding": e,
-                "normalized_embedding": tf.math.l2_normalize(e, axis=1),
-            }
-
-    module = Uint8Serving(model)
-    tf.saved_model.save(
-        module,
-        str(root / "uint8_model"),
-        signatures={"serving_default": module.serve},
-    )
-
-    def reference(batch):
-        x = (np.asarray(batch, np.float32) - 127.5) / 128.0
-        return np.asarray(model(x, training=False), np.float64)
-
-    return dict(
-        root=root, images=images, rows=rows, model=model, reference=reference
-    )
+    return eval_world.build_world(tmp_path_factory.mktemp("eval"))
 
 
 def _embedder(world, which="float", **kwargs):
     path = world["root"] / ("run" if which == "float" else "uint8_model")
     return evaluation.load_embedder(path, **kwargs)
-
-
-def test_resolves_model_dir_and_reads_the_signature(world):
-    e = _embedder(world)
-    assert e.name == "run"  # named after the model_dir, not "export"
-    assert e.describe()["image_size"] == [SIZE, SIZE]
-    assert e.channels == 1 and e.input_dtype == tf.float32
-    batch = np.stack(list(world["images"].values())[:9])
-    np.testing.assert_allclose(
-        e(batch), world["reference"](batch), rtol=1e-5, atol=1e-5
-    )
-
-
-def test_uint8_signature_gets_pixels_and_channels_adapted(world):
-    e = _embedder(world, "uint8", batch_size=4)
-    assert e.input_dtype == tf.uint8 and e.channels == 3
-    assert e.output_key == "embedding"  # chosen among two outputs
-    batch = np.stack(list(world["images"].values())[:9])  # grey, 1 channel
-    np.testing.assert_allclose(
-        e(batch), world["reference"](batch), rtol=1e-5, atol=1e-5
-    )
-    other = _embedder(world, "uint8", output_key="normalized_embedding")
-    got = other(batch)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, rtol=1e-5)
-
-
-def test_colour_images_become_pillow_grey_and_sizes_are_adapted(world):
-    e = _embedder(world)
-    rgb = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3))
-    rgb = rgb.astype(np.uint8)
-    grey = np.stack([np.asarray(Image.fromarray(x).convert("L")) for x in rgb])
-    adapted = e.adapt(rgb) * 128 + 127.5
-    # Pillow rounds in fixed point: at most one grey level apart.
-    assert np.max(np.abs(adapted[..., 0] - grey)) <= 1
-    # Other sizes are resized as the training pipeline resizes.
-    big = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 1))
-    big = big.astype(np.uint8)
-    want = np.stack([images.resize_image(x, (SIZE, SIZE)) for x in big])
-    np.testing.assert_allclose(e.adapt(big) * 128 + 127.5, want)
-
-
-def test_flip_sums_image_and_mirror(world):
-    e = _embedder(world)
-    batch = np.stack(list(world["images"].values())[:7])
-    want = world["reference"](batch) + world["reference"](batch[:, :, ::-1])
-    np.testing.assert_allclose(e(batch, flip=True), want, rtol=1e-5, atol=1e-5)
-
-
-def _reference_pair_embeddings(world, flip=False):
-    ref = world["reference"]
-    a = np.stack([world["images"][r[3]] for r in world["rows"]])
-    b = np.stack([world["images"][r[4]] for r in world["rows"]])
-    ea, eb = ref(a), ref(b)
-    if flip:
-        ea, eb = ea + ref(a[:, :, ::-1]), eb + ref(b[:, :, ::-1])
-    return ea, eb
 
 
 @pytest.mark.parametrize("metric,flip", [("cosine", False), ("l2", True)])
@@ -329,27 +159,6 @@ def test_identification_end_to_end(world, tmp_path):
         )
 
 
-def test_model_errors(world, tmp_path):
-    with pytest.raises(FileNotFoundError, match="Model not found"):
-        evaluation.resolve_model_path(tmp_path / "nothing")
-    (tmp_path / "train_dir").mkdir()
-    (tmp_path / "train_dir" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="without an exported model"):
-        evaluation.resolve_model_path(tmp_path / "train_dir")
-    with pytest.raises(FileNotFoundError, match="neither a SavedModel"):
-        evaluation.resolve_model_path(tmp_path)
-    with pytest.raises(ValueError, match="no output 'logits'"):
-        _embedder(world, "uint8", output_key="logits")
-    with pytest.raises(ValueError, match="no signature 'predict'"):
-        _embedder(world, signature="predict")
-    a, b = keras.Input((4, 4, 1)), keras.Input((4, 4, 1))
-    two = keras.Model([a, b], keras.layers.Add()([a, b]))
-    with pytest.raises(ValueError, match="2 inputs"):
-        evaluation.Embedder(two)
-    with pytest.raises(ValueError, match="input_normalization"):
-        evaluation.Embedder(world["model"], input_normalization="imagenet")
-
-
 def _run(args, cwd, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
@@ -454,8 +263,134 @@ def test_bin_set_through_evaluate_model(world, tmp_path):
     fold = np.arange(len(rows)) * 10 // len(rows)
     want = metrics.verify(scores, np.array(issame), fold=fold)
     np.testing.assert_allclose(r.fold_accuracies, want.fold_accuracies)
-    table = evaluation.format_table([report])
-    assert "tiny" in table and f"{100 * r.auc:.2f}" in table
-    written = evaluation.write_outputs([report], tmp_path / "out", plots=False)
-    saved = json.loads(written[0].read_text())
-    assert saved["models"][0]["verification"]["tiny"]["auc"] == r.auc
+
+
+# ---------------------------------------------------------------------------
+# The functions train.py's final table and bench/reproduce.py call.
+
+
+def _brute_tar(scores, issame, far):
+    """Highest TAR of any threshold whose FAR is ≤ far (None: unresolved)."""
+    impostors = np.sum(~issame)
+    if far < 1 / impostors:
+        return None
+    best = 0.0
+    for t in np.r_[np.inf, scores]:
+        if np.mean(scores[~issame] >= t) <= far:
+            best = max(best, np.mean(scores[issame] >= t))
+    return best
+
+
+def test_verify_pairs_on_a_keras_model_matches_numpy(world):
+    root = world["root"]
+    result = evaluation.verify_pairs(
+        world["model"], root / "pairs.txt", root / "lfw"
+    )
+    ea, eb = _reference_pair_embeddings(world)
+    scores = np.sum(ea * eb, 1) / (
+        np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1)
+    )
+    issame = np.array([r[1] for r in world["rows"]])
+    fold = np.array([r[2] for r in world["rows"]])
+    want = metrics.verify(scores, issame, fold=fold)
+    np.testing.assert_allclose(result.fold_accuracies, want.fold_accuracies)
+    assert result.accuracy_mean == pytest.approx(want.accuracy_mean)
+    assert result.accuracy_std == pytest.approx(want.accuracy_std)
+    assert result.auc == pytest.approx(roc_auc_score(issame, scores))
+    assert (result.num_genuine, result.num_impostor) == (6, 6)
+    # train.py's FARs: 6 impostors resolve neither.
+    assert result.tar_at_far == {1e-3: None, 1e-4: None}
+    resolved = evaluation.verify_pairs(
+        world["model"], root / "pairs.txt", root / "lfw", fars=(0.2, 0.5)
+    )
+    for far in (0.2, 0.5):
+        assert resolved.tar_at_far[far] == _brute_tar(scores, issame, far)
+    # The exported SavedModel, as an Embedder, gives the same figures.
+    exported = evaluation.verify_pairs(
+        _embedder(world), root / "pairs.txt", root / "lfw", fars=(0.2, 0.5)
+    )
+    np.testing.assert_allclose(
+        exported.fold_accuracies, resolved.fold_accuracies
+    )
+    assert exported.tar_at_far == resolved.tar_at_far
+
+
+def _brute_all_pairs(a, b, labels):
+    """float64 cosines of a_i with b_j and same-label flags, all i < j."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    ii, jj = np.triu_indices(len(a), k=1)
+    return np.sum(a[ii] * b[jj], axis=1), labels[ii] == labels[jj]
+
+
+def test_all_pairs_tar_matches_brute_force():
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(12), 4)
+    centres = rng.normal(size=(12, 6))
+    full = centres[labels] + 0.8 * rng.normal(size=(48, 6))
+    low = full + 0.5 * rng.normal(size=(48, 6))
+    fars = (1e-4, 1e-3, 1e-2, 0.1)
+    for others in (None, low):
+        got = evaluation.all_pairs_tar(
+            full.astype(np.float32),
+            labels,
+            fars=fars,
+            others=None if others is None else others.astype(np.float32),
+        )
+        scores, same = _brute_all_pairs(
+            full, full if others is None else others, labels
+        )
+        assert got["num_genuine"] == 12 * 6 == np.sum(same)
+        assert got["num_impostor"] == 48 * 47 // 2 - 72
+        assert got["tar_at_far"] == {
+            f"{far:g}": _brute_tar(scores, same, far) for far in fars
+        }
+    assert list(got["tar_at_far"]) == ["0.0001", "0.001", "0.01", "0.1"]
+    assert got["tar_at_far"]["0.0001"] is None  # 1,056 impostors
+
+
+def test_pair_indices_reuse_the_embeddings_of_the_folder(world):
+    root, ref = world["root"], world["reference"]
+    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    paths, labels, _ = eval_data.read_image_folder(root / "lfw", load=False)
+    images = data.load_images(paths, image_size=None, channels=None)
+    left, right = evaluation.pair_indices(pairs, paths)
+    np.testing.assert_array_equal(images[left], pairs.images[pairs.left])
+    np.testing.assert_array_equal(images[right], pairs.images[pairs.right])
+    full = ref(images)
+    got = evaluation.verify_embedded(full[left], full[right], pairs)
+    want = evaluation.evaluate_verification(_embedder(world), pairs)
+    np.testing.assert_allclose(
+        got.fold_accuracies, want["result"].fold_accuracies
+    )
+    assert got.auc == pytest.approx(want["result"].auc)
+    with pytest.raises(ValueError, match="not among the 3 given paths"):
+        evaluation.pair_indices(pairs, paths[:3])
+
+
+def test_identify_copies_matches_brute_ranks(world):
+    root, ref = world["root"], world["reference"]
+    paths, labels, class_names = eval_data.read_image_folder(
+        root / "lfw", load=False
+    )
+    names = np.asarray(class_names)[labels]
+    images = data.load_images(paths, image_size=None, channels=None)
+    full = ref(images).astype(np.float32)
+    got = evaluation.identify_copies(full, names, paths, root, max_rank=10)
+    index = {(p.split(os.sep)[-2], p.split(os.sep)[-1]): i
+             for i, p in enumerate(map(str, paths))}
+
+    def part(folder):
+        files = sorted((root / folder).glob("*/*"))
+        return [index[(f.parent.name, f.name)] for f in files]
+
+    g, p, d = part("gallery"), part("probes"), part("distractors")
+    want = _brute_ranks(full[p], names[p], full[g], names[g], full[d])
+    np.testing.assert_array_equal(got.ranks, want)
+    assert got.num_gallery == 6 and got.num_distractors == 16
+
+
+def test_norm_ratio_leaves_out_zero_full_norms():
+    full = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
+    low = np.array([[0.0, 5.0], [1.0, 1.0], [2.0, 0.0]])
+    assert evaluation.norm_ratio(full, low) == pytest.approx(1.5)

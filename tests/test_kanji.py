@@ -134,7 +134,8 @@ def test_load_strokes_errors_name_the_file_and_line(tmp_path):
         r"^KanjiVG file .*04e00\.svg line 3: SVG path command 'C' needs 6 "
         r"numbers\. Received: d='M1,2 C3' Reinstall the package: ")):
         kanji.load_strokes(svg)
-    # Not UTF-8: used to raise a bare UnicodeDecodeError naming no file.
+    # Not UTF-8: the error names the file and the byte, so the user knows
+    # which file to replace (a bare UnicodeDecodeError names neither).
     svg.write_bytes(b'<svg><path d="M1,2 L3,4"/>\xff\xfe</svg>')
     with pytest.raises(ValueError, match=(
         r"^KanjiVG file .*04e00\.svg is not UTF-8 text \(byte 26: invalid "

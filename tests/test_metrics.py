@@ -303,6 +303,27 @@ def test_all_pairs_matches_brute_force(metric):
     np.testing.assert_array_equal(same, labels[ii] == labels[jj])
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_all_pairs_against_a_second_embedding_matches_brute_force(metric):
+    rng = np.random.default_rng(15)
+    x = rng.normal(size=(29, 8)).astype(np.float32)
+    y = (x + rng.normal(size=(29, 8))).astype(np.float32)
+    labels = rng.integers(0, 5, size=29)
+    scores, same = metrics.all_pairs(x, labels, metric, others=y,
+                                     chunk_size=10)
+    ii, jj = np.triu_indices(29, k=1)
+    if metric == "cosine":
+        a = x[ii] / np.linalg.norm(x[ii].astype(np.float64), axis=1)[:, None]
+        b = y[jj] / np.linalg.norm(y[jj].astype(np.float64), axis=1)[:, None]
+        want = np.sum(a * b, axis=1)
+    else:
+        want = -np.sum((x[ii].astype(np.float64) - y[jj]) ** 2, axis=1)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(same, labels[ii] == labels[jj])
+    with pytest.raises(ValueError, match="`others` must have the shape"):
+        metrics.all_pairs(x, labels, metric, others=y[:5])
+
+
 # ---------------------------------------------------------------------------
 # Identification.
 
