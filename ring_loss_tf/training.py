@@ -28,6 +28,7 @@ import tensorflow as tf
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import data
 from ring_loss_tf import evaluation
+from ring_loss_tf import evaluation_report
 from ring_loss_tf import export as export_lib
 from ring_loss_tf import kanji
 from ring_loss_tf import models as models_lib
@@ -512,7 +513,7 @@ def train(
         verification = evaluation.verify_pairs(
             embedding_model, pairs_path, root / "test"
         )
-        table = evaluation.format_verification(
+        table = evaluation_report.format_verification(
             verification, f"Verification on unseen identities ({pairs_path})"
         )
         result["verification"] = verification
