@@ -117,6 +117,7 @@ class ModelConfig:
 
     backbone: str = setting(
         "small_cnn", "|".join(registry.BACKBONES))
+    head: str = setting("softmax", "|".join(registry.HEADS))
     embedding_dim: int | None = setting(
         None, "Embedding size (default 128 small_cnn, 512 otherwise).",
         kind="int")
@@ -127,7 +128,6 @@ class ModelConfig:
         "runs away without it), fc otherwise.", kind="str")
     num_classes: int | None = setting(
         None, "Set from the training data.", kind="none")
-    head: str = setting("softmax", "|".join(registry.HEADS))
     lambda_ring: float = setting(
         0.01,
         "Ring loss weight λ in the paper's λ/(2m)·Σ(‖F‖−R)² form; 0 disables "
