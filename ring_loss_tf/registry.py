@@ -32,7 +32,8 @@ class Head:
     """A head train.py can build, and what a run gets when a flag is omitted.
 
     Attributes:
-        function: "module:function" building the head (module docstring).
+        function: "module:function" building the head (module docstring),
+            or the function itself for a head defined outside the package.
         margin: the head has an angular margin (`margin_warmup_steps`
             applies to it).
         margin_warmup_steps: the default warm-up without the margin. 200 for
@@ -46,7 +47,7 @@ class Head:
             λ = 0.003 for "centerloss"; 0 is off).
     """
 
-    function: str
+    function: object  # "module:function", or the function itself
     margin: bool = False
     margin_warmup_steps: int = 0
     embedding_block: str = "fc"
@@ -77,10 +78,10 @@ HEADS = {
 def load(entry):
     """The function an entry names ("module:function"), or the entry itself
     when it is already a callable (a head or backbone added at run time)."""
-    if callable(entry):
-        return entry
     if isinstance(entry, Head):
         entry = entry.function
+    if callable(entry):
+        return entry
     module, _, name = entry.partition(":")
     return getattr(importlib.import_module(module), name)
 

@@ -2,7 +2,8 @@
 
 References: an uninterrupted run (for resuming, in each phase of the margin
 warm-up), the saved config.json and the exported model (for the settings
-that shape a model), the message TensorFlow gives (for data errors).
+that shape a model), the message TensorFlow gives (for data errors), the
+weights after the last finite step (for the NaN guard).
 """
 
 import json
@@ -16,11 +17,19 @@ import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import layers
+from ring_loss_tf import trainer as trainer_lib
 from ring_loss_tf import training
 from ring_loss_tf.errors import ConfigError
+from ring_loss_tf.errors import NonFiniteLossError
+from tests.tiny_runs import GLOBAL_BATCH
+from tests.tiny_runs import assert_same_state
+from tests.tiny_runs import batches
 from tests.tiny_runs import checkpoint_state
+from tests.tiny_runs import model_fn
+from tests.tiny_runs import state
 from tests.tiny_runs import tiny_kanji_config
 from tests.tiny_runs import tiny_train
+
 
 @pytest.fixture(scope="module")
 def tiny_kanji(tmp_path_factory):
@@ -239,3 +248,44 @@ def test_a_run_of_release_0_1_resumes(tmp_path, tiny_kanji):
     assert (model_dir / "config.json").read_text() == (
         RELEASE_RUN / "config.json"
     ).read_text()
+
+
+def test_nonfinite_loss_stops_with_message_and_intact_checkpoint(tmp_path):
+    def new_trainer(seed):
+        return trainer_lib.Trainer(
+            trainer_lib.build_strategy(["/cpu:0"]),
+            model_fn(seed=seed),
+            global_batch_size=GLOBAL_BATCH,
+            learning_rate=0.05,
+            model_dir=tmp_path,
+            jit=False,
+        )
+
+    trainer = new_trainer(3)
+    trainer.attach_checkpoint()
+    data = batches(4)
+    # The third batch carries a NaN: the loss of step 3 is NaN.
+    images = data[2][0].numpy()
+    images[0, 0, 0, 0] = np.nan
+    data[2] = (tf.constant(images), data[2][1])
+    lines, states = [], {}
+
+    def log(line):
+        lines.append(line)
+        states[len(lines)] = state(trainer)
+
+    with pytest.raises(NonFiniteLossError,
+                       match=r"step 3: the loss is not finite.*ckpt-2.*"
+                       r"intact.*lower lr") as info:
+        training.run_loop(trainer, iter(data), 4, checkpoint_every=2,
+                          log_every=1, print_fn=log)
+    assert info.value.step == 3
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4"]
+    assert not all(np.all(np.isfinite(v)) for v in state(trainer).values())
+    # The checkpoint holds the weights after step 2, all finite.
+    restored = new_trainer(99)
+    assert restored.attach_checkpoint().endswith("ckpt-2")
+    assert int(restored.step.numpy()) == 2
+    restored_state = state(restored)
+    assert all(np.all(np.isfinite(v)) for v in restored_state.values())
+    assert_same_state(restored_state, states[2], atol=0)
