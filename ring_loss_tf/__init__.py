@@ -1,6 +1,6 @@
 """Ring loss (Zheng, Pal, Savvides, CVPR 2018) for TensorFlow 2 / Keras 3.
 
-The layers are importable from the top level; data, training, metrics and
+The layers and heads are importable from the top level; data, training, metrics and
 export live in their own modules (`ring_loss_tf.data`, ...), imported where
 they are used so that the layers work on every Keras backend.
 """
@@ -13,17 +13,24 @@ from ring_loss_tf import quiet as _quiet
 if _quiet.is_entry_point():
     _quiet.import_tensorflow()
 
-from ring_loss_tf.layers import ArcFace
+from ring_loss_tf.heads import ArcFace
+from ring_loss_tf.heads import ASoftmax
+from ring_loss_tf.heads import CosFace
+from ring_loss_tf.heads import CosineClassifier
+from ring_loss_tf.heads import MARGINS
+from ring_loss_tf.heads import a_softmax_logits
+from ring_loss_tf.heads import a_softmax_margin
+from ring_loss_tf.heads import arcface_logits
+from ring_loss_tf.heads import arcface_margin
+from ring_loss_tf.heads import class_cosines
+from ring_loss_tf.heads import cosface_logits
+from ring_loss_tf.heads import cosface_margin
+from ring_loss_tf.heads import no_margin
 from ring_loss_tf.layers import BatchNorm
-from ring_loss_tf.layers import ASoftmax
 from ring_loss_tf.layers import CenterLoss
-from ring_loss_tf.layers import CosFace
 from ring_loss_tf.layers import L2Constrained
 from ring_loss_tf.layers import RingLoss
-from ring_loss_tf.layers import a_softmax_logits
-from ring_loss_tf.layers import arcface_logits
 from ring_loss_tf.layers import center_loss
-from ring_loss_tf.layers import cosface_logits
 from ring_loss_tf.layers import l2_constrained
 from ring_loss_tf.layers import ring_loss
 from ring_loss_tf.layers import safe_norm
