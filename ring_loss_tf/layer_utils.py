@@ -83,7 +83,8 @@ def replica_local_weight(layer, name, shape, initializer, dtype, aggregation):
             synchronization="on_read",
             name=name,
         )
-    layer._track_variable(variable)  # Keras' own API for a made Variable
+    # `add_weight` takes no `synchronization`: the layer tracks it by hand.
+    layer._track_variable(variable)
     return variable
 
 

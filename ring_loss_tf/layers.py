@@ -26,8 +26,7 @@ from ring_loss_tf.layer_utils import replica_local_weight
 from ring_loss_tf.layer_utils import safe_norm
 from ring_loss_tf.layer_utils import with_labels
 
-# The heads were defined here before `heads.py`; users and the README import
-# them from this module, so it keeps naming them.
+# Users and the README import the heads from this module as well.
 from ring_loss_tf.heads import ArcFace
 from ring_loss_tf.heads import ASoftmax
 from ring_loss_tf.heads import CosFace
