@@ -20,34 +20,43 @@ from ring_loss_tf import quiet as _quiet
 if _quiet.is_module_entry_point():
     _quiet.import_tensorflow()
 
-_LAYERS = (
-    "ArcFace",
-    "ASoftmax",
-    "BatchNorm",
-    "CenterLoss",
-    "CosFace",
-    "L2Constrained",
-    "RingLoss",
-    "a_softmax_logits",
-    "arcface_logits",
-    "center_loss",
-    "cosface_logits",
-    "l2_constrained",
-    "ring_loss",
-    "safe_norm",
-)
+# Public name → the module that defines it.
+_PUBLIC = {
+    "ArcFace": "heads",
+    "ASoftmax": "heads",
+    "CosFace": "heads",
+    "CosineClassifier": "heads",
+    "MARGINS": "heads",
+    "a_softmax_logits": "heads",
+    "a_softmax_margin": "heads",
+    "arcface_logits": "heads",
+    "arcface_margin": "heads",
+    "class_cosines": "heads",
+    "cosface_logits": "heads",
+    "cosface_margin": "heads",
+    "no_margin": "heads",
+    "BatchNorm": "layers",
+    "CenterLoss": "layers",
+    "L2Constrained": "layers",
+    "RingLoss": "layers",
+    "center_loss": "layers",
+    "l2_constrained": "layers",
+    "ring_loss": "layers",
+    "safe_norm": "layers",
+}
 
-__all__ = list(_LAYERS)
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in _LAYERS:
-        from ring_loss_tf import layers
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(layers, name)
+        module = importlib.import_module(f"ring_loss_tf.{_PUBLIC[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module 'ring_loss_tf' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAYERS))
+    return sorted(list(globals()) + list(_PUBLIC))

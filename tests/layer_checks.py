@@ -6,6 +6,8 @@ layers under TensorFlow, JAX and PyTorch against the same float64 NumPy
 references.
 """
 
+import os
+
 import numpy as np
 
 import keras
@@ -13,6 +15,34 @@ import keras
 
 def backend():
     return keras.backend.backend()
+
+
+ON_TF = backend() == "tensorflow"
+# How a function is run (`value_and_grads`): TensorFlow has three ways.
+MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
+# Under JAX and PyTorch (tests/test_backends.py runs the layer and head
+# modules under both) cases that only repeat a check on another size or
+# setting are trimmed: every formula, gradient, edge case and state check
+# still runs. RING_LOSS_TF_ALL_CASES=1 runs every case on every backend.
+ALL_CASES = ON_TF or os.environ.get("RING_LOSS_TF_ALL_CASES") == "1"
+
+
+def cases(every, trimmed):
+    """`every` on TensorFlow (or with ALL_CASES), else `trimmed`."""
+    return every if ALL_CASES else trimmed
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def random_case(seed, batch=6, dim=5, classes=7, scale=3.0):
+    """Embeddings, a kernel and labels: float32, float32, int32."""
+    r = rng(seed)
+    x = (r.standard_normal((batch, dim)) * scale).astype(np.float32)
+    kernel = r.standard_normal((dim, classes)).astype(np.float32)
+    labels = r.integers(0, classes, batch).astype(np.int32)
+    return x, kernel, labels
 
 
 def value_and_grads(fn, *args, mode="eager"):

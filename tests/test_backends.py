@@ -1,8 +1,9 @@
 """The layers on every Keras 3 backend: JAX and PyTorch as well as TensorFlow.
 
 Keras fixes its backend when it is imported, so each backend runs in its own
-process: tests/test_layers.py (the same float64 NumPy references) under
-KERAS_BACKEND=jax and =torch, and a `.keras` file handed round the backends,
+process: tests/test_layers.py and tests/test_heads.py (the same float64 NumPy
+references, and the release 0.1 `.keras` file) under KERAS_BACKEND=jax and
+=torch, and a `.keras` file handed round the backends,
 tensorflow → jax → torch → tensorflow, each loading the previous one's file
 and saving its own (the session's own backend in this process). The two
 layer runs start together when this module starts and run beside the
@@ -24,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER_BACKENDS = ("jax", "torch")
 CHAIN = ("tensorflow", "jax", "torch", "tensorflow")
 TIMEOUT = 600
+# Run under each other backend (tests/BUILD gives this target them as data).
+LAYER_MODULES = ("tests/test_layers.py", "tests/test_heads.py")
 
 
 def backend_env(backend):
@@ -37,14 +40,14 @@ def backend_env(backend):
 
 @pytest.fixture(scope="module", autouse=True)
 def layer_runs():
-    """tests/test_layers.py under each other backend, started together.
+    """The layer and head tests under each other backend, started together.
 
     Autouse: both start with the module, so the `.keras` test below runs
     while they do, and the tests that check them only wait.
     """
     runs = {
         backend: subprocess.Popen(
-            [sys.executable, "-m", "pytest", "tests/test_layers.py", "-q",
+            [sys.executable, "-m", "pytest", *LAYER_MODULES, "-q",
              "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
             cwd=ROOT,
             env=backend_env(backend),
