@@ -84,8 +84,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-# The paper's rows: name → keyword arguments of `training.train` (what is
-# not given takes train.py's default for the head).
+# The paper's rows: name → the settings that make the row's `TrainConfig`
+# from the study's common one (`row_config`; what is not given takes
+# train.py's default for the head).
 ROWS = {
     "SM": dict(head="softmax", lambda_ring=0.0),
     "SM+R_0.01": dict(head="softmax", lambda_ring=0.01),
@@ -136,10 +137,16 @@ SPHEREFACE_ITERATIONS = 28000
 DEFAULT_STEPS = 938
 
 
-def settings(args) -> dict:
-    """The training settings shared by every row (only the loss differs)."""
+def settings(args):
+    """The `TrainConfig` shared by every row (only the loss differs).
+
+    The embedded set is drawn with seed 0 whatever the row's seed: seeds
+    vary the initialisation and the order, not the data.
+    """
+    from ring_loss_tf import config as config_lib
+
     if args.full:
-        s = dict(
+        base = config_lib.make(
             backbone="sphereface20",
             embedding_dim=512,
             batch_size=256,
@@ -147,10 +154,10 @@ def settings(args) -> dict:
             lr=0.1,
             lr_schedule="step",
             warmup_steps=0,
-            kanji_options=dict(image_size=112),
+            kanji_image_size=112,
         )
     else:
-        s = dict(
+        base = config_lib.make(
             backbone="small_cnn",
             embedding_dim=128,
             batch_size=args.batch_size,
@@ -158,26 +165,36 @@ def settings(args) -> dict:
             lr=0.05,
             lr_schedule="cosine",
             warmup_steps=100,
-            kanji_options={},
         )
     if args.smoke:
-        s.update(
+        base = config_lib.replace(
+            base,
             batch_size=64,
             steps=30,
             warmup_steps=5,
-            kanji_options=dict(
-                num_train_identities=40,
-                num_test_identities=30,
-                train_samples_per_identity=10,
-                test_samples_per_identity=6,
-                pairs_per_fold=20,
-            ),
+            num_train_identities=40,
+            num_test_identities=30,
+            train_samples_per_identity=10,
+            test_samples_per_identity=6,
+            pairs_per_fold=20,
         )
-    s["kanji_options"] = dict(s["kanji_options"], progress=False)
-    if args.cache_dir:
-        s["kanji_options"]["cache_dir"] = args.cache_dir
-    s.update(optimizer="sgd", momentum=0.9, weight_decay=5e-4)
-    return s
+    return config_lib.replace(
+        base, cache_dir=args.cache_dir, kanji_seed=0, optimizer="sgd",
+        momentum=0.9, weight_decay=5e-4, evaluate=False, export=False,
+        max_to_keep=1,
+    )
+
+
+def row_config(common, row, seed, model_dir):
+    """The `TrainConfig` of one (row, seed) of the study."""
+    from ring_loss_tf import config as config_lib
+
+    steps = common.optim.steps
+    return config_lib.replace(
+        common, seed=seed, model_dir=str(model_dir),
+        log_every=max(1, steps // 4), checkpoint_every=max(50, steps // 4),
+        **ROWS[row],
+    )
 
 
 def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
@@ -266,8 +283,10 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
     With `curve`, training stops after each of CURVE_POINTS equal parts
     (a checkpoint, then the same run resumes) to measure `curve_point`.
     """
+    from ring_loss_tf import config as config_lib
     from ring_loss_tf import kanji
     from ring_loss_tf import training
+    from ring_loss_tf.errors import NonFiniteLossError
 
     import keras
 
@@ -277,12 +296,13 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
         print(f"[{name}] done before: {result_path} (skipped)", flush=True)
         return json.loads(result_path.read_text())
     model_dir = output_dir / "models" / name
-    kwargs = dict(common, **ROWS[row])
-    kanji_options = dict(kwargs.pop("kanji_options"), seed=0)
+    config = row_config(common, row, seed, model_dir)
+    kanji_options = config_lib.kanji_options(config)
+    root = pathlib.Path(kanji.prepare(progress=False, **kanji_options))
     started = time.monotonic()
     keras.backend.clear_session()
-    settings_json = {k: v for k, v in kwargs.items() if not callable(v)}
-    steps = kwargs["steps"]
+    settings_json = config_lib.to_dict(config)
+    steps = config.optim.steps
     stops = [steps]
     if curve:
         stops = [round(steps * (i + 1) / CURVE_POINTS)
@@ -292,21 +312,13 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
     try:
         for stop in stops:
             result = training.train(
-                model_dir=str(model_dir),
-                seed=seed,
-                kanji_options=kanji_options,
-                evaluate=False,
-                export=False,
-                log_every=max(1, steps // 4),
-                checkpoint_every=max(50, steps // 4),
-                max_to_keep=1,
-                stop_at_step=stop if stop < steps else None,
+                config_lib.replace(
+                    config, stop_at_step=stop if stop < steps else None
+                ),
                 print_fn=lambda line: print(f"[{name}] {line}", flush=True),
-                **kwargs,
             )
             if curve:
                 measuring = time.monotonic()
-                root = pathlib.Path(kanji.prepare(**kanji_options))
                 point = curve_point(
                     result["trainer"].models.embedding_model, root
                 )
@@ -314,17 +326,16 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
                 curve_seconds += time.monotonic() - measuring
                 print(f"[{name}] step {result['step']}: all-pairs TAR "
                       f"{point}", flush=True)
-    except training.NonFiniteLossError as error:
+    except NonFiniteLossError as error:
         # A result too: the row diverges with these settings.
         print(f"[{name}] diverged: {error}", flush=True)
-        payload = {"row": row, "seed": seed, "settings": settings_json,
+        payload = {"row": row, "seed": seed, "config": settings_json,
                    "diverged_at_step": error.step, "message": str(error)}
         _write_json(result_path, payload)
         if not keep:
             shutil.rmtree(model_dir, ignore_errors=True)
         return payload
     train_seconds = time.monotonic() - started - curve_seconds
-    root = pathlib.Path(kanji.prepare(**kanji_options))
     trainer = result["trainer"]
     started = time.monotonic()
     measured, norms = evaluate_run(
@@ -337,7 +348,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
     payload = {
         "row": row,
         "seed": seed,
-        "settings": settings_json,
+        "config": settings_json,
         "steps": result["step"],
         "last_step_stats": last,
         "radius": None if trainer.models.ring is None else float(
@@ -744,8 +755,8 @@ def main(argv=None):
     common = settings(args)
     print(
         f"Study: {len(rows)} rows × {len(seeds)} seeds, "
-        f"{common['backbone']}, {common['steps']} steps of batch "
-        f"{common['batch_size']}, output {output_dir}",
+        f"{common.model.backbone}, {common.optim.steps} steps of batch "
+        f"{common.optim.batch_size}, output {output_dir}",
         flush=True,
     )
     started = time.monotonic()

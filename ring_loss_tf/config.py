@@ -109,6 +109,15 @@ class DataConfig:
     kanji_image_size: int = setting(
         32, "Embedded set: side of the generated square images.",
         resume="free")
+    kanji_seed: int | None = setting(
+        None,
+        "Embedded set: the seed that picks the characters and each sample's "
+        "hand (default: --seed; a study of several seeds fixes it to train "
+        "them on one set).", kind="int", resume="free")
+    pairs_per_fold: int = setting(
+        1000,
+        "Embedded set: genuine (and impostor) pairs per fold of pairs.txt.",
+        resume="free")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +434,9 @@ class _Checks:
                 "must be >= 2 (genuine pairs need two images)", "use e.g. 10")
         if not _integer(s["kanji_image_size"]) or s["kanji_image_size"] < 8:
             bad("kanji_image_size", "must be an integer >= 8", "use e.g. 32")
+        if s["kanji_seed"] is not None and not _integer(s["kanji_seed"]):
+            bad("kanji_seed", "must be an integer", "use e.g. 0, or omit it")
+        positive_integer("pairs_per_fold", "use e.g. 1000")
 
     def model(self):
         s, bad = self.s, self.bad
@@ -592,12 +604,14 @@ def kanji_options(config: TrainConfig) -> dict:
     data = config.data
     return dict(
         cache_dir=data.cache_dir,
-        seed=config.run.seed,
+        seed=(config.run.seed if data.kanji_seed is None
+              else data.kanji_seed),
         num_train_identities=data.num_train_identities,
         num_test_identities=data.num_test_identities,
         train_samples_per_identity=data.train_samples_per_identity,
         test_samples_per_identity=data.test_samples_per_identity,
         image_size=data.kanji_image_size,
+        pairs_per_fold=data.pairs_per_fold,
     )
 
 
@@ -622,6 +636,8 @@ _V1_KANJI = {
     "train_samples_per_identity": "train_samples_per_identity",
     "test_samples_per_identity": "test_samples_per_identity",
     "image_size": "kanji_image_size",
+    "seed": "kanji_seed",
+    "pairs_per_fold": "pairs_per_fold",
 }
 
 

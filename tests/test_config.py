@@ -86,6 +86,7 @@ def test_release_0_1_config_json_loads_with_its_settings():
         cache_dir=saved["kanji_options"]["cache_dir"],
         num_train_identities=12, num_test_identities=6,
         train_samples_per_identity=6, test_samples_per_identity=3,
+        kanji_seed=0,
     )
     assert config == expected
     # What release 0.1.0 resolved is what this release resolves.
@@ -292,6 +293,26 @@ def test_steps_of_and_kanji_options():
     options = config_lib.kanji_options(config)
     assert options["seed"] == 4 and options["image_size"] == 16
     assert options["num_train_identities"] == 1000
+    fixed = config_lib.kanji_options(config_lib.replace(config, kanji_seed=0))
+    assert fixed["seed"] == 0
+
+
+def test_embedded_set_defaults_are_the_generators():
+    """The settings' defaults are kanji.prepare's (kanji imports numpy,
+    not TensorFlow, at module level)."""
+    import inspect
+
+    from ring_loss_tf import kanji
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(kanji.prepare).parameters.items()
+    }
+    options = config_lib.kanji_options(config_lib.TrainConfig())
+    for name, value in options.items():
+        if name not in ("seed", "cache_dir"):
+            assert defaults[name] == value, name
+    assert set(options) | {"num_workers", "progress"} == set(defaults)
 
 
 def test_imports_no_tensorflow():
