@@ -21,6 +21,11 @@ change of a default never changes a saved run.
 
 This module imports no TensorFlow: a bad flag fails in a fraction of a
 second.
+
+Over 600 lines: most of it is the settings themselves with their flag
+help (the one place a setting is described); the checks and the
+config.json reading belong beside them so one wording serves every entry
+point.
 """
 
 from __future__ import annotations

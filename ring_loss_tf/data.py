@@ -24,6 +24,11 @@ in-memory path of the pipeline and evaluation use it, so both see the same
 pixels. The image ops themselves are in `ring_loss_tf.images`; the
 evaluation formats (LFW pairs, insightface `.bin`, identification folders)
 in `ring_loss_tf.eval_data`.
+
+Over 600 lines: the folder and RecordIO sources, the order, the
+decoding checks and the in-memory path are one pipeline; splitting them
+would scatter the one guarantee they keep together (every worker sees the
+same global batches, and a resumed run the same positions).
 """
 
 from __future__ import annotations

@@ -476,7 +476,7 @@ def evaluate_model(
             `evaluate_verification`.
         max_rank: CMC length.
     """
-    metrics._check_metric(metric)
+    metrics.check_metric(metric)
     verification = {}
     for name, pairs in (verification_sets or {}).items():
         if callable(pairs):

@@ -26,7 +26,8 @@ The training-only parts (heads, RingLoss's loss) are not exported.
 `model.tflite` (TFLite builtins only) and `model.onnx` (tf2onnx, dynamic
 batch, height and width) are converted from `serving_default` of the
 written SavedModel and checked against the Keras model before the export is
-moved into place (design.md §3: a converted model can be silently wrong).
+moved into place: a converter can return a model that runs and is wrong
+(a dropped normalisation, permuted outputs), and only a comparison shows it.
 
 Everything is written to a temporary directory beside the target and renamed
 into place: an interrupted or failed export leaves the previous one intact.
@@ -164,7 +165,8 @@ def l2_normalize(embeddings: tf.Tensor) -> tf.Tensor:
     """x / ‖x‖₂ per row; Σx² clamped at float32's smallest normal number.
 
     The clamp leaves every non-zero norm unchanged (an additive epsilon
-    would not, design.md §1) and maps a zero row to zero.
+    would shrink small norms, the very quantity Ring loss studies) and maps
+    a zero row to zero.
     """
     squares = tf.reduce_sum(tf.square(embeddings), axis=-1, keepdims=True)
     tiny = float(np.finfo(np.float32).tiny)

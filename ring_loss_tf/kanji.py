@@ -32,6 +32,10 @@ reader and evaluation protocol of `ring_loss_tf.data` runs on it:
     root/settings.json                             the settings that made it
 
 Identities are named after their code point (`U4E00` for 一).
+
+Over 600 lines: the stroke parser, the renderer, the seeded hands and
+the cached layout make one generator whose cache key covers all of them; a
+split would let one change without the key.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ identity", and a pair is predicted genuine when `score >= threshold`.
 References: Huang et al., "Labeled Faces in the Wild", 2007 (the 10-fold
 protocol); Kemelmacher-Shlizerman et al., "The MegaFace Benchmark", CVPR 2016
 (identification against 1M distractors); Zheng et al., "Ring loss", CVPR 2018.
+
+Over 600 lines: each metric is a short function with its protocol
+spelt out (folds, thresholds, ties, the ROC interpolation) so it can be
+checked against the papers' definitions; they share the ROC code.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 METRICS = ("cosine", "l2")
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(
             f"`metric` must be one of {METRICS}. Received: metric={metric!r}"
@@ -78,7 +82,7 @@ def pair_scores(
     Returns:
         float64 array of shape `(num_pairs,)`; higher = more similar.
     """
-    _check_metric(metric)
+    check_metric(metric)
     a = _as_matrix(emb_a, "emb_a").astype(np.float64)
     b = _as_matrix(emb_b, "emb_b").astype(np.float64)
     if a.shape != b.shape:
@@ -458,7 +462,7 @@ def all_pairs(
         (scores float32 `(n(n−1)/2,)`, issame bool), in row-major order of
         the upper triangle.
     """
-    _check_metric(metric)
+    check_metric(metric)
     x = _as_matrix(embeddings, "embeddings").astype(np.float32)
     y = x if others is None else (
         _as_matrix(others, "others").astype(np.float32)
@@ -598,7 +602,7 @@ def identify(
     Returns:
         An `IdentificationResult`.
     """
-    _check_metric(metric)
+    check_metric(metric)
     probes = _as_matrix(probes, "probes")
     gallery = _as_matrix(gallery, "gallery")
     probe_labels = np.asarray(probe_labels).reshape(-1)

@@ -96,7 +96,7 @@ def test_parse_path_subpaths():
         ("M0,0 A1,1,0,0,1,2,2", "outside M, C, S, L, H, V, Z"),
         ("M0,0 C1,1 2,2", "needs 6 numbers"),
         ("10,10", "must start with a command"),
-        # Used to loop forever: Z takes no numbers, so none were consumed.
+        # Z takes no numbers: a parser that consumes none there never ends.
         ("M0,0 L1,1 Z 5", r"number after 'Z', which takes none"),
         ("M0,0 z1,2", r"number after 'z', which takes none"),
     ],
