@@ -23,16 +23,7 @@ Reference: https://arxiv.org/abs/1704.08063 (SphereFace, Table 2).
 import keras
 
 from ring_loss_tf import layers
-
-BACKBONES = ("small_cnn", "sphereface4", "sphereface20")
-
-# How the last feature map becomes the embedding: "fc", a fully-connected
-# layer (SphereFace, the paper's); "bn", insightface's BN → FC → BN block
-# (BatchNorm on the feature map, the FC, and a BatchNorm without a learned
-# scale on the embedding; insightface's dropout before the FC is 0 by
-# default and left out). Batch statistics are per replica, as in
-# insightface's trainer (`layers.BatchNorm`).
-EMBEDDING_BLOCKS = ("fc", "bn")
+from ring_loss_tf.registry import EMBEDDING_BLOCKS
 
 # The Caffe SphereFace model: Xavier for the stride-2 convs, N(0, 0.01) for
 # the convs inside residual units, PReLU slopes initialised to 0.25.
@@ -220,17 +211,3 @@ def small_cnn(
     )
     return keras.Model(images, embeddings, name="small_cnn")
 
-
-def get(name):
-    """The backbone function called `name` (one of `BACKBONES`)."""
-    functions = {
-        "small_cnn": small_cnn,
-        "sphereface4": sphereface4,
-        "sphereface20": sphereface20,
-    }
-    if name not in functions:
-        raise ValueError(
-            f"Unknown backbone {name!r}: expected one of "
-            f"{', '.join(BACKBONES)}."
-        )
-    return functions[name]

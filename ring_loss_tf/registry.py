@@ -24,6 +24,12 @@ BACKBONES = {
     "sphereface20": "ring_loss_tf.backbones:sphereface20",
 }
 
+# How a backbone's last feature map becomes the embedding: "fc", a
+# fully-connected layer (SphereFace, the paper's); "bn", insightface's BN →
+# FC → BN block (BatchNorm on the feature map, the FC, and a BatchNorm
+# without a learned scale on the embedding; insightface's dropout before the
+# FC is 0 by default and left out). Batch statistics are per replica, as in
+# insightface's trainer (`layers.BatchNorm`).
 EMBEDDING_BLOCKS = ("fc", "bn")
 
 

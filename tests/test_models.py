@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
+from ring_loss_tf import heads
 from ring_loss_tf import layers
 from ring_loss_tf import models
 from ring_loss_tf import registry
@@ -105,8 +106,10 @@ def test_a_head_added_through_the_registry(monkeypatch):
     """The README's "Extending" example: one function, one registry line."""
 
     def cosine_softmax_head(features, labels, model, num_classes, seed):
-        head = layers.CosFace(num_classes, margin=0.0, scale=30.0,
-                              name="cosine_softmax")
+        """Normalised-weight softmax with a fixed scale (NormFace)."""
+        head = heads.CosineClassifier(num_classes, margin_function="none",
+                                      margin_arguments={"scale": 30.0},
+                                      name="cosine_softmax")
         return head([features, labels]), head
 
     monkeypatch.setitem(registry.HEADS, "cosine_softmax",
@@ -115,6 +118,30 @@ def test_a_head_added_through_the_registry(monkeypatch):
     config_lib.check(config)
     built = models.build_models(config)
     assert built.head.name == "cosine_softmax"
-    images = tf.zeros((2, 16, 16, 1))
-    logits, _ = built.train_model([images, tf.constant([0, 1])])
-    assert np.all(np.abs(logits.numpy()) <= 30.0 + 1e-4)
+    images = tf.random.stateless_normal((3, 16, 16, 1), (1, 2))
+    logits, embeddings = built.train_model([images, tf.constant([0, 1, 2])])
+    kernel = built.head.kernel.numpy().astype(np.float64)
+    x = embeddings.numpy().astype(np.float64)
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+        kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+    )
+    np.testing.assert_allclose(logits.numpy(), 30.0 * cos, atol=1e-4)
+
+
+def test_a_backbone_added_through_the_registry(monkeypatch):
+    def tiny_net(input_shape, embedding_dim, *, seed=None,
+                 embedding_block="fc"):
+        images = keras.Input(input_shape)
+        x = keras.layers.Flatten()(images)
+        x = keras.layers.Dense(
+            embedding_dim,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        )(x)
+        return keras.Model(images, x, name="tiny_net")
+
+    monkeypatch.setitem(registry.BACKBONES, "tiny_net", tiny_net)
+    config = config_lib.replace(model_config(), backbone="tiny_net")
+    config_lib.check(config)
+    built = models.build_models(config)
+    assert built.embedding_model.name == "tiny_net"
+    assert built.embedding_model.count_params() == 16 * 16 * 12 + 12
