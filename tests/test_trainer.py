@@ -23,12 +23,12 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import trainer as trainer_lib
-from tiny_runs import GLOBAL_BATCH
-from tiny_runs import assert_same_state
-from tiny_runs import batches
-from tiny_runs import model_fn
-from tiny_runs import state
-from tiny_runs import trainer_run
+from tests.tiny_runs import GLOBAL_BATCH
+from tests.tiny_runs import assert_same_state
+from tests.tiny_runs import batches
+from tests.tiny_runs import model_fn
+from tests.tiny_runs import state
+from tests.tiny_runs import trainer_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
