@@ -262,19 +262,45 @@ _KANJI_FLAGS = (
 
 
 def _trained_kanji_options(model):
-    """The embedded-set settings train.py wrote to <model_dir>/config.json
-    (for --model=<model_dir> or <model_dir>/export); {} if none."""
+    """The embedded-set settings of the run that trained `model`, from its
+    <model_dir>/config.json (for --model=<model_dir> or <model_dir>/export;
+    any version train.py has written); {} if none, or if that run trained
+    on a data directory."""
+    # The configuration module imports no TensorFlow.
+    from ring_loss_tf import config as config_lib
+
     model = pathlib.Path(model)
     for directory in (model, model.parent):
-        config = directory / "config.json"
-        if config.is_file():
-            try:
-                return dict(json.loads(config.read_text())
-                            .get("kanji_options") or {})
-            except (ValueError, AttributeError):
-                _fail(f"{config} is not the JSON object train.py writes; "
-                      "pass the data flags (--cache_dir, --num_*) instead.")
+        path = directory / config_lib.CONFIG_FILE
+        if not path.is_file():
+            continue
+        try:
+            trained = config_lib.load(directory)
+            seed = _version_1_kanji_seed(path)
+        except (ValueError, TypeError) as error:
+            _fail(f"{path} is not a config.json train.py writes ({error}); "
+                  "pass the data flags (--cache_dir, --num_*) instead.")
+        if trained.data.data_dir is not None:
+            return {}
+        options = config_lib.kanji_options(trained)
+        if seed is not None:
+            options["seed"] = seed
+        return options
     return {}
+
+
+def _version_1_kanji_seed(path):
+    """The seed of the embedded set a release-0.1.0 config.json names.
+
+    Version 1 saved the set's own options, seed included, beside the run's
+    seed; `config.load` keeps the run's (version 2 has one seed for both).
+    train.py passed the same seed to both, `training.train` callers need
+    not have.
+    """
+    saved = json.loads(path.read_text())
+    if saved.get("version", 1) != 1:
+        return None
+    return (saved.get("kanji_options") or {}).get("seed")
 
 
 def main(argv):
@@ -285,6 +311,7 @@ def main(argv):
     from ring_loss_tf import quiet
 
     quiet.absl_warnings_only()
+    quiet.import_tensorflow()
     from ring_loss_tf import evaluation
     from ring_loss_tf import evaluation_report
 

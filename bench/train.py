@@ -41,7 +41,9 @@ tf.config.set_logical_device_configuration(
 
 import numpy as np  # noqa: E402
 
-from ring_loss_tf import training  # noqa: E402
+from ring_loss_tf import config as config_lib  # noqa: E402
+from ring_loss_tf import models  # noqa: E402
+from ring_loss_tf import trainer as trainer_lib  # noqa: E402
 
 CONFIGS = {
     # name: (devices, jit, lambda_ring)
@@ -53,19 +55,18 @@ CONFIGS = {
 
 
 def _trainer(devices, jit, lambda_ring, batch_size, num_classes):
-    def model_fn():
-        return training.build_models(
-            num_classes=num_classes,
-            lambda_ring=lambda_ring,
-            image_size=(32, 32),
-            channels=1,
-            embedding_dim=128,
-            seed=0,
-        )
-
-    return training.Trainer(
-        training.build_strategy(devices),
-        model_fn,
+    # train.py's default model on the embedded set's 32×32 grey images.
+    config = config_lib.make(
+        num_classes=num_classes,
+        lambda_ring=lambda_ring,
+        image_size=(32, 32),
+        channels=1,
+        embedding_dim=128,
+        seed=0,
+    )
+    return trainer_lib.Trainer(
+        trainer_lib.build_strategy(devices),
+        lambda: models.build_models(config),
         global_batch_size=batch_size,
         learning_rate=0.01,
         jit=jit,

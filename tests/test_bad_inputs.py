@@ -5,8 +5,9 @@ One row per bad input: (name, setup, expected exception, expected message).
 returns the call that must fail; the message pattern may name the directory
 as `{tmp}`. Rows cover the data readers (image folders, RecordIO, LFW
 pairs.txt, insightface .bin), evaluation's model and distractor inputs, and
-the flag checks of train.py (through `training.train`, which train.py calls
-and whose `ArgumentError` it prints as `--flag=value: problem; fix`) and of
+the flag checks of train.py (through `training.train` of a `TrainConfig`,
+which train.py calls and whose `ConfigError` it prints as `--flag=value:
+problem; fix`) and of
 evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow).
 
 Files are built with the writers of tests/data_files.py, which follow the
@@ -24,8 +25,10 @@ import tensorflow as tf
 from ring_loss_tf import data
 from ring_loss_tf import eval_data
 from ring_loss_tf import evaluation
+from ring_loss_tf import config
 from ring_loss_tf import recordio
 from ring_loss_tf import training
+from ring_loss_tf.errors import ConfigError
 from tests.data_files import CallsAFunction
 from tests.data_files import constant_png
 from tests.data_files import make_folder
@@ -116,11 +119,11 @@ def pairs_case(text):
     return setup
 
 
-def train_with(**arguments):
+def train_with(**settings):
     def setup(tmp):
-        arguments.setdefault("model_dir", tmp / "run")
-        arguments.setdefault("steps", 1)  # only the one bad argument
-        return lambda: training.train(**arguments)
+        settings.setdefault("model_dir", str(tmp / "run"))
+        settings.setdefault("steps", 1)  # only the one bad setting
+        return lambda: training.train(config.make(**settings))
 
     return setup
 
@@ -287,7 +290,7 @@ def _pairs_missing(tmp):
 
 def _data_dir_without_train(tmp):
     (tmp / "faces").mkdir()
-    return train_with(data_dir=tmp / "faces")(tmp)
+    return train_with(data_dir=str(tmp / "faces"))(tmp)
 
 
 # --------------------------------------------------------------------------
@@ -295,7 +298,6 @@ def _data_dir_without_train(tmp):
 
 InvalidArgument = tf.errors.InvalidArgumentError
 UnsafePickle = eval_data.UnsafePickleError
-ArgumentError = training.ArgumentError
 
 CASES = [
     # Image files of a training folder (errors name the file).
@@ -487,40 +489,40 @@ CASES = [
                         r"model_dir \(no export/saved_model\.pb\)\."),
     ("distractor embeddings not a .npy", _bad_distractors,
      ValueError, r"{tmp}/d\.npy: not a readable \.npy array of embeddings"),
-    # train.py flags (training.train checks them before any work)
+    # train.py flags (training.train checks its TrainConfig before any work)
     ("train --head=svm", train_with(head="svm"),
-     ArgumentError, r"^head='svm': unknown head; use one of softmax, "
-                    r"asoftmax, l2softmax, centerloss, cosface, arcface$"),
+     ConfigError, r"^head='svm': unknown head; use one of softmax, "
+                  r"asoftmax, l2softmax, centerloss, cosface, arcface$"),
     ("train --backbone=vgg", train_with(backbone="vgg"),
-     ArgumentError, r"^backbone='vgg': unknown backbone; use one of "),
+     ConfigError, r"^backbone='vgg': unknown backbone; use one of "),
     ("train --batch_size=0", train_with(batch_size=0),
-     ArgumentError, r"^batch_size=0: must be a positive integer; use e\.g\. "
-                    r"256$"),
+     ConfigError, r"^batch_size=0: must be a positive integer; use e\.g\. "
+                  r"256$"),
     ("train --lr=nan", train_with(lr=float("nan")),
-     ArgumentError, r"^lr=nan: must be a positive number; use e\.g\. 0\.1$"),
+     ConfigError, r"^lr=nan: must be a finite number > 0; use e\.g\. 0\.1$"),
     ("train --lambda_ring=-0.01", train_with(lambda_ring=-0.01),
-     ArgumentError, r"^lambda_ring=-0\.01: must be a finite number >= 0; "
-                    r"use 0 to disable the ring loss or e\.g\. 0\.01$"),
+     ConfigError, r"^lambda_ring=-0\.01: must be a finite number >= 0; "
+                  r"use 0 to disable the ring loss or e\.g\. 0\.01$"),
     ("train --head=asoftmax --margin=5", train_with(head="asoftmax", margin=5),
-     ArgumentError, r"^margin=5: A-Softmax's margin m must be an integer "
-                    r"1\.\.4; use 4 \(SphereFace\) or omit it$"),
+     ConfigError, r"^margin=5: A-Softmax's margin m must be 1, 2, 3 or 4; "
+                  r"use 4 \(SphereFace\) or omit it$"),
     ("train --image_size=4", train_with(image_size=(4, 4)),
-     ArgumentError, r"^image_size=\(4, 4\): must be \(height, width\), both "
-                    r">= 8; use e\.g\. 32 or 112,96$"),
+     ConfigError, r"^image_size=\(4, 4\): must be SIZE or HEIGHT,WIDTH, each "
+                  r">= 8; use e\.g\. 32 or 112,96$"),
     ("train channels=2", train_with(channels=2),
-     ArgumentError, r"^channels=2: must be 1 or 3; use 1 \(grey\) or 3 "
-                    r"\(RGB\)$"),
+     ConfigError, r"^channels=2: must be 1 or 3; use 1 \(grey\) or 3 "
+                  r"\(RGB\)$"),
     ("train --data_dir missing",
-     lambda t: train_with(data_dir=t / "no_faces")(t),
-     ArgumentError, r"^data_dir=PosixPath\('{tmp}/no_faces'\): no such "
-                    r"directory; give a directory holding train/"),
+     lambda t: train_with(data_dir=str(t / "no_faces"))(t),
+     ConfigError, r"^data_dir='{tmp}/no_faces': no such directory; give a "
+                  r"directory holding train/"),
     ("train --data_dir without train/", _data_dir_without_train,
-     ArgumentError, r"data_dir=.*faces'\): has no train/ folder or "
-                    r"train\.rec; put one folder of images per identity "
-                    r"under <data_dir>/train$"),
+     ConfigError, r"^data_dir='{tmp}/faces': has no train/ folder or "
+                  r"train\.rec; put a folder of images per identity under "
+                  r"<data_dir>/train$"),
     ("train --model_dir=''", train_with(model_dir=""),
-     ArgumentError, r"^model_dir='': is empty; give a directory for "
-                    r"checkpoints$"),
+     ConfigError, r"^model_dir='': is empty; give a directory for "
+                  r"checkpoints$"),
     # evaluate.py flags
     ("evaluate without --model", evaluate_with(model=""),
      SystemExit, r"^evaluate\.py: --model is required: a SavedModel "
@@ -573,3 +575,18 @@ def test_bad_input_gives_its_message(tmp_path, setup, error, pattern):
     if error is not InvalidArgument:
         # TensorFlow adds its own op context; every other message is one line.
         assert "\n" not in text, text
+
+
+@pytest.mark.parametrize(
+    "setup, pattern",
+    [(case[1], case[3]) for case in CASES if case[2] is ConfigError],
+    ids=[re.sub(r"[^\w.=-]+", "_", case[0]) for case in CASES
+         if case[2] is ConfigError],
+)
+def test_config_error_names_the_flag(tmp_path, setup, pattern):
+    # train.py prints `--<error.setting>=<value>: ...`: the setting is the
+    # flag of that name.
+    with pytest.raises(ConfigError) as caught:
+        setup(tmp_path)()
+    assert caught.value.setting == re.match(r"\^(\w+)=", pattern).group(1)
+    assert caught.value.setting in config.FIELDS

@@ -6,7 +6,6 @@ definition ((x − 127.5) / 128, `tf.image.resize(..., antialias=True)`, the
 601-2 luma), and the L2 normalisation against float64 NumPy.
 """
 
-import inspect
 import io
 import os
 import pathlib
@@ -24,7 +23,10 @@ import tensorflow as tf
 from PIL import Image
 
 from ring_loss_tf import backbones
+from ring_loss_tf import config as config_lib
 from ring_loss_tf import export
+from ring_loss_tf import kanji
+from ring_loss_tf import models as models_lib
 from ring_loss_tf import training
 
 SIZE = (16, 12)
@@ -269,22 +271,23 @@ def trained(tmp_path_factory):
     check pixel's luma rounds the other way (issue 15).
     """
     root = tmp_path_factory.mktemp("trained")
-    training.train(
+    config = config_lib.make(
         model_dir=str(root / "run"),
-        kanji_options=dict(
-            cache_dir=str(root / "cache"),
-            num_train_identities=20,
-            num_test_identities=8,
-            train_samples_per_identity=8,
-            test_samples_per_identity=4,
-        ),
+        cache_dir=str(root / "cache"),
+        num_train_identities=20,
+        num_test_identities=8,
+        train_samples_per_identity=8,
+        test_samples_per_identity=4,
         batch_size=32,
         steps=300,
         warmup_steps=20,
         evaluate=False,
         export=False,
-        print_fn=lambda line: None,
     )
+    # Generated here in one process, so training finds it cached.
+    kanji.prepare(num_workers=1, progress=False,
+                  **config_lib.kanji_options(config))
+    training.train(config, print_fn=lambda line: None)
     return root / "run"
 
 
@@ -308,7 +311,7 @@ def test_cli_exports_a_trained_model_to_tflite_and_onnx(
         [f"--model_dir={trained}", f"--output={output}", "--tflite", "--onnx"]
     )
     assert status == 0, capsys.readouterr().err
-    models = export.load_training_models(trained)
+    models = models_lib.load_training_models(trained)
     images, expected = export._check_images(models.embedding_model)
     interpreter = tf.lite.Interpreter(model_path=str(output / "model.tflite"))
     lite = interpreter.get_signature_runner("serving_default")(images=images)
@@ -349,7 +352,7 @@ def _corrupt(expected, how):
     ],
 )
 def test_parity_check_refuses_a_wrong_conversion(trained, how):
-    models = export.load_training_models(trained)
+    models = models_lib.load_training_models(trained)
     _, expected = export._check_images(models.embedding_model)
     got = _corrupt(expected, how).astype(np.float32)
     relative, cosine = _relative_and_cosine(got, expected)
@@ -372,7 +375,7 @@ def test_parity_check_refuses_a_wrong_conversion(trained, how):
 
 
 def test_parity_check_accepts_float_noise_and_refuses_a_wrong_shape(trained):
-    models = export.load_training_models(trained)
+    models = models_lib.load_training_models(trained)
     _, expected = export._check_images(models.embedding_model)
     noise = np.random.default_rng(1).normal(size=expected.shape)
     # 1e-3 of each norm: well inside the tolerance, 10× the one-pixel effect.
@@ -530,37 +533,24 @@ def test_rejects_a_model_without_a_fixed_image_input(tmp_path):
 
 def _training_dir(tmp_path):
     """A model_dir as train() leaves it: config.json and a checkpoint."""
-    # The other settings at the defaults of build_models and train.
-    defaults = {
-        name: parameter.default
-        for function in (training.train, training.build_models)
-        for name, parameter in inspect.signature(function).parameters.items()
-    }
-    arguments = dict(
-        defaults,
-        backbone="small_cnn",
-        head="asoftmax",
-        lambda_ring=0.01,
-        ring_radius=2.5,
-        margin=None,
-        scale=None,
-        data_dir=None,
-        seed=0,
-    )
-    config = training._config(arguments, 5, SIZE, 1, 8)
+    # The other settings at their defaults, resolved as train() saves them.
     model_dir = tmp_path / "run"
-    training.check_resume_config(model_dir, config)
-    models = training.build_models(
+    config = config_lib.resolve(
+        config_lib.make(
+            model_dir=str(model_dir),
+            backbone="small_cnn",
+            head="asoftmax",
+            lambda_ring=0.01,
+            ring_radius=2.5,
+            image_size=SIZE,
+            channels=1,
+            embedding_dim=8,
+            seed=0,
+        ),
         num_classes=5,
-        backbone="small_cnn",
-        head="asoftmax",
-        image_size=SIZE,
-        channels=1,
-        embedding_dim=8,
-        lambda_ring=0.01,
-        ring_radius=2.5,
-        seed=0,
     )
+    training.check_resume_config(config)
+    models = models_lib.build_models(config)
     # Weights unlike a fresh build from the same seed, so a missing restore
     # shows.
     rng = np.random.default_rng(8)

@@ -118,9 +118,10 @@ def test_signal_checkpoints_the_current_step_and_says_how_to_resume(
 @pytest.mark.parametrize(
     "flag, mismatch",
     [
-        # ArcFace's default embedding block differs too: both are named.
-        ("--head=arcface", r"head='asoftmax' \(now 'arcface'\), "
-                           r"embedding_block='fc' \(now 'bn'\)"),
+        # ArcFace's default embedding block differs too: both are named, in
+        # the order of `config.ModelConfig`.
+        ("--head=arcface", r"embedding_block='fc' \(now 'bn'\), "
+                           r"head='asoftmax' \(now 'arcface'\)"),
         ("--backbone=sphereface4", r"backbone='small_cnn' \(now "
                                    r"'sphereface4'\), embedding_dim=128 "
                                    r"\(now 512\)"),

@@ -185,25 +185,40 @@ def test_startup_filter_drops_cuinit_only_without_a_driver(
 
 _IMPORTER = """
 import logging, os, sys
-import {module}
+{imports}
 print(os.environ.get("TF_CPP_MIN_LOG_LEVEL"), logging.getLogger().level,
       logging.getLogger("tensorflow").level)
 """
 
 
-def test_importing_the_package_elsewhere_changes_no_logging(tmp_path):
+def _import_in_new_process(imports, cwd):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTER.format(imports=imports)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_importing_the_package_elsewhere_changes_no_logging(tmp_path):
+    # The package alone loads no TensorFlow (train.py checks its flags
+    # first); its layers load it as `import tensorflow` would.
+    alone = _import_in_new_process(
+        "import ring_loss_tf, ring_loss_tf.config\n"
+        "assert 'tensorflow' not in sys.modules, 'imported TensorFlow'",
+        tmp_path,
+    )
+    assert alone.stderr == ""
+    # Nothing set: no TF_CPP_MIN_LOG_LEVEL, Python logging's defaults.
+    assert alone.stdout.split() == ["None", "30", "0"], alone.stdout
     results = {
-        module: subprocess.run(
-            [sys.executable, "-c", _IMPORTER.format(module=module)],
-            cwd=tmp_path, env=env, capture_output=True, text=True,
-            timeout=300,
-        )
-        for module in ("tensorflow", "ring_loss_tf")
+        imports: _import_in_new_process(imports, tmp_path)
+        for imports in ("import tensorflow",
+                        "import ring_loss_tf; ring_loss_tf.RingLoss")
     }
     for result in results.values():
-        assert result.returncode == 0, result.stderr[-3000:]
         # TensorFlow's start-up log is the caller's to see or silence.
         assert "oneDNN custom operations are on" in result.stderr
-    assert results["ring_loss_tf"].stdout == results["tensorflow"].stdout
+    assert len({result.stdout for result in results.values()}) == 1, results

@@ -6,8 +6,12 @@ end-to-end run trains a few steps on a tiny embedded set, and the printed
 table is recomputed here from the exported SavedModel alone.
 """
 
+import contextlib
+import importlib
+import json
 import os
 import pathlib
+import shutil
 import re
 import subprocess
 import sys
@@ -38,32 +42,54 @@ def _run(args, cwd, timeout=600):
     [
         (["--head=svm"],
          r"--head=svm: unknown head; use one of softmax, asoftmax, "
-         r"l2softmax, centerloss, cosface, arcface"),
+         r"l2softmax, centerloss, cosface, arcface$"),
         (["--lambda_ring=-0.01"],
-         r"--lambda_ring=-0.01: must be >= 0; use 0 to disable"),
+         r"--lambda_ring=-0\.01: must be a finite number >= 0; use 0 to "
+         r"disable the ring loss or e\.g\. 0\.01$"),
         (["--cpu_replicas=2", "--batch_size=255"],
-         r"--batch_size=255: not divisible by the 2 replicas.*use a multiple "
-         r"of 2, e.g. 254"),
+         r"--batch_size=255: not divisible by the 2 replicas "
+         r"\(cpu_replicas=2\); use a multiple of 2, e\.g\. 254$"),
         (["--data_dir=/no/such/faces"],
          r"--data_dir=/no/such/faces: no such directory; give a directory "
-         r"holding train/"),
-        (["--backbone=vgg"], r"--backbone=vgg: unknown backbone"),
-        (["--ring_radius=-2"], r"--ring_radius=-2: must be auto or a positive"),
+         r"holding train/ \(a folder per identity\), or omit it to use the "
+         r"embedded character set$"),
+        (["--backbone=vgg"],
+         r"--backbone=vgg: unknown backbone; use one of small_cnn, "),
+        (["--ring_radius=-2"],
+         r"--ring_radius=-2\.0: must be auto or a positive number; use auto "
+         r"\(mean norm of the first batch\) or e\.g\. 20$"),
+        (["--ring_radius=abc"],
+         r"--ring_radius=abc: must be auto or a positive number; use auto "),
         (["--head=asoftmax", "--margin=5"],
-         r"--margin=5.0: A-Softmax's margin m must be 1, 2, 3 or 4"),
-        (["--steps=0"], r"--steps=0: must be positive"),
-        (["--image_size=4"], r"--image_size=4: expected SIZE or HEIGHT,WIDTH"),
+         r"--margin=5\.0: A-Softmax's margin m must be 1, 2, 3 or 4; use 4 "
+         r"\(SphereFace\) or omit it$"),
+        (["--steps=0"],
+         r"--steps=0: must be a positive integer; use e\.g\. 1000$"),
+        (["--image_size=4"],
+         r"--image_size=4: must be SIZE or HEIGHT,WIDTH, each >= 8; use "
+         r"e\.g\. 32 or 112,96$"),
         (["--test_samples_per_identity=1"],
-         r"--test_samples_per_identity=1: must be >= 2"),
+         r"--test_samples_per_identity=1: must be >= 2 \(genuine pairs need "
+         r"two images\); use e\.g\. 10$"),
+        (["--kanji_image_size=4"],
+         r"--kanji_image_size=4: must be an integer >= 8; use e\.g\. 32$"),
         (["--margin_warmup_steps=-5", "--head=arcface"],
-         r"--margin_warmup_steps=-5: must be an integer >= 0"),
+         r"--margin_warmup_steps=-5: must be an integer >= 0; use 0 to start "
+         r"with the margin, or e\.g\. 200$"),
         (["--margin_warmup_steps=100"],
          r"--margin_warmup_steps=100: the softmax head has no margin to warm "
-         r"up; use it with --head=asoftmax/cosface/arcface"),
+         r"up; use it with head asoftmax/cosface/arcface, or omit it$"),
         (["--embedding_block=ln"],
-         r"--embedding_block=ln: unknown embedding block; use one of fc, bn"),
+         r"--embedding_block=ln: unknown embedding block; use one of fc, "
+         r"bn$"),
         (["--center_loss_weight=-1"],
-         r"--center_loss_weight=-1.0: must be a finite number >= 0"),
+         r"--center_loss_weight=-1\.0: must be a finite number >= 0; use 0 "
+         r"to disable center loss or e\.g\. 0\.003$"),
+        (["--max_to_keep=0"],
+         r"--max_to_keep=0: must be a positive integer; use e\.g\. \d+$"),
+        (["--stop_at_step=0"],
+         r"--stop_at_step=0: must be a positive integer; use e\.g\. 1000, or "
+         r"omit it$"),
     ],
 )
 def test_flag_errors_stop_with_one_line(tmp_path, args, pattern):
@@ -131,7 +157,9 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
     assert progress == ["1", "2", "4"], out
     export_dir = model_dir / "export"
     assert f"Exported the embedding model to {export_dir}" in out
-    assert (model_dir / "config.json").is_file()
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["version"] == 2
+    assert saved["data"]["cache_dir"] == str(cache)
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
     assert list((model_dir / "train").iterdir())  # TensorBoard events
     match = re.search(
@@ -170,6 +198,159 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
         rf"{re.escape(match.group(1))} ± "
         rf"{re.escape(match.group(2))} ", evaluated.stdout, re.M
     ), evaluated.stdout
+
+
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+def _release_0_1_run(tmp_path):
+    """A copy of the run release 0.1.0 wrote (version-1 config.json), its
+    embedded set moved to tmp_path/cache and generated there."""
+    from ring_loss_tf import kanji
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "release_0_1_run", model_dir)
+    path = model_dir / "config.json"
+    saved = json.loads(path.read_text())
+    assert "version" not in saved  # version 1
+    saved["kanji_options"]["cache_dir"] = str(tmp_path / "cache")
+    path.write_text(json.dumps(saved, indent=2))
+    # The set 0.1.0 trained on: its kanji_options, kanji.prepare's default
+    # image size (0.1.0 had no flag for it).
+    root = kanji.prepare(num_workers=1, progress=False,
+                         **saved["kanji_options"])
+    return model_dir, root
+
+
+def test_release_0_1_run_exports_and_evaluates_on_its_embedded_set(tmp_path):
+    model_dir, root = _release_0_1_run(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    exported = subprocess.run(
+        [sys.executable, "-m", "ring_loss_tf.export",
+         f"--model_dir={model_dir}", f"--output={model_dir / 'export'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    # --model=<model_dir>/export: config.json is found one level up.
+    evaluated = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"),
+         f"--model={model_dir / 'export'}", f"--output_dir={tmp_path / 'e'}",
+         "--noplots"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"No data flag: the embedded test split at {root}" in (
+        evaluated.stdout), evaluated.stdout
+    assert re.search(r"^  kanji-test +\d+/\d+ +[\d.]+ ± [\d.]+ ",
+                     evaluated.stdout, re.M), evaluated.stdout
+
+
+@contextlib.contextmanager
+def _evaluate_data_plan(monkeypatch, tmp_path, **values):
+    """evaluate.py's `_data_plan` with its flags set to `values`; yields the
+    keyword arguments it gives `kanji.prepare` (which is not run)."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from ring_loss_tf import kanji
+
+    module = importlib.import_module("evaluate")
+    given = {}
+
+    def prepare(**options):
+        given.update(options)
+        return tmp_path / "set"
+
+    monkeypatch.setattr(kanji, "prepare", prepare)
+    parsed_here = not flags.FLAGS.is_parsed()
+    if parsed_here:
+        flags.FLAGS(["evaluate.py"])
+    try:
+        with flagsaver.flagsaver(**values):
+            # Flags set here count as given on the command line.
+            for name in values:
+                flags.FLAGS[name].present = 1
+            module._data_plan()
+            yield given
+    finally:
+        if parsed_here:
+            flags.FLAGS.unparse_flags()
+
+
+def test_evaluate_reads_the_embedded_set_of_either_config_version(
+    tmp_path, monkeypatch
+):
+    from ring_loss_tf import config as config_lib
+
+    version_1, _ = _release_0_1_run(tmp_path / "v1")
+    with _evaluate_data_plan(monkeypatch, tmp_path,
+                             model=str(version_1)) as given:
+        pass
+    assert given == dict(
+        cache_dir=str(tmp_path / "v1" / "cache"), seed=0,
+        num_train_identities=12, num_test_identities=6,
+        train_samples_per_identity=6, test_samples_per_identity=3,
+        image_size=32,
+    )
+    version_2 = tmp_path / "v2"
+    config_lib.save(config_lib.make(
+        cache_dir="/sets", seed=4, num_test_identities=7,
+        kanji_image_size=24,
+    ), version_2)
+    # Flags given win over the run's settings; the others come from it.
+    with _evaluate_data_plan(monkeypatch, tmp_path,
+                             model=str(version_2 / "export"),
+                             num_test_identities=9) as given:
+        pass
+    assert given == dict(
+        cache_dir="/sets", seed=4, num_train_identities=1000,
+        num_test_identities=9, train_samples_per_identity=40,
+        test_samples_per_identity=10, image_size=24,
+    )
+
+
+def test_evaluate_reads_the_seed_of_a_version_1_embedded_set(
+    tmp_path, monkeypatch
+):
+    # 0.1.0's training.train(seed=0, kanji_options={"seed": 5, ...}).
+    model_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "release_0_1_run", model_dir)
+    saved = json.loads((model_dir / "config.json").read_text())
+    saved["kanji_options"]["seed"] = 5
+    (model_dir / "config.json").write_text(json.dumps(saved))
+    with _evaluate_data_plan(monkeypatch, tmp_path,
+                             model=str(model_dir)) as given:
+        pass
+    assert given["seed"] == 5
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("[1, 2]", r"expected a JSON object"),
+        ("{not json", r"is not valid JSON"),
+        ('{"version": 2, "data": {}, "model": {"lr": 1}, "optim": {}, '
+         '"run": {}}', r"unknown setting model\.lr"),
+        ('{"version": 9}', r"version 9 is not one this ring_loss_tf reads"),
+    ],
+)
+def test_evaluate_refuses_a_bad_config_json_in_one_line(
+    tmp_path, monkeypatch, text, problem
+):
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "config.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        with _evaluate_data_plan(monkeypatch, tmp_path,
+                                 model=str(tmp_path / "run")):
+            pass
+    message = str(caught.value.code)
+    assert "\n" not in message
+    assert re.match(
+        rf"^evaluate\.py: {re.escape(str(path))}.*{problem}.*; pass the data "
+        r"flags \(--cache_dir, --num_\*\) instead\.$", message
+    ), message
 
 
 def test_corrupt_training_image_one_line_then_skip_corrupt(tmp_path):
