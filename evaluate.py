@@ -30,7 +30,6 @@ export/ is used); the model's own layers are not needed to load it.
 their curves in the plots.
 """
 
-import json
 import os
 import pathlib
 import sys
@@ -276,31 +275,13 @@ def _trained_kanji_options(model):
             continue
         try:
             trained = config_lib.load(directory)
-            seed = _version_1_kanji_seed(path)
         except (ValueError, TypeError) as error:
             _fail(f"{path} is not a config.json train.py writes ({error}); "
                   "pass the data flags (--cache_dir, --num_*) instead.")
         if trained.data.data_dir is not None:
             return {}
-        options = config_lib.kanji_options(trained)
-        if seed is not None:
-            options["seed"] = seed
-        return options
+        return config_lib.kanji_options(trained)
     return {}
-
-
-def _version_1_kanji_seed(path):
-    """The seed of the embedded set a release-0.1.0 config.json names.
-
-    Version 1 saved the set's own options, seed included, beside the run's
-    seed; `config.load` keeps the run's (version 2 has one seed for both).
-    train.py passed the same seed to both, `training.train` callers need
-    not have.
-    """
-    saved = json.loads(path.read_text())
-    if saved.get("version", 1) != 1:
-        return None
-    return (saved.get("kanji_options") or {}).get("seed")
 
 
 def main(argv):

@@ -298,6 +298,8 @@ def replace(config: TrainConfig, **settings) -> TrainConfig:
     """
     changes = {part: {} for part in PARTS}
     for name, value in settings.items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)  # config.json holds paths as text
         if name not in FIELDS:
             raise ConfigError(
                 name, value, "no such setting",
@@ -516,8 +518,9 @@ class _Checks:
         if os.path.exists(model_dir) and not os.path.isdir(model_dir):
             bad("model_dir", "is a file, not a directory",
                 "give a new or existing directory for checkpoints")
-        for name in ("log_every", "checkpoint_every", "max_to_keep"):
-            positive_integer(name, "use e.g. 50")
+        positive_integer("log_every", "use e.g. 50")
+        positive_integer("checkpoint_every", "use e.g. 500")
+        positive_integer("max_to_keep", "use e.g. 3")
         if s["stop_at_step"] is not None:
             positive_integer("stop_at_step", "use e.g. 1000, or omit it")
         replicas = s["cpu_replicas"]

@@ -323,3 +323,10 @@ def test_imports_no_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True,
                          capture_output=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_paths_are_kept_as_text(tmp_path):
+    config = config_lib.make(model_dir=tmp_path / "run", data_dir=tmp_path)
+    assert config.run.model_dir == str(tmp_path / "run")
+    assert config.data.data_dir == str(tmp_path)
+    assert config_lib.from_dict(config_lib.to_dict(config)) == config

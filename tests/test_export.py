@@ -28,6 +28,8 @@ from ring_loss_tf import export
 from ring_loss_tf import kanji
 from ring_loss_tf import models as models_lib
 from ring_loss_tf import training
+from tests.tiny_runs import batches
+from tests.tiny_runs import model_fn
 
 SIZE = (16, 12)
 SAVED_MODEL_CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
@@ -629,3 +631,23 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
     )
     assert "ONNX export needs tf2onnx: pip install 'ring_loss_tf[onnx]'" in line
     assert not (tmp_path / "p").exists()
+
+
+def test_export_refuses_existing_dir_and_round_trips(tmp_path):
+    built = model_fn()()
+    target = tmp_path / "exported"
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="already exists; pass "
+                       "overwrite=True"):
+        export.export_saved_model(built.embedding_model, target)
+    assert export.export_saved_model(
+        built.embedding_model, target, overwrite=True
+    ) == target
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]
+    loaded = tf.saved_model.load(str(target))
+    images = batches(1)[0][0]
+    np.testing.assert_allclose(
+        loaded.serve(images).numpy(),
+        built.embedding_model(images).numpy(),
+        atol=1e-5,
+    )

@@ -16,7 +16,6 @@ subprocess, on the tiny embedded set of `kill_resume.tiny_flags`:
 """
 
 import hashlib
-import os
 import pathlib
 import re
 import resource
@@ -120,8 +119,8 @@ def test_signal_checkpoints_the_current_step_and_says_how_to_resume(
     [
         # ArcFace's default embedding block differs too: both are named, in
         # the order of `config.ModelConfig`.
-        ("--head=arcface", r"embedding_block='fc' \(now 'bn'\), "
-                           r"head='asoftmax' \(now 'arcface'\)"),
+        ("--head=arcface", r"head='asoftmax' \(now 'arcface'\), "
+                           r"embedding_block='fc' \(now 'bn'\)"),
         ("--backbone=sphereface4", r"backbone='small_cnn' \(now "
                                    r"'sphereface4'\), embedding_dim=128 "
                                    r"\(now 512\)"),
