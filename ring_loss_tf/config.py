@@ -3,7 +3,7 @@
 A setting has one name and one home: a field of one of the four frozen parts
 of `TrainConfig` (data, model, optim, run). Field names are unique across the
 parts, and each is the flag of the same name in train.py (which defines its
-flags from `fields()`), so `--lambda_ring` ends up in `config.model
+flags from `FIELDS`), so `--lambda_ring` ends up in `config.model
 .lambda_ring` and nowhere else. The same object is what `training.train`
 takes, what a run saves as `<model_dir>/config.json` (versioned; older files
 still load), what resuming and export rebuild from, and what a row of the
