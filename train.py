@@ -30,8 +30,9 @@ The paper's setting on a face folder (GPU):
 trains; the default for A-Softmax, ArcFace and CosFace is 200 steps without
 it first, README "Staged margin training".)
 
-Flags are checked before anything is built; a bad one stops with one line
-naming the flag and the fix.
+Each flag is the field of the same name of `ring_loss_tf.config.TrainConfig`
+(its help and default are the field's); flags are checked before TensorFlow
+loads, and a bad one stops with one line naming the flag and the fix.
 """
 
 import shlex
