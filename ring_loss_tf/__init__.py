@@ -5,9 +5,11 @@ data, training, metrics and export live in their own modules
 (`ring_loss_tf.data`, ...), imported where they are used so that the layers
 work on every Keras backend.
 
-The layers load on first use (PEP 562), so importing a module that needs no
-Keras, `ring_loss_tf.config` for one, does not import TensorFlow: train.py
-checks its flags before TensorFlow starts.
+Importing the package imports the layers, which registers them with Keras
+(a `.keras` file holding them then loads). Only in train.py and evaluate.py
+do they load on first use (PEP 562), so that those scripts check their
+flags with `ring_loss_tf.config`, which needs no TensorFlow, before
+TensorFlow starts.
 """
 
 from ring_loss_tf import quiet as _quiet
@@ -47,6 +49,16 @@ _PUBLIC = {
 
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+if not _quiet.is_script_entry_point():
+    from ring_loss_tf import heads as _heads  # noqa: E402
+    from ring_loss_tf import layers as _layers  # noqa: E402
+
+    for _name, _module in _PUBLIC.items():
+        globals()[_name] = getattr(
+            _heads if _module == "heads" else _layers, _name
+        )
 
 
 def __getattr__(name):

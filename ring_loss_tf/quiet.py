@@ -33,6 +33,7 @@ import sys
 import tempfile
 from typing import Iterable
 
+SCRIPTS = ("train.py", "evaluate.py")  # beside the package
 MODULES = ("ring_loss_tf.export",)  # python -m
 
 _STARTUP_NOISE = (
@@ -44,6 +45,17 @@ _STARTUP_NOISE = (
 _NO_DRIVER = "Could not find cuda drivers on your machine"
 # Follows _NO_DRIVER when no GPU driver is installed: no news then.
 _CUINIT_FAILED = r"E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] failed call to cuInit: .*"
+
+
+def is_script_entry_point() -> bool:
+    """Whether this process runs train.py or evaluate.py of this checkout."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main_file or os.path.basename(main_file) not in SCRIPTS:
+        return False
+    here = os.path.dirname(os.path.realpath(__file__))
+    return os.path.dirname(os.path.realpath(main_file)) == (
+        os.path.dirname(here)
+    )
 
 
 def is_module_entry_point() -> bool:

@@ -315,14 +315,20 @@ def test_embedded_set_defaults_are_the_generators():
     assert set(options) | {"num_workers", "progress"} == set(defaults)
 
 
-def test_imports_no_tensorflow():
-    code = ("import sys, ring_loss_tf.config, ring_loss_tf.registry, "
-            "ring_loss_tf.errors; "
-            "print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('tensorflow', 'keras')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True,
-                         capture_output=True, check=True).stdout
-    assert out.strip() == "[]"
+def test_train_py_checks_its_flags_without_tensorflow():
+    """A bad flag stops train.py before TensorFlow or Keras is imported."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", "--lambda_ring=-1"],
+        cwd=REPO, text=True, capture_output=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--lambda_ring=-1.0: must be a finite number >= 0" in result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip()
+                for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "ring_loss_tf.config" in imported
+    assert not [m for m in imported
+                if m.split(".")[0] in ("tensorflow", "keras")]
 
 
 def test_paths_are_kept_as_text(tmp_path):

@@ -291,7 +291,7 @@ def test_evaluate_reads_the_embedded_set_of_either_config_version(
         cache_dir=str(tmp_path / "v1" / "cache"), seed=0,
         num_train_identities=12, num_test_identities=6,
         train_samples_per_identity=6, test_samples_per_identity=3,
-        image_size=32,
+        image_size=32, pairs_per_fold=1000,
     )
     version_2 = tmp_path / "v2"
     config_lib.save(config_lib.make(
@@ -306,7 +306,7 @@ def test_evaluate_reads_the_embedded_set_of_either_config_version(
     assert given == dict(
         cache_dir="/sets", seed=4, num_train_identities=1000,
         num_test_identities=9, train_samples_per_identity=40,
-        test_samples_per_identity=10, image_size=24,
+        test_samples_per_identity=10, image_size=24, pairs_per_fold=1000,
     )
 
 
