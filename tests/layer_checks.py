@@ -177,7 +177,11 @@ def roundtrip_keras_file(model, path):
 
 
 def config_roundtrip(layer):
-    """from_config(get_config()) gives an equal config."""
+    """from_config(get_config()) gives an equal config, and the clone holds
+    each constructor argument under its own name (Keras' convention)."""
     clone = type(layer).from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+    for key, value in layer.get_config().items():
+        if key not in ("dtype",):
+            assert getattr(clone, key, value) == value
     return clone

@@ -659,10 +659,7 @@ def test_cosine_classifier_rejects_bad_arguments(kwargs, match):
     ids=lambda layer: type(layer).__name__,
 )
 def test_config_roundtrip(layer):
-    clone = lc.config_roundtrip(layer)
-    for key, value in layer.get_config().items():
-        if key not in ("dtype",):
-            assert getattr(clone, key, value) == value
+    lc.config_roundtrip(layer)
 
 
 @pytest.mark.parametrize(
