@@ -31,6 +31,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import tempfile
@@ -236,6 +237,44 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
 # --------------------------------------------------------------------------
 
 
+_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(_temp|\.index|\.data-.*)$")
+
+
+def remove_unfinished_checkpoints(directory):
+    """Deletes what a killed run left of checkpoints it had not finished.
+
+    TensorFlow writes ckpt-N_temp/, merges it into ckpt-N.index and
+    ckpt-N.data-*, and only then names ckpt-N in the `checkpoint` index
+    (atomically). A kill before that leaves a temporary directory or a
+    partial ckpt-N.index; neither is ever read (the index names the last
+    complete checkpoint), and the resumed run writes ckpt-N again. Without
+    a `checkpoint` index only the temporary directories go: checkpoint
+    files nothing names may be a user's copy.
+
+    Returns:
+        The names removed.
+    """
+    directory = pathlib.Path(directory)
+    latest = tf.train.latest_checkpoint(str(directory))
+    newest = -1
+    if latest:
+        match = _CHECKPOINT_FILE.match(pathlib.Path(latest).name + ".index")
+        newest = int(match.group(1)) if match else -1
+    removed = []
+    for path in sorted(directory.glob("ckpt-*")):
+        match = _CHECKPOINT_FILE.match(path.name)
+        if match is None:
+            continue
+        unfinished = latest is not None and int(match.group(1)) > newest
+        if match.group(2) == "_temp" or unfinished:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 class Trainer:
     """Runs the custom distributed training loop on one `Models`.
 
@@ -337,10 +376,7 @@ class Trainer:
             )
             directory = self._worker_dir
         if self.is_chief:
-            # Partial writes of a killed run (TensorFlow writes
-            # ckpt-N_temp/ and merges it into ckpt-N.*): never read again.
-            for stale in pathlib.Path(directory).glob("ckpt-*_temp"):
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_unfinished_checkpoints(directory)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(directory), max_to_keep=max_to_keep
         )

@@ -141,15 +141,20 @@ def read_checkpoint(path):
 
 
 def check_left_behind(model_dir):
-    """Loads every checkpoint in model_dir; returns (loaded, being_deleted).
+    """Loads every checkpoint in model_dir; returns (loaded, left over).
 
     Every checkpoint whose .index file exists must load completely, and so
-    must the latest one the `checkpoint` index names. TensorFlow's
-    CheckpointManager names the new checkpoint in the index *before* it
-    deletes the oldest beyond max_to_keep (so a kill while deleting never
-    loses the new one); a kill in between leaves an index entry of an old
-    checkpoint without files, which is allowed only for entries older than
-    the latest and is returned as `being_deleted`.
+    must the latest one the `checkpoint` index names, with two exceptions a
+    kill can leave, returned as left over:
+    - TensorFlow's CheckpointManager names the new checkpoint in the index
+      *before* it deletes the oldest beyond max_to_keep (so a kill while
+      deleting never loses the new one); a kill in between leaves an index
+      entry of an old checkpoint without files (allowed only for entries
+      older than the latest);
+    - TensorFlow merges ckpt-N_temp/ into ckpt-N.index before it names
+      ckpt-N in the index; a kill during the merge leaves a partial
+      ckpt-N.index newer than the latest named one, which nothing reads
+      and the next run deletes (`trainer.remove_unfinished_checkpoints`).
 
     Raises:
         RuntimeError: a checkpoint does not load (names it and why).
@@ -161,14 +166,26 @@ def check_left_behind(model_dir):
     being_deleted = [
         p for p in named[:-1] if not pathlib.Path(p + ".index").exists()
     ]
+    newest = _step_of(named[-1]) if named else -1
+    unfinished = [p for p in on_disk
+                  if p not in named and _step_of(p) > newest]
+    loaded = 0
     for path in sorted(set(on_disk) | set(named[-1:])):
         try:
             read_checkpoint(path)
+            loaded += 1
         except Exception as error:  # noqa: BLE001 - named in the message
+            if path in unfinished:
+                being_deleted.append(path)
+                continue
             raise RuntimeError(
                 f"the checkpoint {path} does not load: {error}"
             ) from None
-    return len(set(on_disk) | set(named[-1:])), being_deleted
+    return loaded, being_deleted
+
+
+def _step_of(path):
+    return int(re.search(r"ckpt-(\d+)$", str(path)).group(1))
 
 
 def compare_checkpoints(a, b):
@@ -317,11 +334,15 @@ def run(workdir, kills=10, seed=0, steps=STEPS, print_fn=print):
             f"{kill.checkpoints_loaded} checkpoint(s) load"
             + (f", temporary files left: {', '.join(temporary)}"
                if temporary else "")
-            + (f", index entries being deleted: {swept}" if swept else "")
+            + (f", left over (being deleted or written): {swept}"
+               if swept else "")
         )
     final = run_train(flags)
     if final.returncode != 0:
         raise RuntimeError(f"resumed run failed:\n{final.stderr}")
+    _, left_over = check_left_behind(killed_dir)
+    if left_over:
+        raise RuntimeError(f"the completed run left behind {left_over}")
     last = checkpoint_paths(killed_dir)[-1]
     differ, compared = compare_checkpoints(
         checkpoint_paths(reference_dir)[-1], last

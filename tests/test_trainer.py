@@ -11,6 +11,7 @@ strategies share a model.
 import json
 import math
 import os
+import shutil
 import pathlib
 import socket
 import subprocess
@@ -228,3 +229,36 @@ def test_two_worker_processes_equal_one_process(tmp_path):
     multi = {k.replace("|", "/"): v for k, v in np.load(out).items()}
     single = state(trainer_run(["/cpu:0"], head, 0.01))
     assert_same_state(single, multi)
+
+
+def test_unfinished_checkpoints_of_a_killed_run_are_removed(tmp_path):
+    """What a kill during a save leaves (ckpt-N_temp/, a partial
+    ckpt-N.index newer than the index names) goes; complete ones stay."""
+    step = tf.Variable(0)
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(step=step), str(tmp_path), max_to_keep=3
+    )
+    for _ in range(2):
+        step.assign_add(1)
+        manager.save(checkpoint_number=int(step.numpy()))
+    shutil.copy(tmp_path / "ckpt-2.data-00000-of-00001",
+                tmp_path / "ckpt-3.data-00000-of-00001")
+    (tmp_path / "ckpt-3.index").write_bytes(b"\x00" * 7)  # a cut merge
+    (tmp_path / "ckpt-4_temp").mkdir()
+    (tmp_path / "ckpt-4_temp" / "part-00000-of-00001.index").write_bytes(b"")
+    removed = trainer_lib.remove_unfinished_checkpoints(tmp_path)
+    assert sorted(removed) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index",
+                               "ckpt-4_temp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index",
+        "ckpt-2.data-00000-of-00001", "ckpt-2.index",
+    ]
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-2"))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 2
+    # Without a `checkpoint` index nothing but temporary directories goes.
+    (tmp_path / "checkpoint").unlink()
+    (tmp_path / "ckpt-5_temp").mkdir()
+    assert trainer_lib.remove_unfinished_checkpoints(tmp_path) == [
+        "ckpt-5_temp"
+    ]
+    assert (tmp_path / "ckpt-2.index").is_file()
