@@ -36,7 +36,7 @@ import sys
 import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
-ORDER = ("layers", "input", "train", "eval")
+ORDER = ("layers", "input", "train", "eval", "recordio_index")
 QUICK = {
     "layers": ["--backends", "tensorflow", "--heads", "softmax,arcface",
                "--steps", "5", "--repeats", "5"],
@@ -44,12 +44,14 @@ QUICK = {
     "train": ["--steps", "3", "--repeats", "5"],
     "eval": ["--num_probes", "2000", "--num_distractors", "50000",
              "--repeats", "5"],
+    "recordio_index": ["--records", "1000000", "--repeats", "5"],
 }
 WHAT = {
     "layers": "Ring loss and head cost per training step",
     "input": "input pipeline vs training step",
     "train": "training throughput (XLA, ring, replicas)",
     "eval": "verification, identification and embedding speed",
+    "recordio_index": "RecordIO index memory and time to open",
 }
 
 
