@@ -43,6 +43,7 @@ VERSION = 2
 CONFIG_FILE = "config.json"
 
 LR_SCHEDULES = ("step", "cosine", "constant")
+COLLECTIVES = ("auto", "nccl", "ring")
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("face", "characters", "none")
 A_SOFTMAX_MARGINS = (1, 2, 3, 4)
@@ -232,6 +233,10 @@ class RunConfig:
         "Split the CPU into this many logical devices and train one replica "
         "on each (CPU-only machines; for tests and benchmarks).", kind="int",
         resume="free")
+    collectives: str = setting(
+        "auto",
+        "Multi-worker all-reduce: auto (NCCL where every worker has GPUs, "
+        "ring otherwise) | nccl | ring.", resume="free")
     evaluate: bool = setting(
         True, "Print verification on the test identities at the end.",
         resume="free")
@@ -521,6 +526,8 @@ class _Checks:
         positive_integer("log_every", "use e.g. 50")
         positive_integer("checkpoint_every", "use e.g. 500")
         positive_integer("max_to_keep", "use e.g. 3")
+        _one_of("collectives", s["collectives"], COLLECTIVES,
+                "collective implementation")
         if s["stop_at_step"] is not None:
             positive_integer("stop_at_step", "use e.g. 1000, or omit it")
         replicas = s["cpu_replicas"]

@@ -120,11 +120,13 @@ def tf_config_workers():
     return config.get("cluster", {}).get("worker", [])
 
 
-def build_strategy(devices=None):
+def build_strategy(devices=None, collectives="auto"):
     """The distribution strategy for this process.
 
     - `TF_CONFIG` naming several workers: `MultiWorkerMirroredStrategy`
-      (one replica per local GPU, or the CPU), ring collectives.
+      (one replica per local GPU, or the CPU) with `collectives`: "auto"
+      lets TensorFlow choose (NCCL where every worker has GPUs, ring
+      otherwise), "nccl" or "ring" force one.
     - Otherwise `MirroredStrategy` over `devices`, default all visible GPUs,
       or the CPU when there is none. On CPU-only device lists the gradients
       are reduced with `ReductionToOneDevice`: the default collectives can
@@ -135,6 +137,8 @@ def build_strategy(devices=None):
     Args:
         devices: device names, e.g. `["/cpu:0", "/cpu:1"]` (logical CPU
             devices); None for the default above.
+        collectives: "auto", "nccl" or "ring" (multi-worker runs only; one
+            machine's GPUs use NCCL through `MirroredStrategy`'s default).
     """
     if len(tf_config_workers()) > 1:
         if devices is not None:
@@ -143,9 +147,9 @@ def build_strategy(devices=None):
                 "each worker uses its local devices. Received: "
                 f"devices={devices!r}"
             )
-        experimental = tf.distribute.experimental
-        options = experimental.CommunicationOptions(
-            implementation=experimental.CommunicationImplementation.RING
+        implementations = tf.distribute.experimental.CommunicationImplementation
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=getattr(implementations, collectives.upper())
         )
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=options

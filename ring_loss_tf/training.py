@@ -436,7 +436,7 @@ def train(
         tf.config.list_physical_devices("GPU")
     ):
         devices = [f"/cpu:{i}" for i in range(run.cpu_replicas)]
-    strategy = trainer_lib.build_strategy(devices)
+    strategy = trainer_lib.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync
     )

@@ -220,6 +220,8 @@ def test_the_default_config_is_valid():
         ("momentum", 1.0, "momentum=1.0: must be in [0, 1)"),
         ("model_dir", "", "model_dir='': is empty"),
         ("cpu_replicas", 0, "cpu_replicas=0: must be a positive integer"),
+        ("collectives", "mpi", "collectives='mpi': unknown collective "
+         "implementation; use one of auto, nccl, ring"),
     ],
 )
 def test_each_bad_setting_gets_one_line_naming_it_and_the_fix(
