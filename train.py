@@ -145,7 +145,8 @@ def main(argv):
             file=sys.stderr,
         )
         sys.exit(128 + int(signal.SIGINT))
-    except (errors.NonFiniteLossError, errors.CheckpointWriteError) as error:
+    except (errors.NonFiniteLossError, errors.CheckpointWriteError,
+            errors.WorkersDisagreeError) as error:
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as error:

@@ -233,6 +233,12 @@ class RunConfig:
         "Split the CPU into this many logical devices and train one replica "
         "on each (CPU-only machines; for tests and benchmarks).", kind="int",
         resume="free")
+    worker_scratch_dir: str | None = setting(
+        None,
+        "Multi-worker runs: where the workers other than the chief write "
+        "the checkpoints they must take part in (deleted at the end; "
+        "default: the system's temporary directory).", kind="str",
+        resume="free")
     collectives: str = setting(
         "auto",
         "Multi-worker all-reduce: auto (NCCL where every worker has GPUs, "

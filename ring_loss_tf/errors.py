@@ -63,6 +63,10 @@ class CheckpointWriteError(OSError):
     """
 
 
+class WorkersDisagreeError(RuntimeError):
+    """The workers of a multi-worker run restored different steps."""
+
+
 def first_line(error) -> str:
     """The first line of an OSError's / tf.errors.OpError's message."""
     text = str(getattr(error, "message", None) or error).strip()

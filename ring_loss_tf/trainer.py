@@ -46,6 +46,7 @@ from ring_loss_tf.config import OPTIMIZERS
 from ring_loss_tf.config import check_replicas
 from ring_loss_tf.errors import CheckpointWriteError
 from ring_loss_tf.errors import ConfigError
+from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
@@ -356,12 +357,18 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------
 
-    def attach_checkpoint(self, iterator=None, max_to_keep=3):
+    def attach_checkpoint(self, iterator=None, max_to_keep=3,
+                          scratch_dir=None):
         """Creates the checkpoint of model, optimizer, step and `iterator`.
 
         On a multi-worker run only the chief writes to `model_dir`; the
-        others write to a temporary directory that is deleted (every worker
-        must take part in saving).
+        others write to a temporary directory (in `scratch_dir`, default the
+        system's temporary directory) that is deleted: every worker must
+        take part in saving. After restoring, the workers check that they
+        all restored the same step.
+
+        Raises:
+            WorkersDisagreeError: the workers restored different steps.
         """
         items = {
             "model": self.models.train_model,
@@ -376,7 +383,8 @@ class Trainer:
         directory = self.model_dir
         if not self.is_chief:
             self._worker_dir = pathlib.Path(
-                tempfile.mkdtemp(prefix="ring_loss_tf-worker-")
+                tempfile.mkdtemp(prefix="ring_loss_tf-worker-",
+                                 dir=scratch_dir)
             )
             directory = self._worker_dir
         if self.is_chief:
@@ -387,7 +395,33 @@ class Trainer:
         latest = tf.train.latest_checkpoint(str(self.model_dir))
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self._check_workers_agree_on_the_step(latest)
         return latest
+
+    def _check_workers_agree_on_the_step(self, latest):
+        """Every worker must continue from the same step: one that restored
+        another checkpoint (its own copy of model_dir, a stale mount) would
+        train the others' replicas of a different model."""
+        if self.num_workers <= 1:
+            return
+        step = int(self.step.numpy())
+        total = self.strategy.reduce(
+            "SUM",
+            self.strategy.experimental_distribute_values_from_function(
+                lambda _: tf.constant(step, tf.int64)
+            ),
+            axis=None,
+        )
+        mean = int(total.numpy()) / self.num_replicas
+        if self.any_worker(mean != step):
+            raise WorkersDisagreeError(
+                f"The workers restored different steps (this one: step "
+                f"{step} from {latest or 'no checkpoint'} in "
+                f"{self.model_dir}; the mean over the replicas: {mean:g}). "
+                "Every worker must read the chief's model_dir: mount the "
+                "same directory on each (or copy the chief's latest "
+                "checkpoint to all) and start all workers again."
+            )
 
     def save(self):
         """Saves a checkpoint (all workers call it); returns its path.

@@ -460,7 +460,10 @@ def train(
     except tf.errors.InvalidArgumentError as error:  # in-memory decoding
         raise data_error(error, trainer) from None
     iterator = iter(dataset)
-    restored = trainer.attach_checkpoint(iterator, max_to_keep=run.max_to_keep)
+    restored = trainer.attach_checkpoint(
+        iterator, max_to_keep=run.max_to_keep,
+        scratch_dir=run.worker_scratch_dir,
+    )
     if chief:
         print_fn(_start_line(config, trainer, restored, source, total_steps))
     writer = None

@@ -181,6 +181,29 @@ _WORKER = textwrap.dedent(
 )
 
 
+_RESTORING_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import tiny_runs
+    from ring_loss_tf import trainer as trainer_lib
+    from ring_loss_tf.errors import WorkersDisagreeError
+    trainer = trainer_lib.Trainer(
+        trainer_lib.build_strategy(None), tiny_runs.model_fn(),
+        global_batch_size=tiny_runs.GLOBAL_BATCH, learning_rate=0.05,
+        model_dir=sys.argv[3], jit=False,
+    )
+    try:
+        trainer.attach_checkpoint(scratch_dir=sys.argv[4])
+    except WorkersDisagreeError as error:
+        print("REFUSED", error)
+        sys.exit(3)
+    print("AGREED", int(trainer.step.numpy()))
+    """
+)
+
+
 def _free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -189,6 +212,72 @@ def _free_ports(n):
     for s in sockets:
         s.close()
     return ports
+
+
+def _start_workers(tmp_path, script_text, arguments):
+    """One process per entry of `arguments` on loopback, as a TF_CONFIG
+    cluster; returns their (return code, output)."""
+    script = tmp_path / "worker.py"
+    script.write_text(script_text)
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(len(arguments))]
+    processes = []
+    for index, extra in enumerate(arguments):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers},
+             "task": {"type": "worker", "index": index}}
+        )
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        env.pop("PYTHONPATH", None)
+        processes.append(subprocess.Popen(
+            [sys.executable, str(script), str(REPO), str(REPO / "tests"),
+             *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        ))
+    results = []
+    for process in processes:
+        try:
+            results.append((process.wait(timeout=600),
+                            process.stdout.read()))
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        finally:
+            process.stdout.close()
+    return results
+
+
+def test_workers_that_restore_different_steps_stop(tmp_path):
+    """The chief restores step 2, the other worker (another model_dir)
+    nothing: both stop with the message, neither trains."""
+    saved = trainer_lib.Trainer(
+        trainer_lib.build_strategy(["/cpu:0"]), model_fn(),
+        global_batch_size=GLOBAL_BATCH, learning_rate=0.05,
+        model_dir=tmp_path / "chief", jit=False,
+    )
+    saved.attach_checkpoint()
+    for step, (images, labels) in enumerate(batches(2)):
+        if step == 0:
+            saved.initialize_radius(images)
+        saved.train_step(images, labels)
+    saved.save()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "scratch").mkdir()
+    results = _start_workers(tmp_path, _RESTORING_WORKER, [
+        [str(tmp_path / "chief"), str(tmp_path / "scratch")],
+        [str(tmp_path / "other"), str(tmp_path / "scratch")],
+    ])
+    for code, output in results:
+        assert code == 3, output[-3000:]
+        assert "The workers restored different steps" in output
+        assert "mean over the replicas: 1" in output
+    assert "this one: step 2 from" in results[0][1]
+    assert "this one: step 0 from no checkpoint" in results[1][1]
+    # The non-chief's scratch directory was made where it was told.
+    assert [p.name.startswith("ring_loss_tf-worker-")
+            for p in (tmp_path / "scratch").iterdir()] == [True]
 
 
 def test_two_worker_processes_equal_one_process(tmp_path):
