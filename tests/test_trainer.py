@@ -238,14 +238,12 @@ def _start_workers(tmp_path, script_text, arguments):
     results = []
     for process in processes:
         try:
-            results.append((process.wait(timeout=600),
-                            process.stdout.read()))
+            output = process.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
             for p in processes:
                 p.kill()
             raise
-        finally:
-            process.stdout.close()
+        results.append((process.returncode, output))
     return results
 
 
@@ -282,39 +280,10 @@ def test_workers_that_restore_different_steps_stop(tmp_path):
 
 def test_two_worker_processes_equal_one_process(tmp_path):
     head = "asoftmax"
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     out = tmp_path / "chief.npz"
-    processes = []
-    for index in range(2):
-        env = dict(os.environ)
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers},
-             "task": {"type": "worker", "index": index}}
-        )
-        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        env.pop("PYTHONPATH", None)
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(REPO),
-                 str(REPO / "tests"), head, str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for process in processes:
-        try:
-            logs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-    for process, log in zip(processes, logs):
-        assert process.returncode == 0, log[-3000:]
+    results = _start_workers(tmp_path, _WORKER, [[head, str(out)]] * 2)
+    for code, output in results:
+        assert code == 0, output[-3000:]
     multi = {k.replace("|", "/"): v for k, v in np.load(out).items()}
     single = state(trainer_run(["/cpu:0"], head, 0.01))
     assert_same_state(single, multi)
