@@ -264,9 +264,14 @@ class RecordIndex:
     """
 
     def __init__(self, keys: np.ndarray, offsets: np.ndarray):
-        order = np.argsort(keys, kind="stable")
-        self.keys = np.ascontiguousarray(keys[order], dtype=np.int64)
-        self.offsets = np.ascontiguousarray(offsets[order], dtype=np.int64)
+        keys = np.asarray(keys, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if len(keys) > 1 and np.any(keys[1:] < keys[:-1]):
+            # im2rec writes keys in order: sort only the files that are not.
+            order = np.argsort(keys, kind="stable")
+            keys, offsets = keys[order], offsets[order]
+        self.keys = np.ascontiguousarray(keys)
+        self.offsets = np.ascontiguousarray(offsets)
         if len(self.keys) > 1 and np.any(np.diff(self.keys) == 0):
             # A repeated key: the last line wins, as a dict would keep it.
             last = np.r_[self.keys[1:] != self.keys[:-1], True]
