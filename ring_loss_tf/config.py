@@ -44,6 +44,7 @@ CONFIG_FILE = "config.json"
 
 LR_SCHEDULES = ("step", "cosine", "constant")
 COLLECTIVES = ("auto", "nccl", "ring")
+ALL_REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("face", "characters", "none")
 A_SOFTMAX_MARGINS = (1, 2, 3, 4)
@@ -243,6 +244,11 @@ class RunConfig:
         "auto",
         "Multi-worker all-reduce: auto (NCCL where every worker has GPUs, "
         "ring otherwise) | nccl | ring.", resume="free")
+    all_reduce_dtype: str = setting(
+        "float32",
+        "Type the gradients are summed across replicas in: float32 "
+        "(exact) | bfloat16 | float16 (half the bytes on the wire, "
+        "gradients rounded; float16 can overflow).", resume="free")
     evaluate: bool = setting(
         True, "Print verification on the test identities at the end.",
         resume="free")
@@ -534,6 +540,8 @@ class _Checks:
         positive_integer("max_to_keep", "use e.g. 3")
         _one_of("collectives", s["collectives"], COLLECTIVES,
                 "collective implementation")
+        _one_of("all_reduce_dtype", s["all_reduce_dtype"],
+                ALL_REDUCE_DTYPES, "all-reduce type")
         if s["stop_at_step"] is not None:
             positive_integer("stop_at_step", "use e.g. 1000, or omit it")
         replicas = s["cpu_replicas"]

@@ -306,33 +306,42 @@ def training_dataset(
     augment: str,
     seed: int,
     input_context: tf.distribute.InputContext | None = None,
+    start_step: int = 0,
     repeat: bool = True,
     in_memory: bool | None = None,
 ) -> tf.data.Dataset:
     """The training input pipeline.
 
-    Yields `(images, labels)`: float32 (batch_size, h, w, channels) scaled
-    by (x - 127.5) / 128, and int32 (batch_size,). Each epoch visits every
-    example once in an order drawn from `seed` and the epoch number
-    (`shuffled_index`); augmentation draws from `seed` and the batch's first
-    position. With `input_context`, pipeline k of K takes
-    positions k, k + K, ... of that one order, and `batch_size` is per
-    pipeline (per replica). Batches are whole (drop_remainder).
+    Yields `(images, labels)`: float32 (b, h, w, channels) scaled by
+    (x - 127.5) / 128, and int32 (b,). Global batch s holds stream positions
+    s·B .. s·B + B - 1 (B = `batch_size`); each epoch visits every example
+    once in an order drawn from `seed` and the epoch number
+    (`shuffled_index`); augmentation draws from `seed` and s·B, for the whole
+    global batch. Batches are whole (drop_remainder).
 
-    The iterator is checkpointable: `tf.train.Checkpoint(iterator=it)`
-    saved mid-epoch and restored yields the same next batches. (RecordIO
-    reads records with a Python function; its dataset sets the external
-    state policy to IGNORE, which is safe because the reads have no state.)
+    Without `input_context` each element is a global batch (b = B). With
+    it (from `strategy.distribute_datasets_from_function`), pipeline k of K
+    serves M = replicas / K replicas, which hold rows k·M·b .. (k+1)·M·b - 1
+    of every global batch (b = B / replicas): the pipeline yields, per step,
+    M batches of b rows, in replica order, and reads and decodes only those
+    rows, with the very pixels and draws one device would give them. K
+    workers thus decode B / K images per step each, and N replicas see
+    exactly the one-device batch.
+
+    The stream is a pure function of the step: to resume, build the
+    pipeline again with `start_step` (no iterator state to save).
 
     Args:
         source: from `open_training_source`.
-        batch_size: images per batch (per replica with `input_context`).
+        batch_size: B, the global batch.
         image_size: (height, width) the images are resized to.
         channels: 1 (grey) or 3 (RGB).
         augment: "face", "characters" or "none" (see `augment_batch`).
         seed: the order and augmentation seed.
         input_context: from `strategy.distribute_datasets_from_function`.
-        repeat: loop over epochs forever (True) or stop after one.
+        start_step: the global batch to start from.
+        repeat: loop over epochs forever (True) or stop after the first
+            epoch's whole global batches.
         in_memory: decode a folder source once into memory (uint8, with
             the same ops) and gather batches from it, giving the very same
             batches as streaming, much faster. Default: when the decoded
@@ -351,19 +360,34 @@ def training_dataset(
             f"Received: batch_size={batch_size!r}"
         )
     num = source.num_examples
-    shard, shards = 0, 1
+    pipeline, pipelines, replicas = 0, 1, 1
     if input_context is not None:
-        shard = input_context.input_pipeline_id
-        shards = input_context.num_input_pipelines
-    if not repeat and num // shards < batch_size:
+        pipeline = input_context.input_pipeline_id
+        pipelines = input_context.num_input_pipelines
+        replicas = input_context.num_replicas_in_sync
+    if batch_size % replicas or replicas % pipelines:
         raise ValueError(
-            f"One epoch of {num} images split over {shards} pipeline(s) has "
-            f"no whole batch of {batch_size}; lower `batch_size`."
+            f"`batch_size` {batch_size} must split evenly over "
+            f"{replicas} replica(s) in {pipelines} input pipeline(s)."
         )
-    if repeat:
-        positions = tf.data.Dataset.counter(start=shard, step=shards)
-    else:
-        positions = tf.data.Dataset.range(shard, num, shards)
+    per_replica = batch_size // replicas
+    local_rows = per_replica * (replicas // pipelines)
+    steps = num // batch_size
+    if not repeat and steps <= start_step:
+        raise ValueError(
+            f"One epoch of {num} images has no whole batch of {batch_size} "
+            f"from step {start_step}; lower `batch_size`."
+        )
+    # Local row c of the stream is row k·L + c mod L of global batch
+    # start_step + c div L (L = local_rows).
+    rows = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(
+        (steps - start_step) * local_rows
+    )
+    first_row = pipeline * local_rows
+    positions = rows.map(
+        lambda c: (start_step + c // local_rows) * batch_size
+        + first_row + c % local_rows
+    )
     seed_tensor = tf.constant(int(seed), tf.int64)
     if in_memory is None:
         size = num * height * width * channels
@@ -376,9 +400,12 @@ def training_dataset(
 
     def finish(images, labels, positions):
         # Augmentation is vectorised over the batch (a few ops per batch,
-        # not per image), seeded by the batch's first position.
-        batch_seed = tf.stack([seed_tensor, positions[0]])
-        images = augment_batch(images, batch_seed, augment)
+        # not per image), seeded by the global batch's first position.
+        row = positions[0] % batch_size
+        batch_seed = tf.stack([seed_tensor, positions[0] - row])
+        images = augment_batch(
+            images, batch_seed, augment, rows=(row, batch_size)
+        )
         return normalize(images), labels
 
     if in_memory:
@@ -394,7 +421,7 @@ def training_dataset(
             images = tf.cast(tf.gather(pixels, index), tf.float32)
             return images, tf.gather(labels, index), batch_positions
 
-        dataset = positions.batch(batch_size, drop_remainder=True).map(
+        dataset = positions.batch(per_replica, drop_remainder=True).map(
             gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
     else:
@@ -412,7 +439,7 @@ def training_dataset(
         dataset = positions.map(
             element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        dataset = dataset.batch(batch_size, drop_remainder=True)
+        dataset = dataset.batch(per_replica, drop_remainder=True)
     dataset = dataset.map(
         finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )

@@ -313,7 +313,9 @@ def max_translation(image_size: Sequence[int]) -> int:
     return max(1, int(round(min(image_size[:2]) / 16)))
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, mode: str) -> tf.Tensor:
+def augment_batch(
+    images: tf.Tensor, seed: tf.Tensor, mode: str, rows=None
+) -> tf.Tensor:
     """Stateless random augmentation of a (b, h, w, c) float batch.
 
     "face": each image is mirrored left-right with probability 1/2 and
@@ -324,6 +326,11 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, mode: str) -> tf.Tensor:
     keeps its background. One projective-transform op for the batch, exact
     at whole-pixel shifts. `seed`: int tensor of shape (2,); the same seed
     gives the same result.
+
+    `rows`: None, or (first, total): the images are rows first .. first + b
+    of a batch of `total` drawn with `seed`, and get those rows' draws. A
+    replica holding a slice of the global batch so augments its rows
+    exactly as one device augmenting the whole batch would.
     """
     if mode not in AUGMENTATIONS:
         raise ValueError(
@@ -335,15 +342,21 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, mode: str) -> tf.Tensor:
     height, width = images.shape[1], images.shape[2]
     shift = max_translation((height, width))
     batch = tf.shape(images)[0]
+    first, total = (0, batch) if rows is None else rows
+    first = tf.cast(first, tf.int32)
+    total = tf.cast(total, tf.int32)
     seed = tf.cast(seed, tf.int64)
+    # Draws of the whole batch (a few numbers per image), then our rows'.
     offsets = tf.random.stateless_uniform(
-        tf.stack([batch, 2]), seed, minval=-shift, maxval=shift + 1,
+        tf.stack([total, 2]), seed, minval=-shift, maxval=shift + 1,
         dtype=tf.int32,
-    )
+    )[first : first + batch]
     offsets = tf.cast(offsets, tf.float32)
     if mode == "face":
         flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-        flip = tf.random.stateless_uniform(tf.stack([batch]), flip_seed) < 0.5
+        flip = tf.random.stateless_uniform(
+            tf.stack([total]), flip_seed
+        )[first : first + batch] < 0.5
     else:
         flip = tf.zeros(tf.stack([batch]), tf.bool)
     # Output pixel (x, y) reads input (sx * x + dx', y + dy) with sx = -1

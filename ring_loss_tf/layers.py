@@ -291,24 +291,43 @@ class RingLoss(keras.layers.Layer):
         self.radius_initialized.assign(store["1"])
         self.radius_offset.assign(0.0)
 
-    def initialize_radius(self, embeddings):
+    def initialize_radius(self, embeddings=None, *, mean_norm=None):
         """Sets R to the mean norm of `embeddings` unless already initialised.
 
         For custom training loops: call it once, eagerly, on the embeddings
         of the first batch (or after restoring a checkpoint, where it only
         records that R is set). `call` then never assigns R itself, so a
         compiled distributed step holds no cross-replica variable update.
-        Returns the value of R.
+        A distributed loop whose replicas each hold part of the batch
+        passes `mean_norm` (their norms summed across replicas, over the
+        batch size) instead of `embeddings`. Returns the value of R.
         """
+        if (embeddings is None) == (mean_norm is None):
+            raise ValueError(
+                "Pass either `embeddings` or `mean_norm` to "
+                "initialize_radius, not both or neither."
+            )
         if not self.built:
+            if embeddings is None:
+                raise ValueError(
+                    "RingLoss is not built yet: call it on a batch (or pass "
+                    "`embeddings`) before initialize_radius(mean_norm=...)."
+                )
             self.build(ops.shape(embeddings))
-        initialized = ops.convert_to_numpy(self.radius_initialized.value)
-        if self.radius_init == "auto" and float(initialized) < 1:
-            mean_norm = ops.mean(safe_norm(float32(embeddings)))
-            self.radius.assign(mean_norm)
+        if self.radius_init == "auto" and not self.is_radius_initialized():
+            if mean_norm is None:
+                mean_norm = ops.mean(safe_norm(float32(embeddings)))
+            self.radius.assign(ops.cast(mean_norm, self.radius.dtype))
             self.radius_initialized.assign(1.0)
         self._radius_init_done_outside = True
         return float(ops.convert_to_numpy(self.radius))
+
+    def is_radius_initialized(self):
+        """True once R holds a value (set, initialised, or restored)."""
+        if self.radius_init != "auto":
+            return True
+        value = ops.convert_to_numpy(self.radius_initialized.value)
+        return float(value) >= 1
 
     def compute_output_shape(self, input_shape):
         return input_shape

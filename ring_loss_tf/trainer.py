@@ -17,12 +17,18 @@ loss uses R initialised eagerly before the first step
 (`RingLoss.initialize_radius`), so the compiled step holds no cross-replica
 variable assignment.
 
-Input: every worker reads the same seeded stream of global batches, and
-replica r takes rows [r·B/N, (r+1)·B/N) of each. So the examples of a step
-do not depend on the number of replicas or workers, a resumed run restores
-one plain `tf.data` iterator, and N replicas give exactly the one-device
-result. The price: each worker decodes the whole global batch (cheap next to
-the network for image folders; shard the input if it is not).
+Input: global batch s is a fixed, seeded set of examples and augmentation
+draws, and replica r holds rows [r·B/N, (r+1)·B/N) of it. Each worker's
+pipeline (`data.training_dataset` under `distribute_datasets_from_function`)
+reads and decodes only its replicas' rows. So the examples of a step do not
+depend on the number of replicas or workers, N replicas give exactly the
+one-device result, and the input's state is the step: a resumed run builds
+its pipeline from the restored step.
+
+Gradients can be all-reduced in bfloat16 or float16 (`all_reduce_dtype`):
+half the bytes on the wire, at the price of rounding each replica's gradient
+and the sum to 8 (bfloat16) or 11 (float16) significant bits; float16 can
+also overflow or flush tiny gradients to zero.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import tensorflow as tf
 
 from ring_loss_tf import layers
 from ring_loss_tf import models as models_lib
+from ring_loss_tf.config import ALL_REDUCE_DTYPES
 from ring_loss_tf.config import OPTIMIZERS
 from ring_loss_tf.config import check_replicas
 from ring_loss_tf.errors import CheckpointWriteError
@@ -280,6 +287,35 @@ def remove_unfinished_checkpoints(directory):
     return removed
 
 
+def _all_reduce_in(optimizer, dtype):
+    """Makes `optimizer` sum the replicas' gradients in `dtype`.
+
+    Keras 3's TensorFlow optimizer all-reduces inside `apply_gradients`
+    through `_all_reduce_sum_gradients`; wrapping it casts around that one
+    collective. tests/test_trainer.py checks that the update then differs
+    from the float32 one by bfloat16 rounding, so a Keras that stops
+    calling the method fails a test instead of silently summing in float32.
+    """
+    if dtype not in ALL_REDUCE_DTYPES:
+        raise ConfigError(
+            "all_reduce_dtype", dtype, "unknown type",
+            f"use one of {', '.join(ALL_REDUCE_DTYPES)}",
+        )
+    reduce_sum = optimizer._all_reduce_sum_gradients
+
+    def reduce_in_dtype(grads_and_vars):
+        pairs = [
+            (None if g is None else tf.cast(g, dtype), v)
+            for g, v in grads_and_vars
+        ]
+        return [
+            (None if g is None else tf.cast(g, v.dtype), v)
+            for g, v in reduce_sum(pairs)
+        ]
+
+    optimizer._all_reduce_sum_gradients = reduce_in_dtype
+
+
 class Trainer:
     """Runs the custom distributed training loop on one `Models`.
 
@@ -298,6 +334,8 @@ class Trainer:
         mixed_precision: None, "mixed_float16" (dynamic loss scaling) or
             "mixed_bfloat16". The policy must be set before `model_fn` runs;
             `training.train` does it.
+        all_reduce_dtype: "float32" (exact), "bfloat16" or "float16": the
+            type the gradients are summed across replicas in.
     """
 
     def __init__(
@@ -314,6 +352,7 @@ class Trainer:
         model_dir=None,
         max_to_keep=3,
         mixed_precision=None,
+        all_reduce_dtype="float32",
     ):
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
@@ -338,6 +377,9 @@ class Trainer:
                 )
             self.mixed_precision = mixed_precision
             self.loss_scaling = mixed_precision == "mixed_float16"
+            self.all_reduce_dtype = all_reduce_dtype
+            if all_reduce_dtype != "float32":
+                _all_reduce_in(opt, all_reduce_dtype)
             if self.loss_scaling:
                 opt = keras.optimizers.LossScaleOptimizer(opt)
             self.optimizer = opt
@@ -351,6 +393,7 @@ class Trainer:
             self._forward_backward_fn, jit_compile=self.jit
         )
         self._train_step = tf.function(self._train_step_fn)
+        self._split = tf.function(self._split_fn)
         self.checkpoint = None
         self.manager = None
         self._worker_dir = None
@@ -526,19 +569,9 @@ class Trainer:
         return stats, norms
 
     def _train_step_fn(self, images, labels):
-        per_replica = self.per_replica_batch_size
-
-        def shard(context):
-            start = context.replica_id_in_sync_group * per_replica
-            return (
-                images[start : start + per_replica],
-                labels[start : start + per_replica],
-            )
-
-        sharded = self.strategy.experimental_distribute_values_from_function(
-            shard
+        stats, norms = self.strategy.run(
+            self._replica_step, args=(images, labels)
         )
-        stats, norms = self.strategy.run(self._replica_step, args=sharded)
         reduced = {
             k: self.strategy.reduce(
                 tf.distribute.ReduceOp.SUM, v, axis=None
@@ -550,15 +583,61 @@ class Trainer:
         )
         return reduced, local_norms
 
+    def _split_fn(self, images, labels):
+        per_replica = self.per_replica_batch_size
+
+        def rows(context):
+            start = context.replica_id_in_sync_group * per_replica
+            return (
+                images[start : start + per_replica],
+                labels[start : start + per_replica],
+            )
+
+        return self.strategy.experimental_distribute_values_from_function(
+            rows
+        )
+
+    def per_replica(self, images, labels):
+        """A global batch as per-replica values (replica r: rows
+        [r·b, (r+1)·b)); values from a distributed dataset pass through."""
+        if isinstance(images, tf.distribute.DistributedValues):
+            return images, labels
+        if self.num_replicas == 1:
+            return images, labels
+        return self._split(images, labels)
+
+    def distribute_dataset(self, dataset_fn):
+        """`dataset_fn(input_context)` as the strategy's per-worker
+        pipelines (prefetched to the devices); see `data.training_dataset`
+        for what a pipeline must yield."""
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
     def initialize_radius(self, images):
-        """R from the first global batch, eagerly (no-op when restored)."""
-        if self.models.ring is None:
+        """R from the first global batch: the replicas embed their own rows
+        and the norms are summed across them (no-op when R is restored)."""
+        ring = self.models.ring
+        if ring is None:
             return None
-        embeddings = self.models.embedding_model(images, training=False)
-        return self.models.ring.initialize_radius(embeddings)
+        if ring.built and ring.is_radius_initialized():
+            return ring.initialize_radius(mean_norm=ring.radius)
+        images, _ = self.per_replica(images, images)
+
+        def norm_sum(x):
+            embeddings = self.models.embedding_model(x, training=False)
+            return tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32),
+                                         axis=-1))
+
+        total = self.strategy.reduce(
+            "SUM", self.strategy.run(norm_sum, args=(images,)), axis=None
+        )
+        return ring.initialize_radius(
+            mean_norm=total / self.global_batch_size
+        )
 
     def train_step(self, images, labels):
-        """One step on a global batch; returns ({name: float}, norms)."""
+        """One step on a global batch (tensors, or per-replica values from
+        `distribute_dataset`); returns ({name: float}, local norms)."""
+        images, labels = self.per_replica(images, labels)
         stats, norms = self._train_step(images, labels)
         self.step.assign_add(1)
         return {k: float(v) for k, v in stats.items()}, norms

@@ -98,8 +98,8 @@ def run_loop(
     """Trains until `total_steps` (or `stop_at_step`), checkpointing.
 
     The checkpoint saved at the end (and every `checkpoint_every` steps) holds
-    the model, the optimizer, the step and the iterator position, so running
-    again continues exactly. A NaN/Inf loss raises `NonFiniteLossError`
+    the model, the optimizer and the step; the input stream is a function of
+    the step, so running again continues exactly. A NaN/Inf loss raises `NonFiniteLossError`
     before anything is saved.
 
     Args:
@@ -358,6 +358,7 @@ def _build_trainer(config, strategy, total_steps):
             model_dir=run.model_dir,
             max_to_keep=run.max_to_keep,
             mixed_precision=policy,
+            all_reduce_dtype=run.all_reduce_dtype,
         )
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -447,23 +448,28 @@ def train(
     if chief:
         check_resume_config(config)
     trainer = _build_trainer(config, strategy, total_steps)
+    restored = trainer.attach_checkpoint(
+        max_to_keep=run.max_to_keep, scratch_dir=run.worker_scratch_dir,
+    )
     data_config = config.data
-    try:
-        dataset = data.training_dataset(
+    start_step = int(trainer.step.numpy())
+
+    def worker_pipeline(input_context):
+        return data.training_dataset(
             source,
             batch_size=config.optim.batch_size,
             image_size=data_config.image_size,
             channels=data_config.channels,
             augment=data_config.augment,
             seed=run.seed,
+            input_context=input_context,
+            start_step=start_step,
         )
+
+    try:
+        iterator = iter(trainer.distribute_dataset(worker_pipeline))
     except tf.errors.InvalidArgumentError as error:  # in-memory decoding
         raise data_error(error, trainer) from None
-    iterator = iter(dataset)
-    restored = trainer.attach_checkpoint(
-        iterator, max_to_keep=run.max_to_keep,
-        scratch_dir=run.worker_scratch_dir,
-    )
     if chief:
         print_fn(_start_line(config, trainer, restored, source, total_steps))
     writer = None

@@ -159,25 +159,92 @@ def test_training_dataset_rgb_to_grey(tmp_path):
     assert np.abs(got - grey).max() <= 1
 
 
-def test_training_dataset_sharding_splits_one_order(tmp_path):
-    root = make_folder(tmp_path / "set", [4, 4, 4])
-    source = data.open_training_source(root)
-    common = dict(batch_size=2, image_size=(8, 8), channels=1,
-                  augment="none", seed=5, repeat=False, in_memory=False)
-    whole = labels_and_values(data.training_dataset(source, **common))
-    shards = [
-        labels_and_values(data.training_dataset(
+def random_folder(root, counts, size=(8, 8)):
+    """root/<idNN>/<k>.png of random grey pixels (so shifts and flips
+    show)."""
+    rng = np.random.default_rng(7)
+    for label, count in enumerate(counts):
+        directory = pathlib.Path(root) / f"id{label:02d}"
+        directory.mkdir(parents=True)
+        for k in range(count):
+            pixels = rng.integers(0, 256, size, dtype=np.uint8)
+            Image.fromarray(pixels).save(directory / f"{k}.png")
+    return pathlib.Path(root)
+
+
+def global_batches(dataset, steps, per_step):
+    """The first `steps` steps of a pipeline, each its `per_step`
+    per-replica batches concatenated."""
+    iterator = iter(dataset)
+    out = []
+    for _ in range(steps):
+        parts = [next(iterator) for _ in range(per_step)]
+        out.append(tuple(np.concatenate([p[i].numpy() for p in parts])
+                         for i in range(2)))
+    return out
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_worker_pipelines_hold_their_rows_of_the_one_device_batch(
+    tmp_path, in_memory
+):
+    """2 pipelines × 2 replicas each: pipeline k yields the batches of
+    replicas 2k and 2k + 1, together the one-device global batch, pixels
+    and augmentation draws included, across an epoch boundary."""
+    source = data.open_training_source(random_folder(tmp_path, [5, 4, 6]))
+    common = dict(batch_size=8, image_size=(8, 8), channels=1,
+                  augment="face", seed=5, in_memory=in_memory)
+    steps = 5  # 40 rows: past the 15-image epoch twice
+    whole = global_batches(data.training_dataset(source, **common), steps, 1)
+    halves = [
+        global_batches(data.training_dataset(
             source,
             input_context=tf.distribute.InputContext(
                 num_input_pipelines=2, input_pipeline_id=k,
-                num_replicas_in_sync=2,
+                num_replicas_in_sync=4,
             ),
             **common,
-        ))
+        ), steps, 2)
         for k in range(2)
     ]
-    # Pipeline k takes positions k, k + 2, ... of the one global order.
-    assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
+    for step in range(steps):
+        for i in range(2):  # images, labels
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][i], halves[1][step][i]]),
+                whole[step][i],
+            )
+    # The draws matter: augmentation changed the pixels (not vacuous).
+    plain = global_batches(data.training_dataset(
+        source, **{**common, "augment": "none"}), steps, 1)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(whole, plain))
+
+
+def test_pipeline_from_a_step_continues_the_stream(tmp_path):
+    """Resuming builds the pipeline at the restored step: the same batches
+    as the uninterrupted stream from there on."""
+    source = data.open_training_source(random_folder(tmp_path, [3, 4]))
+    common = dict(batch_size=3, image_size=(8, 8), channels=1,
+                  augment="face", seed=2)
+    whole = global_batches(data.training_dataset(source, **common), 7, 1)
+    later = global_batches(
+        data.training_dataset(source, start_step=4, **common), 3, 1
+    )
+    for a, b in zip(whole[4:], later):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_pipelines_must_split_the_batch_evenly(tmp_path):
+    source = data.open_training_source(make_folder(tmp_path / "set", [4]))
+    with pytest.raises(ValueError, match="must split evenly over 3"):
+        data.training_dataset(
+            source, batch_size=4, image_size=(8, 8), channels=1,
+            augment="none", seed=0,
+            input_context=tf.distribute.InputContext(
+                num_input_pipelines=1, input_pipeline_id=0,
+                num_replicas_in_sync=3,
+            ),
+        )
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
