@@ -99,8 +99,8 @@ def run_loop(
 
     The checkpoint saved at the end (and every `checkpoint_every` steps) holds
     the model, the optimizer and the step; the input stream is a function of
-    the step, so running again continues exactly. A NaN/Inf loss raises `NonFiniteLossError`
-    before anything is saved.
+    the step, so running again continues exactly. A NaN/Inf loss raises
+    `NonFiniteLossError` before anything is saved.
 
     Args:
         stop_requested: None, or a callable checked before every step; when
