@@ -23,12 +23,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from ring_loss_tf import config as config_lib
+from ring_loss_tf import data
 from ring_loss_tf import trainer as trainer_lib
+from tests.data_files import pack
+from tests.data_files import write_record
 from tests.tiny_runs import GLOBAL_BATCH
 from tests.tiny_runs import assert_same_state
 from tests.tiny_runs import batches
+from tests.tiny_runs import checkpoint_state
 from tests.tiny_runs import model_fn
 from tests.tiny_runs import state
+from tests.tiny_runs import tiny_train
 from tests.tiny_runs import trainer_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -320,3 +326,192 @@ def test_unfinished_checkpoints_of_a_killed_run_are_removed(tmp_path):
         "ckpt-5_temp"
     ]
     assert (tmp_path / "ckpt-2.index").is_file()
+
+
+# --------------------------------------------------------------------------
+# Two workers training from RecordIO: each decodes only its half
+
+_TRAINING_WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from ring_loss_tf import config as config_lib
+    from ring_loss_tf import recordio
+    from ring_loss_tf import trainer as trainer_lib
+    from ring_loss_tf import training
+    from ring_loss_tf.errors import TrainingInterrupted
+    config_path, model_dir, report, sigterm_after = sys.argv[3:7]
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    reads = []
+    read_image = recordio.RecordIOReader.read_image
+
+    def logged(self, key):
+        reads.append(int(key))
+        return read_image(self, key)
+
+    recordio.RecordIOReader.read_image = logged
+    image_records = recordio.image_records
+
+    def opened(reader):  # its look at record 0 is not decoding
+        result = image_records(reader)
+        reads.clear()
+        return result
+
+    recordio.image_records = opened
+    train_step = trainer_lib.Trainer.train_step
+
+    def step_then_maybe_stop(self, images, labels):
+        result = train_step(self, images, labels)
+        if index == 1 and int(self.step.numpy()) == int(sigterm_after):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    trainer_lib.Trainer.train_step = step_then_maybe_stop
+    config = config_lib.replace(
+        config_lib.from_dict(json.loads(open(config_path).read())),
+        model_dir=model_dir,
+    )
+    outcome = "finished"
+    try:
+        result = training.train(config, stop_on_signals=True)
+        step = result["step"]
+    except TrainingInterrupted as stop:
+        outcome, step = "interrupted", stop.step
+    with open(report, "w") as file:
+        json.dump({"reads": reads, "step": step, "outcome": outcome}, file)
+    """
+)
+
+
+def _random_rec(directory, num_records, num_classes, size=16):
+    """insightface-style train.rec + train.idx of random grey PNGs (no
+    header record: the labels give the class count)."""
+    from PIL import Image
+    import io
+
+    rng = np.random.default_rng(4)
+    directory.mkdir(parents=True)
+    offsets = []
+    with open(directory / "train.rec", "wb") as file:
+        for key in range(num_records):
+            buffer = io.BytesIO()
+            Image.fromarray(
+                rng.integers(0, 256, (size, size), dtype=np.uint8)
+            ).save(buffer, "PNG")
+            offsets.append(file.tell())
+            write_record(file, pack(float(key % num_classes),
+                                    buffer.getvalue()))
+    with open(directory / "train.idx", "w") as file:
+        for key, offset in enumerate(offsets):
+            file.write(f"{key}\t{offset}\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def rec_run(tmp_path_factory):
+    """A 6-step A-Softmax + Ring loss run on 400 RecordIO images, and its
+    one-process result (the reference of the two-worker runs)."""
+    root = tmp_path_factory.mktemp("rec_run")
+    data_dir = _random_rec(root / "data", 400, 10)
+    config = config_lib.make(
+        data_dir=str(data_dir), image_size=(16, 16), channels=1,
+        augment="face", backbone="small_cnn", embedding_dim=12,
+        head="asoftmax", lambda_ring=0.01, lambda_base=10.0,
+        margin_warmup_steps=0, steps=6, batch_size=8, lr=0.05,
+        warmup_steps=2, checkpoint_every=3, log_every=1, evaluate=False,
+        export=False, jit=False, seed=1,
+    )
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config_lib.to_dict(config)))
+    tiny_train(root / "one", config, print_fn=lambda *_: None)
+    return config, config_path, checkpoint_state(root / "one")
+
+
+def _train_two_workers(tmp_path, config_path, model_dir, sigterm_after=0):
+    reports = [tmp_path / f"report{i}.json" for i in range(2)]
+    results = _start_workers(tmp_path, _TRAINING_WORKER, [
+        [str(config_path), str(model_dir), str(r), str(sigterm_after)]
+        for r in reports
+    ])
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    return [json.loads(r.read_text()) for r in reports]
+
+
+def _keys_of_rows(config, rows_of_step, steps):
+    """The record keys at the given rows of global batches 0 .. steps-1."""
+    source = data.open_training_source(config.data.data_dir)
+    batch = config.optim.batch_size
+    positions = [s * batch + r for s in range(steps) for r in rows_of_step]
+    index = data.shuffled_index(
+        tf.constant(positions, tf.int64), config.run.seed,
+        source.num_examples,
+    ).numpy()
+    return {int(source.keys[i]) for i in index}
+
+
+def test_two_workers_decode_only_their_half_and_equal_one_process(
+    tmp_path, rec_run
+):
+    config, config_path, reference = rec_run
+    reports = _train_two_workers(tmp_path, config_path, tmp_path / "model")
+    assert [r["outcome"] for r in reports] == ["finished"] * 2
+    half = config.optim.batch_size // 2
+    epoch_steps = 400 // config.optim.batch_size
+    for worker, report in enumerate(reports):
+        own_rows = range(worker * half, (worker + 1) * half)
+        other_rows = range((1 - worker) * half, (2 - worker) * half)
+        reads = report["reads"]
+        # Every image it trained on, each once, and none of the other
+        # worker's rows (over the whole first epoch, past any prefetch).
+        assert _keys_of_rows(config, own_rows, 6) <= set(reads)
+        assert len(reads) == len(set(reads))
+        assert not set(reads) & _keys_of_rows(config, other_rows,
+                                               epoch_steps)
+    assert_same_state(reference, checkpoint_state(tmp_path / "model"))
+
+
+def test_a_preempted_worker_stops_both_at_one_step_and_resume_is_exact(
+    tmp_path, rec_run
+):
+    """SIGTERM to the non-chief after its step 2: both workers checkpoint
+    step 2 and stop before step 3; started again, they finish equal to one
+    process."""
+    config, config_path, reference = rec_run
+    model_dir = tmp_path / "model"
+    first = _train_two_workers(tmp_path, config_path, model_dir,
+                               sigterm_after=2)
+    assert [(r["outcome"], r["step"]) for r in first] == [
+        ("interrupted", 2)] * 2
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+    second = _train_two_workers(tmp_path, config_path, model_dir)
+    assert [(r["outcome"], r["step"]) for r in second] == [("finished", 6)] * 2
+    assert_same_state(reference, checkpoint_state(model_dir))
+
+
+def test_gradients_all_reduced_in_bfloat16_are_rounded_not_lost():
+    """Two replicas summing gradients in bfloat16: close to the float32
+    update (within bfloat16's rounding) but not equal to it."""
+    full = trainer_run(["/cpu:0", "/cpu:1"], "softmax", 0.01, num_steps=1)
+    half = trainer_lib.Trainer(
+        trainer_lib.build_strategy(["/cpu:0", "/cpu:1"]),
+        model_fn("softmax", 0.01), global_batch_size=GLOBAL_BATCH,
+        learning_rate=0.05, momentum=0.9, weight_decay=5e-3,
+        all_reduce_dtype="bfloat16",
+    )
+    images, labels = batches(1)[0]
+    half.initialize_radius(images)
+    half.train_step(images, labels)
+    start = full.initial_state
+    a, b = state(full), state(half)
+    differs = False
+    for v in full.models.train_model.trainable_variables:
+        key = v.path
+        change_full, change_half = a[key] - start[key], b[key] - start[key]
+        scale = np.abs(change_full).max()
+        # Each of the two addends and the sum rounded to 8 bits: a few
+        # parts in 2^8 of the largest change.
+        np.testing.assert_allclose(change_half, change_full, rtol=0,
+                                   atol=4 * 2.0**-8 * scale, err_msg=key)
+        differs |= not np.array_equal(change_half, change_full)
+    assert differs
