@@ -175,6 +175,24 @@ def build_strategy(devices=None, collectives="auto"):
     )
 
 
+def is_chief_task():
+    """Whether TF_CONFIG makes this process the chief (or there is none):
+    the same answer as `is_chief`, before any strategy exists."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except json.JSONDecodeError:
+        return True  # tf_config_workers reports the bad JSON
+    task = config.get("task", {})
+    if not task or task.get("type") == "chief":
+        return True
+    cluster = config.get("cluster", {})
+    return (
+        "chief" not in cluster
+        and task.get("type") == "worker"
+        and int(task.get("index", 0)) == 0
+    )
+
+
 def is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:

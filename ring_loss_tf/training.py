@@ -437,12 +437,15 @@ def train(
         tf.config.list_physical_devices("GPU")
     ):
         devices = [f"/cpu:{i}" for i in range(run.cpu_replicas)]
+    # The data first: generating the embedded set forks worker processes,
+    # and a fork after MultiWorkerMirroredStrategy has started its gRPC
+    # threads hangs the children.
+    root, source = _training_data(config, trainer_lib.is_chief_task())
     strategy = trainer_lib.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync
     )
     chief = trainer_lib.is_chief(strategy)
-    root, source = _training_data(config, chief)
     config = config_lib.resolve(config, num_classes=source.num_classes)
     total_steps = config_lib.steps_of(config, source.num_examples)
     if chief:

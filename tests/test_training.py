@@ -57,7 +57,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_kanji):
     assert a.keys() == b.keys() and any("radius" in k for k in a)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
-    # The iterator position was saved too: both runs end at the same place.
+    # The resumed input continued the stream: both runs end at one place.
     assert whole["last"]["loss"] == pytest.approx(resumed["last"]["loss"],
                                                   rel=1e-5)
 
