@@ -5,22 +5,14 @@ per machine: 12 cores now at any machine count W; before, every machine
 decoded the whole global batch, W x 4,800 images/s and 12·W cores.
 """
 
-import importlib.util
-import pathlib
-
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def worker_input():
-    spec = importlib.util.spec_from_file_location(
-        "worker_input", REPO / "bench" / "worker_input.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("worker_input")
 
 
 def test_paper_table_matches_a_hand_computation(worker_input):
