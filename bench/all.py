@@ -15,6 +15,7 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
     input   --batches 5 --steps 3
     train   --steps 3
     eval    --num_probes 2000 --num_distractors 50000
+    worker_input  --steps 10 --train_steps 3 --decode_batches 5
 
 so its figures are noisier than those of `--full` (each script's defaults;
 bench/eval.py's 10,000 x 1,000,000 identification, estimated at 15-20 min
@@ -36,7 +37,7 @@ import sys
 import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
-ORDER = ("layers", "input", "train", "eval", "recordio_index")
+ORDER = ("layers", "input", "train", "eval", "recordio_index", "worker_input")
 QUICK = {
     "layers": ["--backends", "tensorflow", "--heads", "softmax,arcface",
                "--steps", "5", "--repeats", "5"],
@@ -45,6 +46,8 @@ QUICK = {
     "eval": ["--num_probes", "2000", "--num_distractors", "50000",
              "--repeats", "5"],
     "recordio_index": ["--records", "1000000", "--repeats", "5"],
+    "worker_input": ["--steps", "10", "--train_steps", "3",
+                     "--decode_batches", "5", "--repeats", "5"],
 }
 WHAT = {
     "layers": "Ring loss and head cost per training step",
@@ -52,6 +55,7 @@ WHAT = {
     "train": "training throughput (XLA, ring, replicas)",
     "eval": "verification, identification and embedding speed",
     "recordio_index": "RecordIO index memory and time to open",
+    "worker_input": "per-worker input: images decoded per worker and step",
 }
 
 

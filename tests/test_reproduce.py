@@ -4,23 +4,16 @@ The README's verdict table comes from these functions; the cases are
 computed by hand: means and population standard deviations of three seeds.
 """
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location(
-        "reproduce", REPO / "bench" / "reproduce.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("reproduce")
 
 
 def _run(row, seed, tar, low=0.1):
