@@ -146,7 +146,7 @@ def main(argv):
         )
         sys.exit(128 + int(signal.SIGINT))
     except (errors.NonFiniteLossError, errors.CheckpointWriteError,
-            errors.WorkersDisagreeError) as error:
+            errors.WorkersDisagreeError, errors.WorkerLostError) as error:
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as error:

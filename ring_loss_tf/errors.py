@@ -67,6 +67,11 @@ class WorkersDisagreeError(RuntimeError):
     """The workers of a multi-worker run restored different steps."""
 
 
+class WorkerLostError(RuntimeError):
+    """A multi-worker run lost a peer (it died, or the network failed); the
+    checkpoints written before are intact."""
+
+
 def first_line(error) -> str:
     """The first line of an OSError's / tf.errors.OpError's message."""
     text = str(getattr(error, "message", None) or error).strip()

@@ -37,6 +37,7 @@ from ring_loss_tf import trainer as trainer_lib
 from ring_loss_tf.errors import NonFiniteLossError
 from ring_loss_tf.errors import TrainingDataError
 from ring_loss_tf.errors import TrainingInterrupted
+from ring_loss_tf.errors import WorkerLostError
 from ring_loss_tf.errors import first_line
 
 EXPORT_DIR = "export"
@@ -364,6 +365,41 @@ def _build_trainer(config, strategy, total_steps):
         keras.config.set_dtype_policy(previous_policy)
 
 
+def _peer_error(error):
+    """TensorFlow's reason without its op prefix, naming the lost tasks."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.strip())
+    reason = text.splitlines()[0] if text else type(error).__name__
+    tasks = re.findall(r"^(/job:\S+/task:\d+)\s*$", text, re.M)
+    return " ".join([reason.rstrip(":") + (":" if tasks else ""), *tasks])
+
+
+@contextlib.contextmanager
+def _lost_workers(trainer):
+    """A collective that fails because a peer died or cannot be reached
+    (TensorFlow's heartbeats notice within seconds) as one message."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError) as error:
+        if trainer.num_workers <= 1:
+            raise
+        directory = trainer.model_dir
+        latest = tf.train.latest_checkpoint(str(directory)) if (
+            directory is not None) else None
+        kept = (
+            f"the checkpoints in {directory} are intact (latest: {latest}; "
+            "the steps after it are lost)" if latest and trainer.is_chief
+            else "the chief's checkpoints are intact"
+        )
+        raise WorkerLostError(
+            f"Lost contact with another worker at step "
+            f"{int(trainer.step.numpy()) + 1} ({_peer_error(error)}); "
+            f"{kept}. Start every worker again with the same command and "
+            "TF_CONFIG to resume from the latest checkpoint."
+        ) from None
+
+
 def _start_line(config, trainer, restored, source, total_steps):
     model = config.model
     ring_text = ""
@@ -485,7 +521,7 @@ def train(
         else None
     )
     try:
-        with stopper or contextlib.nullcontext():
+        with stopper or contextlib.nullcontext(), _lost_workers(trainer):
             last = run_loop(
                 trainer,
                 iterator,

@@ -219,21 +219,18 @@ def test_no_room_for_an_export_keeps_the_previous_one(finished, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
-def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):
-    """Two train.py workers (MultiWorkerMirroredStrategy on 127.0.0.1):
-    SIGTERM to the non-chief alone checkpoints both at one step."""
+def _start_two_workers(flags):
+    """Two train.py processes with `flags`, as a MultiWorkerMirroredStrategy
+    cluster on 127.0.0.1: (chief, other)."""
     import json
     import socket
 
-    workdir, _ = finished
     sockets = [socket.socket() for _ in range(2)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
     workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
     for s in sockets:
         s.close()
-    model_dir = tmp_path / "run"
-    flags = kill_resume.tiny_flags(workdir, model_dir, steps=40)
     processes = []
     for index in range(2):
         config = {"cluster": {"worker": workers},
@@ -242,6 +239,16 @@ def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):
             flags, env=dict(kill_resume.environment(),
                             TF_CONFIG=json.dumps(config))
         ))
+    return processes
+
+
+def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):
+    """Two train.py workers (MultiWorkerMirroredStrategy on 127.0.0.1):
+    SIGTERM to the non-chief alone checkpoints both at one step."""
+    workdir, _ = finished
+    model_dir = tmp_path / "run"
+    flags = kill_resume.tiny_flags(workdir, model_dir, steps=40)
+    processes = _start_two_workers(flags)
     chief, other = processes
     try:
         for line in chief.stdout:
@@ -270,3 +277,46 @@ def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):
     assert kill_resume.checkpoint_paths(model_dir)[-1].endswith(
         f"ckpt-{step}")
     kill_resume.check_left_behind(model_dir)
+
+
+def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
+    """SIGKILL to the non-chief: the chief stops with one line within
+    TensorFlow's heartbeat timeout, its checkpoints intact; both started
+    again resume from the latest and finish. On a fresh cache, so both
+    workers also generate the embedded set (which once hung: its children
+    were forked after the strategy's gRPC threads started)."""
+    model_dir = tmp_path / "run"
+    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=150)
+    chief, other = _start_two_workers(flags)
+    try:
+        for line in chief.stdout:
+            if line.startswith("step   5/"):
+                other.send_signal(signal.SIGKILL)
+                break
+        _, chief_err = chief.communicate(timeout=300)
+        other.communicate(timeout=60)
+    finally:
+        for p in (chief, other):
+            if p.poll() is None:
+                p.kill()
+    assert chief.returncode == 1, chief_err[-3000:]
+    (line,) = _error_lines(chief_err)
+    latest = kill_resume.checkpoint_paths(model_dir)[-1]
+    assert re.fullmatch(
+        r"train.py: Lost contact with another worker at step \d+ \(.*"
+        r"/job:worker/replica:0/task:1\); the checkpoints in "
+        + re.escape(f"{model_dir} are intact (latest: {latest}; the steps "
+                    "after it are lost). Start every worker again with the "
+                    "same command and TF_CONFIG to resume from the latest "
+                    "checkpoint."),
+        line,
+    ), line
+    kill_resume.check_left_behind(model_dir)
+    chief, other = _start_two_workers(flags)
+    chief_out, chief_err = chief.communicate(timeout=300)
+    _, other_err = other.communicate(timeout=60)
+    assert chief.returncode == 0, chief_err[-3000:]
+    assert other.returncode == 0, other_err[-3000:]
+    first = chief_out.splitlines()[0]
+    assert first.startswith(f"Resuming from {latest}:"), first
+    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-150")
