@@ -1,6 +1,6 @@
 """Per-worker input: images each worker decodes per step; does it keep up.
 
-    python bench/worker_input.py [--repeats 3] [--batch_size 32]
+    python bench/worker_input.py [--repeats 5] [--batch_size 32]
                                  [--backbone small_cnn] [--output FILE]
     python bench/worker_input.py --quick     # smoke test, about 1 min
 
@@ -315,11 +315,12 @@ def main(argv=None):
                         help="the global batch B")
     parser.add_argument("--backbone", default="small_cnn",
                         help="small_cnn (quick) or sphereface20")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20,
-                        help="pipeline steps timed per round")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100,
+                        help="pipeline steps timed per round (long enough "
+                        "that prefetch buffers do not inflate the rate)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--train_steps", type=int, default=10)
+    parser.add_argument("--train_steps", type=int, default=20)
     parser.add_argument("--decode_batches", type=int, default=20)
     parser.add_argument("--identities", type=int, default=64)
     parser.add_argument("--per_identity", type=int, default=20)

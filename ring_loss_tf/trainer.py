@@ -55,6 +55,7 @@ from ring_loss_tf.errors import CheckpointWriteError
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
+from ring_loss_tf.layer_utils import safe_norm
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
 STEP_BOUNDARIES = (16 / 28, 24 / 28)
@@ -642,8 +643,9 @@ class Trainer:
 
         def norm_sum(x):
             embeddings = self.models.embedding_model(x, training=False)
-            return tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32),
-                                         axis=-1))
+            return tf.reduce_sum(
+                safe_norm(tf.cast(embeddings, tf.float32))
+            )
 
         total = self.strategy.reduce(
             "SUM", self.strategy.run(norm_sum, args=(images,)), axis=None

@@ -22,6 +22,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -292,14 +293,17 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
         for line in chief.stdout:
             if line.startswith("step   5/"):
                 other.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
                 break
         _, chief_err = chief.communicate(timeout=300)
+        noticed = time.monotonic() - killed
         other.communicate(timeout=60)
     finally:
         for p in (chief, other):
             if p.poll() is None:
                 p.kill()
     assert chief.returncode == 1, chief_err[-3000:]
+    assert noticed < 60  # not hanging at the next collective
     (line,) = _error_lines(chief_err)
     latest = kill_resume.checkpoint_paths(model_dir)[-1]
     assert re.fullmatch(
