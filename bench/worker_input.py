@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.input import make_jpeg_folder  # noqa: E402
+from ring_loss_tf import cluster  # noqa: E402
 from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf import data  # noqa: E402
 from ring_loss_tf import models  # noqa: E402
@@ -213,29 +213,16 @@ def worker(settings):
 # --------------------------------------------------------------------------
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_workers(num_workers, settings, timeout):
     """Starts `num_workers` processes (a loopback TF_CONFIG cluster when
     more than one); returns each one's RESULT dict."""
-    addresses = [f"127.0.0.1:{p}" for p in _free_ports(num_workers)]
+    configs = cluster.loopback_tf_configs(num_workers)
     processes = []
-    for index in range(num_workers):
+    for tf_config in configs:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         env.pop("TF_CONFIG", None)
         if num_workers > 1:
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": {"worker": addresses},
-                 "task": {"type": "worker", "index": index}}
-            )
+            env["TF_CONFIG"] = tf_config
         processes.append(subprocess.Popen(
             [sys.executable, __file__, "--worker_settings",
              json.dumps(settings)],

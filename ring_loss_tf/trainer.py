@@ -33,7 +33,6 @@ also overflow or flush tiny gradients to zero.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -47,6 +46,7 @@ import keras
 import tensorflow as tf
 
 from ring_loss_tf import layers
+from ring_loss_tf.cluster import tf_config_workers
 from ring_loss_tf import models as models_lib
 from ring_loss_tf.config import ALL_REDUCE_DTYPES
 from ring_loss_tf.config import OPTIMIZERS
@@ -118,17 +118,6 @@ class StopOnSignals:
 # --------------------------------------------------------------------------
 
 
-def tf_config_workers():
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"TF_CONFIG is not valid JSON ({error}); set it as described in "
-            "the tf.distribute multi-worker guide or unset it."
-        ) from None
-    return config.get("cluster", {}).get("worker", [])
-
-
 def build_strategy(devices=None, collectives="auto"):
     """The distribution strategy for this process.
 
@@ -173,24 +162,6 @@ def build_strategy(devices=None, collectives="auto"):
         cross_device_ops = tf.distribute.ReductionToOneDevice()
     return tf.distribute.MirroredStrategy(
         devices, cross_device_ops=cross_device_ops
-    )
-
-
-def is_chief_task():
-    """Whether TF_CONFIG makes this process the chief (or there is none):
-    the same answer as `is_chief`, before any strategy exists."""
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except json.JSONDecodeError:
-        return True  # tf_config_workers reports the bad JSON
-    task = config.get("task", {})
-    if not task or task.get("type") == "chief":
-        return True
-    cluster = config.get("cluster", {})
-    return (
-        "chief" not in cluster
-        and task.get("type") == "worker"
-        and int(task.get("index", 0)) == 0
     )
 
 
@@ -647,9 +618,14 @@ class Trainer:
                 safe_norm(tf.cast(embeddings, tf.float32))
             )
 
-        total = self.strategy.reduce(
-            "SUM", self.strategy.run(norm_sum, args=(images,)), axis=None
-        )
+        @tf.function
+        def replicas_norm_sum(images):
+            return self.strategy.reduce(
+                "SUM", self.strategy.run(norm_sum, args=(images,)),
+                axis=None,
+            )
+
+        total = replicas_norm_sum(images)
         return ring.initialize_radius(
             mean_norm=total / self.global_batch_size
         )

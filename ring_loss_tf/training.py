@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ring_loss_tf import cluster
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import data
 from ring_loss_tf import evaluation
@@ -476,7 +477,7 @@ def train(
     # The data first: generating the embedded set forks worker processes,
     # and a fork after MultiWorkerMirroredStrategy has started its gRPC
     # threads hangs the children.
-    root, source = _training_data(config, trainer_lib.is_chief_task())
+    root, source = _training_data(config, cluster.is_chief_task())
     strategy = trainer_lib.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync

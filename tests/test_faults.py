@@ -30,6 +30,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import kill_resume  # noqa: E402
 
+from ring_loss_tf import cluster  # noqa: E402
+
 
 def _digests(directory):
     """{relative path: sha256} of every file under `directory`."""
@@ -223,24 +225,12 @@ def test_no_room_for_an_export_keeps_the_previous_one(finished, tmp_path):
 def _start_two_workers(flags):
     """Two train.py processes with `flags`, as a MultiWorkerMirroredStrategy
     cluster on 127.0.0.1: (chief, other)."""
-    import json
-    import socket
-
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    for s in sockets:
-        s.close()
-    processes = []
-    for index in range(2):
-        config = {"cluster": {"worker": workers},
-                  "task": {"type": "worker", "index": index}}
-        processes.append(kill_resume.start_train(
-            flags, env=dict(kill_resume.environment(),
-                            TF_CONFIG=json.dumps(config))
-        ))
-    return processes
+    return [
+        kill_resume.start_train(
+            flags, env=dict(kill_resume.environment(), TF_CONFIG=tf_config)
+        )
+        for tf_config in cluster.loopback_tf_configs(2)
+    ]
 
 
 def test_signal_to_one_worker_stops_both_at_the_same_step(finished, tmp_path):

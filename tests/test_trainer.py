@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from ring_loss_tf import cluster
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import data
 from ring_loss_tf import trainer as trainer_lib
@@ -210,29 +210,16 @@ _RESTORING_WORKER = textwrap.dedent(
 )
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(tmp_path, script_text, arguments):
     """One process per entry of `arguments` on loopback, as a TF_CONFIG
     cluster; returns their (return code, output)."""
     script = tmp_path / "worker.py"
     script.write_text(script_text)
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(len(arguments))]
+    configs = cluster.loopback_tf_configs(len(arguments))
     processes = []
-    for index, extra in enumerate(arguments):
+    for tf_config, extra in zip(configs, arguments):
         env = dict(os.environ)
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers},
-             "task": {"type": "worker", "index": index}}
-        )
+        env["TF_CONFIG"] = tf_config
         env["TF_CPP_MIN_LOG_LEVEL"] = "2"
         env.pop("PYTHONPATH", None)
         processes.append(subprocess.Popen(
