@@ -62,6 +62,26 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_kanji):
                                                   rel=1e-5)
 
 
+def test_two_replicas_fed_by_one_pipeline_equal_one_device(tmp_path,
+                                                          tiny_kanji):
+    """`train` on 2 logical CPU devices: one pipeline yields each replica's
+    rows (streamed and augmented), R starts from the norms summed across
+    them, and the run ends where the one-device run ends."""
+    settings = dict(head="asoftmax", lambda_ring=0.01, margin_warmup_steps=0,
+                    augment="characters", print_fn=lambda _: 0)
+    one = tiny_train(tmp_path / "one", tiny_kanji, **settings)
+    two = tiny_train(tmp_path / "two", tiny_kanji,
+                     devices=("/cpu:0", "/cpu:1"), **settings)
+    assert two["trainer"].num_replicas == 2
+    a = checkpoint_state(tmp_path / "one")
+    b = checkpoint_state(tmp_path / "two")
+    assert a.keys() == b.keys() and any("radius" in k for k in a)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+    assert one["last"]["loss"] == pytest.approx(two["last"]["loss"],
+                                                rel=1e-5)
+
+
 def test_resume_with_another_architecture_is_an_error(tmp_path, tiny_kanji):
     tiny_train(tmp_path, tiny_kanji, steps=1, print_fn=lambda _: 0)
     config = json.loads((tmp_path / config_lib.CONFIG_FILE).read_text())
