@@ -16,7 +16,6 @@ IBasicBlock and the MobileFaceNet blocks are checked against float64 NumPy
 convolutions padded as PyTorch pads.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from ring_loss_tf import layers
 from ring_loss_tf import models
 from ring_loss_tf import registry
 from ring_loss_tf import trainer as trainer_lib
+from tests import hidden_package
 from tests.tiny_runs import tiny_kanji_config
 from tests.tiny_runs import tiny_train
 
@@ -637,16 +637,9 @@ def test_auto_radius_starts_at_the_norm_the_first_step_sees():
     assert trainer.radius() == pytest.approx(norms.mean(), rel=0.1)
 
 
-_HIDDEN_WORKER = textwrap.dedent("""
-    import sys
+_HIDDEN_WORKER = hidden_package.PREAMBLE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
-    try:
-        import ring_loss_tf
-    except ImportError:
-        pass
-    else:
-        sys.exit("ring_loss_tf is importable: the test hides nothing")
     serving = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
     result = serving(images=tf.constant(np.load(sys.argv[2])))
     np.save(sys.argv[3], result["embedding"].numpy())
@@ -663,18 +656,12 @@ def test_export_serves_without_the_package(name, tmp_path):
     x = (images.astype("float32") - 127.5) / 128.0
     _calibrate(model, x)
     path = export.export_saved_model(model, tmp_path / "export")
-    hidden = tmp_path / "hidden" / "ring_loss_tf"
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text(
-        "raise ImportError('ring_loss_tf is hidden by the test')\n"
-    )
     np.save(tmp_path / "in.npy", images)
-    env = dict(os.environ, PYTHONPATH=str(hidden.parent),
-               TF_CPP_MIN_LOG_LEVEL="3")
     worker = subprocess.run(
         [sys.executable, "-c", _HIDDEN_WORKER, str(path),
          str(tmp_path / "in.npy"), str(tmp_path / "out.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path, env=hidden_package.env(tmp_path), capture_output=True,
+        text=True,
     )
     assert worker.returncode == 0, worker.stderr[-3000:]
     served = np.load(tmp_path / "out.npy")
