@@ -525,13 +525,14 @@ class BatchNorm(keras.layers.Layer):
     def build(self, input_shape):
         shape = (input_shape[-1],)
         self.gamma = self.beta = None
+        # Read in float32 under mixed precision, like the statistics.
         if self.scale:
             self.gamma = self.add_weight(
-                shape=shape, name="gamma", initializer="ones"
+                shape=shape, name="gamma", initializer="ones", autocast=False
             )
         if self.center:
             self.beta = self.add_weight(
-                shape=shape, name="beta", initializer="zeros"
+                shape=shape, name="beta", initializer="zeros", autocast=False
             )
         self.moving_mean = replica_local_weight(
             self, "moving_mean", shape, "zeros", "float32", "mean"
@@ -541,9 +542,15 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def call(self, x, training=None):
+        # In float32 under mixed precision, as keras.layers
+        # .BatchNormalization: in float16, x − μ keeps few of the digits
+        # that differ, and the gradient of 1/√(σ² + ε), −½(σ² + ε)^(−3/2),
+        # overflows once σ² + ε < 4e-4 (NaN in MobileFaceNet's GDC).
+        dtype = x.dtype
+        x = float32(x)
         axes = tuple(range(len(x.shape) - 1))
         if training:
-            mean, variance = ops.moments(float32(x), axes=axes)
+            mean, variance = ops.moments(x, axes=axes)
             for moving, value in (
                 (self.moving_mean, mean), (self.moving_variance, variance),
             ):
@@ -552,13 +559,13 @@ class BatchNorm(keras.layers.Layer):
                 )
         else:
             mean, variance = self.moving_mean, self.moving_variance
-        inverse = ops.rsqrt(ops.cast(variance, x.dtype) + self.epsilon)
+        inverse = ops.rsqrt(variance + self.epsilon)
         if self.gamma is not None:
-            inverse = inverse * ops.cast(self.gamma, x.dtype)
-        y = (x - ops.cast(mean, x.dtype)) * inverse
+            inverse = inverse * self.gamma
+        y = (x - mean) * inverse
         if self.beta is not None:
-            y = y + ops.cast(self.beta, x.dtype)
-        return y
+            y = y + self.beta
+        return ops.cast(y, dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -243,6 +243,42 @@ def test_batch_norm_training_inference_and_moving_averages():
 
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_norm_under_mixed_float16_normalises_in_float32(mode):
+    """Batch variances of 2.4e-7 and 0.25: in float16 the first channel's
+    output was [0, 0.305] and its input gradient ±inf."""
+    x = np.array([[1.0, 2.0], [1.001, 3.0]], np.float32)
+    weights = np.array([[1.0, 2.0], [3.0, 4.0]])
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = ring_loss_tf.BatchNorm()
+        y = lc.to_numpy(layer(x, training=True))
+        if lc.backend() != "jax":  # a jitted JAX gradient holds no assign
+            value, (d_x,) = lc.value_and_grads(
+                lambda a: ops.sum(
+                    ops.cast(layer(a, training=True), "float32")
+                    * ops.convert_to_tensor(weights.astype(np.float32))
+                ),
+                x, mode=mode,
+            )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert y.dtype == np.float16 and layer.gamma.dtype == "float32"
+    # The reference sees the float16 inputs the layer sees.
+    x16 = x.astype(np.float16).astype(np.float64)
+    deviation = np.sqrt(x16.var(0) + 1e-5)
+    normalised = (x16 - x16.mean(0)) / deviation
+    np.testing.assert_allclose(y, normalised, rtol=1e-3, atol=1e-3)
+    if lc.backend() == "jax":
+        return
+    np.testing.assert_allclose(value, np.sum(normalised * weights), rtol=1e-3)
+    # ∂/∂x of Σ w·x̂ in training: (w − mean(w) − x̂·mean(w·x̂)) / √(σ² + ε).
+    expected = (
+        weights - weights.mean(0) - normalised * (weights * normalised).mean(0)
+    ) / deviation
+    np.testing.assert_allclose(d_x, expected, rtol=1e-2, atol=1e-2)
+
+
 def np_grouped_conv(x, kernel, groups, strides, padding):
     """Each group's inputs correlated with its own kernel slice, in float64;
     returns the output and the padded input. "same" is used at stride 1
