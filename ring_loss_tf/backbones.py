@@ -68,6 +68,31 @@ def _check_common(input_shape, embedding_dim, embedding_block="fc"):
         )
 
 
+def multiply_adds(model):
+    """Multiply-adds per image of the convs and dense layers of `model`.
+
+    Kernel size × output pixels, the nominal count of a grouped conv (also
+    for `layers.GroupedConv2D`, which computes more); BatchNorm, PReLU and
+    sums are left out. arcface_torch's README gives these as "FLOPs"
+    (iresnet50: 6.3G) from ptflops, which adds the rest (about 3 % on
+    MobileFaceNet).
+    """
+    total = 0
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        size = math.prod(kernel.shape)
+        if isinstance(
+            layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+        ):
+            height, width = layer.output.shape[1:3]
+            total += size * height * width
+        elif isinstance(layer, keras.layers.Dense):
+            total += size
+    return total
+
+
 def _prelu(x, name):
     # One slope per channel, as Caffe's PReLU (channel_shared: false).
     return keras.layers.PReLU(
@@ -282,7 +307,7 @@ def _torch_conv(x, filters, kernel_size, strides, name, initializer,
                 groups=1):
     """A bias-free conv padded as PyTorch's (`_torch_padding`)."""
     x, padding = _torch_padding(x, kernel_size, strides, name)
-    # keras.layers.Conv2D's grouped kernels are ~400× slower on CPUs.
+    # keras.layers.Conv2D's grouped kernels are ~260× slower on CPUs.
     conv = keras.layers.Conv2D if groups == 1 else layers.GroupedConv2D
     return conv(
         filters, kernel_size, strides=strides, padding=padding,
@@ -493,9 +518,10 @@ def mobilefacenet(input_shape=(112, 112, 3), embedding_dim=512, seed=None,
     offered: its first stage is a residual stack, another layout.
 
     On CPUs: the grouped conv is a `layers.GroupedConv2D` (TensorFlow's
-    grouped kernels would make the network train at 0.3 images/s on 2
-    cores); it trains at 16 images/s there without XLA and at 5 with it
-    (XLA's CPU depthwise convs are slow), so train it with `--nojit`.
+    grouped kernel alone would hold the network under 1 image/s on 2
+    cores); it trains at 17 images/s there without XLA and at 5 with it
+    (XLA's CPU depthwise convs are slow), so train it with `--nojit`
+    (`bench/backbones.py`).
 
     Args:
         input_shape: `(height, width, channels)`; 112×112×3 in both.

@@ -333,20 +333,6 @@ def _size(weights):
     return sum(int(np.prod(w.shape)) for w in weights)
 
 
-def _keras_macs(model):
-    """Multiply-adds of the convs and dense layers, from Keras' shapes."""
-    total = 0
-    for layer in model.layers:
-        if isinstance(
-            layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-        ):
-            height, width = layer.output.shape[1:3]
-            total += _size([layer.kernel]) * height * width
-        elif isinstance(layer, keras.layers.Dense):
-            total += _size([layer.kernel])
-    return total
-
-
 @pytest.mark.parametrize("name", INSIGHTFACE)
 def test_insightface_backbones_match_their_pytorch_definitions(name):
     model = registry.load(registry.BACKBONES[name])(seed=0)
@@ -358,7 +344,7 @@ def test_insightface_backbones_match_their_pytorch_definitions(name):
     frozen = 512 if name in IRESNETS else 0
     assert _size(model.trainable_weights) == reference.params - frozen
     assert _size(model.non_trainable_weights) == 2 * reference.bn_channels
-    assert _keras_macs(model) == reference.macs
+    assert backbones.multiply_adds(model) == reference.macs
     adds = [l for l in model.layers if isinstance(l, keras.layers.Add)]
     if name in IRESNETS:
         assert len(adds) == sum(IRESNETS[name])
@@ -405,7 +391,7 @@ def test_mobilefacenet_matches_the_published_figures():
     assert paper.macs == pytest.approx(221e6, rel=0.005)
     model = backbones.mobilefacenet(scale=1, embedding_dim=128)
     assert _size(model.trainable_weights) == paper.params
-    assert _keras_macs(model) == paper.macs
+    assert backbones.multiply_adds(model) == paper.macs
     assert model.output_shape == (None, 128)
 
 
