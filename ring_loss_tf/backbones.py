@@ -268,7 +268,6 @@ def small_cnn(
     return keras.Model(images, embeddings, name="small_cnn")
 
 
-
 # --------------------------------------------------------------------------
 # insightface's backbones (arcface_torch/backbones): iResNet, MobileFaceNet
 # --------------------------------------------------------------------------
