@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/ and prints their figures in one report.
 
-    python bench/all.py                          # quick settings, 3 min
+    python bench/all.py                          # quick settings, 4 min
     python bench/all.py --full                   # each script's defaults
     python bench/all.py --only layers,eval --markdown bench_results/perf.md
     python bench/all.py --reproduce_dir bench_results/reproduce
@@ -16,6 +16,8 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
     train   --steps 3
     eval    --num_probes 2000 --num_distractors 50000
     worker_input  --steps 10 --train_steps 3 --decode_batches 5
+    backbones  --backbones small_cnn,iresnet18,mobilefacenet --steps 1
+               --no_grouped_conv
 
 so its figures are noisier than those of `--full` (each script's defaults;
 bench/eval.py's 10,000 x 1,000,000 identification, estimated at 15-20 min
@@ -37,7 +39,8 @@ import sys
 import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
-ORDER = ("layers", "input", "train", "eval", "recordio_index", "worker_input")
+ORDER = ("layers", "input", "train", "eval", "recordio_index", "worker_input",
+         "backbones")
 QUICK = {
     "layers": ["--backends", "tensorflow", "--heads", "softmax,arcface",
                "--steps", "5", "--repeats", "5"],
@@ -48,6 +51,8 @@ QUICK = {
     "recordio_index": ["--records", "1000000", "--repeats", "5"],
     "worker_input": ["--steps", "10", "--train_steps", "3",
                      "--decode_batches", "5", "--repeats", "5"],
+    "backbones": ["--backbones", "small_cnn,iresnet18,mobilefacenet",
+                  "--steps", "1", "--repeats", "5", "--no_grouped_conv"],
 }
 WHAT = {
     "layers": "Ring loss and head cost per training step",
@@ -56,6 +61,7 @@ WHAT = {
     "eval": "verification, identification and embedding speed",
     "recordio_index": "RecordIO index memory and time to open",
     "worker_input": "per-worker input: images decoded per worker and step",
+    "backbones": "backbones: parameters, multiply-adds, training speed",
 }
 
 

@@ -13,11 +13,13 @@ study (`bench/reproduce.py`) is.
     check(config)                       # ConfigError naming the setting
     replace(config, seed=1).optim.steps  # 28000
 
-Settings left as None take a default that depends on the data or the head
-(`resolve`): the image size and channels of the data, the embedding size of
-the backbone, the head's margin warm-up, embedding block and center-loss
-weight (`registry.HEADS`). A run saves its resolved configuration, so a later
-change of a default never changes a saved run.
+Settings left as None take a default that depends on the data, the backbone
+or the head (`resolve`): the image size and channels of the backbone
+(insightface's networks: 112×112×3) or else of the data, the embedding size
+and block of the backbone (`registry.BACKBONES`), the head's margin
+warm-up, embedding block and center-loss weight (`registry.HEADS`). A run
+saves its resolved configuration, so a later change of a default never
+changes a saved run.
 
 This module imports no TensorFlow: a bad flag fails in a fraction of a
 second.
@@ -87,10 +89,12 @@ class DataConfig:
         "KanjiVG character set.", kind="str", resume="free")
     image_size: tuple[int, int] | None = setting(
         None,
-        "HEIGHT,WIDTH or SIZE the images are resized to (default 32 for the "
-        "embedded set, 112,96 for a face folder).", kind="size")
+        "HEIGHT,WIDTH or SIZE the images are resized to (default 112 for "
+        "iresnet*/mobilefacenet, else 32 for the embedded set, 112,96 for a "
+        "face folder).", kind="size")
     channels: int | None = setting(
-        None, "1 (grey) or 3 (RGB); default by data.", kind="int")
+        None, "1 (grey) or 3 (RGB); default 3 for iresnet*/mobilefacenet, "
+        "else by data.", kind="int")
     augment: str | None = setting(
         None,
         "face | characters | none (default: characters for the embedded "
@@ -140,7 +144,9 @@ class ModelConfig:
     embedding_block: str | None = setting(
         None,
         "fc (a fully-connected embedding, SphereFace's) | bn (insightface's "
-        "BN → FC → BN). Default bn for cosface/arcface (their feature norm "
+        "BN → FC → BN) | gdc (MobileFaceNet's global depthwise conv → FC → "
+        "BN). Default: the backbone's (bn for iresnet*, gdc for "
+        "mobilefacenet), else bn for cosface/arcface (their feature norm "
         "runs away without it), fc otherwise.", kind="str")
     num_classes: int | None = setting(
         None, "Set from the training data.", kind="none")
@@ -580,15 +586,17 @@ def check_replicas(batch_size, num_replicas, why=""):
 
 
 def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
-    """`config` with every default that depends on data or head filled in.
+    """`config` with every default that depends on data, backbone or head
+    filled in.
 
     Args:
         num_classes: the classes of the training data (None: keep).
     """
     data, model = config.data, config.model
     head = registry.HEADS[model.head]
+    backbone = registry.backbone(model.backbone)
     embedded = data.data_dir is None
-    image_size = data.image_size
+    image_size = data.image_size or backbone.image_size
     if image_size is None:
         image_size = ((data.kanji_image_size,) * 2 if embedded
                       else FACE_IMAGE_SIZE)
@@ -597,13 +605,13 @@ def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
         margin = int(margin)
     settings = dict(
         image_size=tuple(int(v) for v in image_size),
-        channels=data.channels or (KANJI_CHANNELS if embedded
-                                   else FACE_CHANNELS),
-        augment=data.augment or ("characters" if embedded else "face"),
-        embedding_dim=model.embedding_dim or (
-            128 if model.backbone == "small_cnn" else 512
+        channels=data.channels or backbone.channels or (
+            KANJI_CHANNELS if embedded else FACE_CHANNELS
         ),
-        embedding_block=model.embedding_block or head.embedding_block,
+        augment=data.augment or ("characters" if embedded else "face"),
+        embedding_dim=model.embedding_dim or backbone.embedding_dim,
+        embedding_block=(model.embedding_block or backbone.embedding_block
+                         or head.embedding_block),
         margin=margin,
         margin_warmup_steps=(
             head.margin_warmup_steps if model.margin_warmup_steps is None

@@ -7,10 +7,11 @@ misspelt `--head` fails before TensorFlow loads.
 
 A backbone function takes `(input_shape, embedding_dim, *, seed,
 embedding_block)` and returns a `keras.Model` from images to embeddings
-(see `ring_loss_tf.backbones`). A head function takes `(features, labels,
-model, num_classes, seed)` — symbolic Keras tensors, the run's
-`ModelConfig`, the class count and the seed — and returns `(logits,
-head_layer)` (see `ring_loss_tf.models`).
+(see `ring_loss_tf.backbones`); its `Backbone` entry may carry the image
+size and embedding block the published network has. A head function takes
+`(features, labels, model, num_classes, seed)` — symbolic Keras tensors,
+the run's `ModelConfig`, the class count and the seed — and returns
+`(logits, head_layer)` (see `ring_loss_tf.models`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,59 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A backbone train.py can build, and what a run gets when a flag is
+    omitted.
+
+    Attributes:
+        function: "module:function" building the backbone (module
+            docstring), or the function itself.
+        image_size: `(height, width)` the network is defined for; None: the
+            data's default (32×32 for the embedded set, 112×96 for a face
+            folder). insightface's networks take 112×112.
+        channels: likewise (None: 1 for the embedded set, 3 otherwise).
+        embedding_dim: the default embedding size.
+        embedding_block: the block the published network ends in; None:
+            the head's default (`Head.embedding_block`).
+    """
+
+    function: object  # "module:function", or the function itself
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    embedding_dim: int = 512
+    embedding_block: str | None = None
+
+
+def _insightface(name, embedding_block):
+    return Backbone(
+        f"ring_loss_tf.backbones:{name}", image_size=(112, 112), channels=3,
+        embedding_block=embedding_block,
+    )
+
+
 BACKBONES = {
-    "small_cnn": "ring_loss_tf.backbones:small_cnn",
-    "sphereface4": "ring_loss_tf.backbones:sphereface4",
-    "sphereface20": "ring_loss_tf.backbones:sphereface20",
+    "small_cnn": Backbone("ring_loss_tf.backbones:small_cnn",
+                          embedding_dim=128),
+    "sphereface4": Backbone("ring_loss_tf.backbones:sphereface4"),
+    "sphereface20": Backbone("ring_loss_tf.backbones:sphereface20"),
+    "iresnet18": _insightface("iresnet18", "bn"),
+    "iresnet50": _insightface("iresnet50", "bn"),
+    "iresnet100": _insightface("iresnet100", "bn"),
+    "mobilefacenet": _insightface("mobilefacenet", "gdc"),
 }
 
 # How a backbone's last feature map becomes the embedding: "fc", a
 # fully-connected layer (SphereFace, the paper's); "bn", insightface's BN →
 # FC → BN block (BatchNorm on the feature map, the FC, and a BatchNorm
 # without a learned scale on the embedding; insightface's dropout before the
-# FC is 0 by default and left out). Batch statistics are per replica, as in
-# insightface's trainer (`layers.BatchNorm`).
-EMBEDDING_BLOCKS = ("fc", "bn")
+# FC is 0 by default and left out): iResNet's output block; "gdc",
+# MobileFaceNet's global depthwise conv (a linear depthwise conv as large as
+# the map) + BN, a bias-free FC and a BatchNorm with a learned scale. Batch
+# statistics are per replica, as in insightface's trainer
+# (`layers.BatchNorm`).
+EMBEDDING_BLOCKS = ("fc", "bn", "gdc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +125,19 @@ HEADS = {
 def load(entry):
     """The function an entry names ("module:function"), or the entry itself
     when it is already a callable (a head or backbone added at run time)."""
-    if isinstance(entry, Head):
+    if isinstance(entry, (Head, Backbone)):
         entry = entry.function
     if callable(entry):
         return entry
     module, _, name = entry.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def backbone(name) -> Backbone:
+    """The `Backbone` registered as `name` (a bare function or
+    "module:function" registered at run time gets the plain defaults)."""
+    entry = BACKBONES[name]
+    return entry if isinstance(entry, Backbone) else Backbone(entry)
 
 
 def margin_heads() -> tuple[str, ...]:

@@ -153,6 +153,18 @@ def test_unreadable_config_json_says_why(saved, pattern):
               embedding_block="bn", center_loss_weight=0.01),
          dict(margin=4, margin_warmup_steps=0, embedding_block="bn",
               center_loss_weight=0.01)),
+        # insightface's networks bring their input and output block, on the
+        # embedded set too; the flags still win.
+        (dict(backbone="iresnet50"),
+         dict(image_size=(112, 112), channels=3, augment="characters",
+              embedding_dim=512, embedding_block="bn")),
+        (dict(data_dir="/faces", backbone="mobilefacenet", head="arcface"),
+         dict(image_size=(112, 112), channels=3, augment="face",
+              embedding_dim=512, embedding_block="gdc")),
+        (dict(backbone="iresnet18", image_size=(112, 96), channels=1,
+              embedding_dim=128, embedding_block="fc"),
+         dict(image_size=(112, 96), channels=1, embedding_dim=128,
+              embedding_block="fc")),
     ],
 )
 def test_resolve_fills_the_data_and_head_defaults(settings, expected):
@@ -173,6 +185,19 @@ def test_registry_defaults_are_the_ones_resolve_uses():
         assert resolved.embedding_block == head.embedding_block
         assert resolved.center_loss_weight == head.center_loss_weight
         assert head.margin == (name in ("asoftmax", "cosface", "arcface"))
+
+
+def test_backbone_defaults_are_the_ones_resolve_uses():
+    for name in registry.BACKBONES:
+        entry = registry.backbone(name)
+        resolved = config_lib.resolve(config_lib.make(backbone=name))
+        assert resolved.data.image_size == (entry.image_size or (32, 32))
+        assert resolved.data.channels == (entry.channels or 1)
+        assert resolved.model.embedding_dim == entry.embedding_dim
+        assert resolved.model.embedding_block == (
+            entry.embedding_block or "fc"
+        )
+    assert config_lib.resolve(config_lib.make()).model.embedding_dim == 128
 
 
 def test_the_default_config_is_valid():
@@ -206,7 +231,7 @@ def test_the_default_config_is_valid():
          "head has no margin to warm up; use it with head "
          "asoftmax/cosface/arcface, or omit it"),
         ("embedding_block", "ln", "embedding_block='ln': unknown embedding "
-         "block; use one of fc, bn"),
+         "block; use one of fc, bn, gdc"),
         ("center_loss_weight", -0.5, "center_loss_weight=-0.5: must be a "
          "finite number >= 0; use 0 to disable center loss or e.g. 0.003"),
         ("l2_alpha", 0.0, "l2_alpha=0.0: must be a finite number > 0"),

@@ -7,7 +7,6 @@ definition ((x − 127.5) / 128, `tf.image.resize(..., antialias=True)`, the
 """
 
 import io
-import os
 import pathlib
 import re
 import shutil
@@ -28,6 +27,7 @@ from ring_loss_tf import export
 from ring_loss_tf import kanji
 from ring_loss_tf import models as models_lib
 from ring_loss_tf import training
+from tests import hidden_package
 from tests.tiny_runs import batches
 from tests.tiny_runs import model_fn
 
@@ -90,16 +90,9 @@ def exported(tmp_path_factory):
     return model, path
 
 
-_HIDDEN_WORKER = textwrap.dedent("""
-    import sys
+_HIDDEN_WORKER = hidden_package.PREAMBLE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
-    try:
-        import ring_loss_tf
-    except ImportError:
-        pass
-    else:
-        sys.exit("ring_loss_tf is importable: the test hides nothing")
     inputs = np.load(sys.argv[2])
     loaded = tf.saved_model.load(sys.argv[1])
     images = loaded.signatures["serving_default"]
@@ -119,11 +112,6 @@ _HIDDEN_WORKER = textwrap.dedent("""
 
 def test_saved_model_serves_without_the_package(exported, tmp_path):
     model, path = exported
-    hidden = tmp_path / "hidden" / "ring_loss_tf"
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text(
-        "raise ImportError('ring_loss_tf is hidden by the test')\n"
-    )
     at_size = _images((2, *SIZE, 3), 0)
     other_size = _images((3, 23, 17, 3), 1)
     jpeg_image = _images((20, 15, 3), 2)
@@ -132,8 +120,7 @@ def test_saved_model_serves_without_the_package(exported, tmp_path):
     for name, contents in zip(file_names, files):
         pathlib.Path(name).write_bytes(contents)
     np.savez(tmp_path / "in.npz", at_size=at_size, other_size=other_size)
-    env = dict(os.environ, PYTHONPATH=str(hidden.parent))
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = hidden_package.env(tmp_path)
     worker = subprocess.Popen(
         [
             sys.executable,

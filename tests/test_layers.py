@@ -243,6 +243,149 @@ def test_batch_norm_training_inference_and_moving_averages():
 
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_norm_under_mixed_float16_normalises_in_float32(mode):
+    """Batch variances of 2.4e-7 and 0.25: in float16 the first channel's
+    output was [0, 0.305] and its input gradient ±inf."""
+    x = np.array([[1.0, 2.0], [1.001, 3.0]], np.float32)
+    weights = np.array([[1.0, 2.0], [3.0, 4.0]])
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = ring_loss_tf.BatchNorm()
+        y = lc.to_numpy(layer(x, training=True))
+        if lc.backend() != "jax":  # a jitted JAX gradient holds no assign
+            value, (d_x,) = lc.value_and_grads(
+                lambda a: ops.sum(
+                    ops.cast(layer(a, training=True), "float32")
+                    * ops.convert_to_tensor(weights.astype(np.float32))
+                ),
+                x, mode=mode,
+            )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert y.dtype == np.float16 and layer.gamma.dtype == "float32"
+    # The reference sees the float16 inputs the layer sees.
+    x16 = x.astype(np.float16).astype(np.float64)
+    deviation = np.sqrt(x16.var(0) + 1e-5)
+    normalised = (x16 - x16.mean(0)) / deviation
+    np.testing.assert_allclose(y, normalised, rtol=1e-3, atol=1e-3)
+    if lc.backend() == "jax":
+        return
+    np.testing.assert_allclose(value, np.sum(normalised * weights), rtol=1e-3)
+    # ∂/∂x of Σ w·x̂ in training: (w − mean(w) − x̂·mean(w·x̂)) / √(σ² + ε).
+    expected = (
+        weights - weights.mean(0) - normalised * (weights * normalised).mean(0)
+    ) / deviation
+    np.testing.assert_allclose(d_x, expected, rtol=1e-2, atol=1e-2)
+
+
+def np_grouped_conv(x, kernel, groups, strides, padding):
+    """Each group's inputs correlated with its own kernel slice, in float64;
+    returns the output and the padded input. "same" is used at stride 1
+    only: k // 2 zeros on each side."""
+    x, kernel = x.astype(np.float64), kernel.astype(np.float64)
+    k_h, k_w, per_in, filters = kernel.shape
+    if padding == "same":
+        x = np.pad(x, ((0, 0), (k_h // 2,) * 2, (k_w // 2,) * 2, (0, 0)))
+    out_h = (x.shape[1] - k_h) // strides + 1
+    out_w = (x.shape[2] - k_w) // strides + 1
+    per_out = filters // groups
+    y = np.zeros((x.shape[0], out_h, out_w, filters))
+    for g in range(groups):
+        ins = slice(g * per_in, (g + 1) * per_in)
+        outs = slice(g * per_out, (g + 1) * per_out)
+        for i in range(k_h):
+            for j in range(k_w):
+                patch = x[:, i:i + strides * out_h:strides,
+                          j:j + strides * out_w:strides, ins]
+                y[..., outs] += patch @ kernel[i, j, :, outs]
+    return y, x
+
+
+def np_grouped_conv_grads(x, kernel, weights, groups, strides, padding):
+    """∂/∂x and ∂/∂kernel of Σ y·weights, y = np_grouped_conv(...): the
+    output weights correlated with the inputs (kernel), and sent back
+    through each kernel tap (inputs)."""
+    _, padded = np_grouped_conv(x, kernel, groups, strides, padding)
+    kernel = kernel.astype(np.float64)
+    k_h, k_w, per_in, filters = kernel.shape
+    out_h, out_w = weights.shape[1:3]
+    per_out = filters // groups
+    d_padded = np.zeros_like(padded)
+    d_kernel = np.zeros_like(kernel)
+    for g in range(groups):
+        ins = slice(g * per_in, (g + 1) * per_in)
+        outs = slice(g * per_out, (g + 1) * per_out)
+        for i in range(k_h):
+            for j in range(k_w):
+                rows = slice(i, i + strides * out_h, strides)
+                cols = slice(j, j + strides * out_w, strides)
+                patch = padded[:, rows, cols, ins]
+                d_kernel[i, j, :, outs] = np.einsum(
+                    "bhwp,bhwo->po", patch, weights[..., outs]
+                )
+                d_padded[:, rows, cols, ins] += (
+                    weights[..., outs] @ kernel[i, j, :, outs].T
+                )
+    pad_h = (padded.shape[1] - x.shape[1]) // 2
+    pad_w = (padded.shape[2] - x.shape[2]) // 2
+    d_x = d_padded[:, pad_h:pad_h + x.shape[1], pad_w:pad_w + x.shape[2]]
+    return d_x, d_kernel
+
+
+# (groups, input channels, filters, strides, padding): MobileFaceNet's 64
+# groups of 2 → 2, unequal group widths at stride 2, and one group.
+GROUPED_CASES = [(64, 128, 128, 1, "same"), (4, 8, 12, 2, "valid"),
+                 (1, 3, 5, 1, "same")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "groups,c_in,filters,strides,padding",
+    cases(GROUPED_CASES, GROUPED_CASES[:2]),
+)
+def test_grouped_conv2d_values_and_gradients(groups, c_in, filters, strides,
+                                            padding, mode):
+    r = rng(groups)
+    x = r.normal(size=(2, 7, 6, c_in)).astype(np.float32)
+    kernel = r.normal(size=(3, 3, c_in // groups, filters)).astype(np.float32)
+    expected, _ = np_grouped_conv(x, kernel, groups, strides, padding)
+    weights = r.normal(size=expected.shape)
+    value, (d_x, d_kernel) = lc.value_and_grads(
+        lambda a, k: ops.sum(
+            rl.grouped_conv2d(a, k, groups, strides, padding)
+            * ops.convert_to_tensor(weights.astype(np.float32))
+        ),
+        x, kernel, mode=mode,
+    )
+    np.testing.assert_allclose(value, np.sum(expected * weights), rtol=1e-4)
+    ref_dx, ref_dk = np_grouped_conv_grads(
+        x, kernel, weights, groups, strides, padding
+    )
+    np.testing.assert_allclose(d_x, ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_kernel, ref_dk, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv2d_layer_is_a_conv2d_with_groups(tmp_path):
+    layer = ring_loss_tf.layers.GroupedConv2D(
+        12, 3, strides=2, groups=4, use_bias=True, name="grouped"
+    )
+    x = rng(3).normal(size=(2, 9, 9, 8)).astype(np.float32)
+    y = lc.to_numpy(layer(x))
+    # keras.layers.Conv2D(groups=4)'s weights: kernel (3, 3, 2, 12), bias.
+    assert [tuple(w.shape) for w in layer.weights] == [(3, 3, 2, 12), (12,)]
+    kernel, bias = (lc.to_numpy(w) for w in layer.weights)
+    expected, _ = np_grouped_conv(x, kernel, 4, 2, "valid")
+    np.testing.assert_allclose(y, expected + bias, rtol=1e-4, atol=1e-5)
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config() and clone.groups == 4
+    inputs = keras.Input((9, 9, 8))
+    model = keras.Model(inputs, layer(inputs))
+    loaded = lc.roundtrip_keras_file(model, str(tmp_path / "g.keras"))
+    assert isinstance(loaded.get_layer("grouped"), rl.GroupedConv2D)
+    np.testing.assert_allclose(lc.to_numpy(loaded(x)), y, rtol=1e-6)
+
+
 def test_l2_constrained_scales_to_alpha_and_keeps_zero():
     x, _, _ = random_case(30)
     x[0] = 0.0

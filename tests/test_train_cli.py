@@ -81,7 +81,7 @@ def _run(args, cwd, timeout=600):
          r"up; use it with head asoftmax/cosface/arcface, or omit it$"),
         (["--embedding_block=ln"],
          r"--embedding_block=ln: unknown embedding block; use one of fc, "
-         r"bn$"),
+         r"bn, gdc$"),
         (["--center_loss_weight=-1"],
          r"--center_loss_weight=-1\.0: must be a finite number >= 0; use 0 "
          r"to disable center loss or e\.g\. 0\.003$"),
