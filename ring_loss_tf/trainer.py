@@ -603,17 +603,28 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def initialize_radius(self, images):
-        """R from the first global batch: the replicas embed their own rows
-        and the norms are summed across them (no-op when R is restored)."""
+        """R from the first global batch: the mean norm the first training
+        step sees (BatchNorm normalising by the batch), each replica
+        embedding its own rows and the sums all-reduced. The BatchNorm
+        statistics this forward pass updates are put back, so the run is
+        otherwise unchanged. No-op when R is restored."""
         ring = self.models.ring
         if ring is None:
             return None
         if ring.built and ring.is_radius_initialized():
             return ring.initialize_radius(mean_norm=ring.radius)
         images, _ = self.per_replica(images, images)
+        embedding_model = self.models.embedding_model
+        # In inference mode a new network's BatchNorms use their initial
+        # statistics, which do not normalise: an iResNet's features are
+        # then ~1e8 long where the first step sees ~23.
+        saved = [
+            (v, keras.ops.convert_to_numpy(v))
+            for v in embedding_model.non_trainable_variables
+        ]
 
         def norm_sum(x):
-            embeddings = self.models.embedding_model(x, training=False)
+            embeddings = embedding_model(x, training=True)
             return tf.reduce_sum(
                 safe_norm(tf.cast(embeddings, tf.float32))
             )
@@ -626,6 +637,8 @@ class Trainer:
             )
 
         total = replicas_norm_sum(images)
+        for variable, value in saved:
+            variable.assign(value)
         return ring.initialize_radius(
             mean_norm=total / self.global_batch_size
         )

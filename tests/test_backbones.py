@@ -16,6 +16,7 @@ IBasicBlock and the MobileFaceNet blocks are checked against float64 NumPy
 convolutions padded as PyTorch pads.
 """
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -573,13 +574,16 @@ def tiny_kanji(tmp_path_factory):
 def test_one_training_step_on_the_embedded_set(name, tiny_kanji, tmp_path):
     """`train.py --backbone=NAME` on the embedded set, one step of batch 2:
     the registry's 112×112×3 and embedding block, grey characters as RGB."""
-    # R starts at √512, the norm the last BatchNorm gives a new network
-    # (what "auto" should find; it does not: the xfail test below).
+    lines = []
     result = tiny_train(
         tmp_path, tiny_kanji, backbone=name, steps=1, batch_size=2,
-        warmup_steps=0, ring_radius=float(np.sqrt(512)),
-        print_fn=lambda _: 0,
+        warmup_steps=0, print_fn=lines.append,
     )
+    # R ("auto") starts at the norm the first step sees: the last
+    # BatchNorm maps each of the 512 features of a batch of two to ±1
+    # (γ = 1, β = 0), so √512.
+    first_r = float(re.search(r" R ([0-9.]+) ", lines[1]).group(1))
+    assert first_r == pytest.approx(np.sqrt(512), rel=1e-2), lines[1]
     config = result["config"]
     entry = registry.BACKBONES[name]
     assert (config.data.image_size, config.data.channels) == ((112, 112), 3)
@@ -598,14 +602,6 @@ def test_one_training_step_on_the_embedded_set(name, tiny_kanji, tmp_path):
         ), layer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Trainer.initialize_radius embeds the first batch with "
-    "training=False: a new network's BatchNorms then use their initial "
-    "moving averages (mean 0, variance 1), and iResNet's activations, "
-    "N(0, 0.1) convs unnormalised, reach R ≈ 1e8 where training sees "
-    "‖F‖ ≈ 22.6 (mobilefacenet: R ≈ 0.01). Fix in trainer.py.",
-)
 def test_auto_radius_starts_at_the_norm_the_first_step_sees():
     config = config_lib.make(
         num_classes=4, backbone="iresnet18", image_size=(32, 32), seed=0
@@ -617,10 +613,18 @@ def test_auto_radius_starts_at_the_norm_the_first_step_sees():
         jit=False,
     )
     images = tf.random.stateless_normal((4, 32, 32, 3), (0, 1))
+    model = trainer.models.embedding_model
+    before = [v.numpy() for v in model.non_trainable_variables]
     trainer.initialize_radius(images)
-    embeddings = trainer.models.embedding_model(images, training=True)
-    norms = np.linalg.norm(embeddings.numpy(), axis=1)
-    assert trainer.radius() == pytest.approx(norms.mean(), rel=0.1)
+    # The BatchNorm statistics the forward pass moved are put back.
+    for value, v in zip(before, model.non_trainable_variables):
+        np.testing.assert_array_equal(value, v.numpy(), err_msg=v.path)
+    embeddings = model(images, training=True)
+    norms = np.linalg.norm(embeddings.numpy().astype(np.float64), axis=1)
+    assert trainer.radius() == pytest.approx(norms.mean(), rel=1e-5)
+    # Inference mode at initialisation is far off (what R once started at).
+    inference = np.linalg.norm(model(images, training=False).numpy(), axis=1)
+    assert not inference.mean() == pytest.approx(norms.mean(), rel=0.5)
 
 
 _HIDDEN_WORKER = hidden_package.PREAMBLE + textwrap.dedent("""
