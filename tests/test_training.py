@@ -22,6 +22,7 @@ from ring_loss_tf import training
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import NonFiniteLossError
 from tests.tiny_runs import GLOBAL_BATCH
+from tests.tiny_runs import assert_same_checkpoints
 from tests.tiny_runs import assert_same_state
 from tests.tiny_runs import batches
 from tests.tiny_runs import checkpoint_state
@@ -52,11 +53,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_kanji):
     resumed = tiny_train(tmp_path / "split", tiny_kanji, print_fn=lines.append)
     assert lines[0].startswith("Resuming from") and "steps 4→6" in lines[0]
     assert resumed["step"] == 6
-    a = checkpoint_state(tmp_path / "whole")
-    b = checkpoint_state(tmp_path / "split")
-    assert a.keys() == b.keys() and any("radius" in k for k in a)
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+    assert_same_checkpoints(tmp_path / "whole", tmp_path / "split", 1e-6)
     # The resumed input continued the stream: both runs end at one place.
     assert whole["last"]["loss"] == pytest.approx(resumed["last"]["loss"],
                                                   rel=1e-5)
@@ -73,11 +70,7 @@ def test_two_replicas_fed_by_one_pipeline_equal_one_device(tmp_path,
     two = tiny_train(tmp_path / "two", tiny_kanji,
                      devices=("/cpu:0", "/cpu:1"), **settings)
     assert two["trainer"].num_replicas == 2
-    a = checkpoint_state(tmp_path / "one")
-    b = checkpoint_state(tmp_path / "two")
-    assert a.keys() == b.keys() and any("radius" in k for k in a)
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "two", 1e-5)
     assert one["last"]["loss"] == pytest.approx(two["last"]["loss"],
                                                 rel=1e-5)
 

@@ -130,3 +130,12 @@ def checkpoint_state(model_dir):
         if n.startswith("model/") and "OPTIMIZER" not in n
     ]
     return {n: reader.get_tensor(n) for n in names}
+
+
+def assert_same_checkpoints(dir_a, dir_b, atol):
+    """The latest checkpoints of two runs hold the same model tensors (R
+    among them)."""
+    a, b = checkpoint_state(dir_a), checkpoint_state(dir_b)
+    assert a.keys() == b.keys() and any("radius" in k for k in a)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=atol, err_msg=key)
