@@ -66,6 +66,12 @@ def _model_name(path: pathlib.Path) -> str:
     return path.parent.name if path.name == EXPORT_SUBDIR else path.name
 
 
+# A call's activations grow with its pixels: an iResNet or MobileFaceNet
+# takes about 55 MB per 112×112 image in inference on CPU, so 512 of them
+# (the evaluation default) need ~28 GB; 64 need ~3.5 GB.
+PIXELS_PER_CALL = 64 * 112 * 112
+
+
 class Embedder:
     """Embeds uint8 images with a Keras model or a SavedModel signature.
 
@@ -77,7 +83,8 @@ class Embedder:
             default "embedding" if present, else the only output.
         input_normalization: for float inputs, "auto" ((x − 127.5) / 128),
             "none" (0..255) or "unit" (x / 255). uint8 inputs get pixels.
-        batch_size: images per call.
+        batch_size: images per call, at most `PIXELS_PER_CALL` pixels'
+            worth (64 images of 112×112).
         name: label in tables and plots.
 
     Attributes:
@@ -272,10 +279,17 @@ class Embedder:
             return plain, plain
         return plain + self._embed(np.asarray(images)[:, :, ::-1]), plain
 
+    def calls_of(self, height, width):
+        """Images per model call for images of (height, width)."""
+        return max(1, min(self.batch_size,
+                          PIXELS_PER_CALL // max(1, height * width)))
+
     def _embed(self, images: np.ndarray) -> np.ndarray:
         outputs = []
-        for start in range(0, len(images), self.batch_size):
-            x = self.adapt(images[start : start + self.batch_size])
+        height, width = self.image_size or np.shape(images)[1:3]
+        batch = self.calls_of(height, width)
+        for start in range(0, len(images), batch):
+            x = self.adapt(images[start : start + batch])
             y = self._call(tf.constant(x))
             y = np.asarray(y, np.float32)
             if y.ndim != 2 or y.shape[0] != len(x):

@@ -93,3 +93,22 @@ def test_model_errors(world, tmp_path):
         embedder.Embedder(two)
     with pytest.raises(ValueError, match="input_normalization"):
         embedder.Embedder(world["model"], input_normalization="imagenet")
+
+
+def test_large_images_are_embedded_in_calls_of_bounded_pixels():
+    """512 images per call at 32×32, 64 at 112×112 (an iResNet's
+    activations: ~55 MB per image); the split batches give the model's
+    own outputs."""
+    inputs = keras.Input((None, None, 1))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(
+        3, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(pooled))
+    emb = embedder.Embedder(model, batch_size=512)
+    assert emb.calls_of(32, 32) == 512
+    assert emb.calls_of(112, 112) == 64
+    assert emb.calls_of(4000, 4000) == 1
+    pixels = np.random.default_rng(0).integers(0, 256, (70, 112, 112, 1),
+                                               np.uint8)
+    got, _ = emb.embed_with_plain(pixels, flip=False)
+    want = model((pixels.astype(np.float64) - 127.5) / 128.0).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
