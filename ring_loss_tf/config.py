@@ -181,6 +181,16 @@ class ModelConfig:
         "Center loss λ, with any head; 0 disables it. Default 0.003 for "
         "--head=centerloss (softmax + center loss), else 0.", kind="float")
     center_alpha: float = setting(0.5, "Center loss: center update rate α.")
+    head_sharding: bool = setting(
+        False,
+        "asoftmax/cosface/arcface: split the class centres over the "
+        "replicas (Partial FC) instead of copying the head to each: for "
+        "hundreds of thousands of identities and more (README, \"Sharded "
+        "head\"). SGD only.")
+    head_sample_rate: float = setting(
+        1.0,
+        "With --head_sharding: the fraction of negative classes each step "
+        "uses (every class of the batch is always kept; 1 uses all).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,6 +523,17 @@ class _Checks:
         if s["center_loss_weight"] is not None:
             finite("center_loss_weight", 0,
                    "use 0 to disable center loss or e.g. 0.003")
+        if s["head_sharding"] and s["head"] not in margin_heads:
+            bad("head_sharding",
+                f"the {s['head']} head is not a cosine head",
+                f"shard a margin head ({'/'.join(margin_heads)}), or omit it")
+        rate = s["head_sample_rate"]
+        if not (_number(rate) and 0 < rate <= 1):
+            bad("head_sample_rate", "must be in (0, 1]",
+                "use e.g. 0.1 (Partial FC), or 1 to keep every class")
+        if rate != 1 and not s["head_sharding"]:
+            bad("head_sample_rate", "samples the classes of a sharded head",
+                "add --head_sharding, or omit it")
 
     def optim(self):
         s, bad = self.s, self.bad
@@ -531,6 +552,10 @@ class _Checks:
         if not (_number(s["momentum"]) and 0 <= s["momentum"] < 1):
             bad("momentum", "must be in [0, 1)", "use e.g. 0.9")
         finite("weight_decay", 0, "use 0 to disable it")
+        if s["head_sharding"] and s["optimizer"] != "sgd":
+            bad("optimizer",
+                "a sharded head updates its shards with SGD only",
+                "use --optimizer=sgd, or omit --head_sharding")
 
     def run(self):
         s, bad = self.s, self.bad

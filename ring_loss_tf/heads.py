@@ -445,19 +445,28 @@ class CosineClassifier(keras.layers.Layer):
     def call(self, inputs, training=None):
         embeddings, labels = with_labels(self, inputs)
         cos, norms = class_cosines(embeddings, self.kernel)
-        margin = MARGINS[self.margin_function]
         if not training:
+            margin = MARGINS[self.margin_function]
             arguments = self.margin_arguments_at(None)
             return margin(cos, norms, _no_targets(labels), **arguments)
-        if not self.counts_steps:
-            return margin(cos, norms, labels, **self.margin_arguments_at(None))
-        t = self._count_training_call()
-        arguments = self.margin_arguments_at(t)
+        t = self._count_training_call() if self.counts_steps else None
+        return self.training_logits(cos, norms, labels, t)
+
+    def training_logits(self, cos, norms, labels, step):
+        """The training logits of cosines at margin step `step`.
+
+        `step` is t of `margin_arguments_at` (None when the layer keeps no
+        count). During the warm-up (t ≤ 0) the logits are margin-free. A
+        sharded head (`ring_loss_tf.sharded_head`) calls this on its slice
+        of the cosines with its own count.
+        """
+        margin = MARGINS[self.margin_function]
+        arguments = self.margin_arguments_at(step)
         logits = margin(cos, norms, labels, **arguments)
-        if not self.margin_warmup_steps:
+        if step is None or not self.margin_warmup_steps:
             return logits
         plain = margin(cos, norms, _no_targets(labels), **arguments)
-        return ops.where(t > 0, logits, plain)
+        return ops.where(step > 0, logits, plain)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], self.num_classes)

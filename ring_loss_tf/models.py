@@ -25,6 +25,7 @@ import tensorflow as tf
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import layers
 from ring_loss_tf import registry
+from ring_loss_tf import sharded_head
 
 
 @dataclasses.dataclass
@@ -32,10 +33,12 @@ class Models:
     """The models of one run.
 
     Attributes:
-        train_model: `[images, labels] → [logits, embeddings]`.
+        train_model: `[images, labels] → [logits, embeddings]`; with a
+            sharded head `[features, embeddings]` (the head's input).
         embedding_model: `images → embeddings` (the backbone; exported).
         ring: the `RingLoss` layer, or None when λ = 0.
-        head: the head layer producing logits.
+        head: the head layer producing logits, or a
+            `sharded_head.ShardedHead`.
     """
 
     train_model: keras.Model
@@ -86,37 +89,48 @@ def _seeded_kernel(head, seed):
     return head
 
 
-def asoftmax_head(features, labels, model, num_classes, seed):
-    """A-Softmax (SphereFace) with its λ schedule and margin warm-up."""
-    head = layers.ASoftmax(
-        num_classes,
-        lambda_base=model.lambda_base,
-        lambda_gamma=model.lambda_gamma,
-        lambda_power=model.lambda_power,
-        lambda_min=model.lambda_min,
-        name="asoftmax",
-        **_margin_options(model),
+def margin_layer(name, model, num_classes):
+    """The margin head `name` ("asoftmax", "cosface", "arcface") as the
+    run's `ModelConfig` sets it, not yet built: the replicated head calls
+    it, a sharded head (`sharded_head.ShardedHead`) takes its margin."""
+    if name == "asoftmax":
+        return layers.ASoftmax(
+            num_classes,
+            lambda_base=model.lambda_base,
+            lambda_gamma=model.lambda_gamma,
+            lambda_power=model.lambda_power,
+            lambda_min=model.lambda_min,
+            name="asoftmax",
+            **_margin_options(model),
+        )
+    head_class = {"cosface": layers.CosFace, "arcface": layers.ArcFace}[name]
+    return head_class(
+        num_classes, name=name, **_margin_options(model, scale=True)
     )
+
+
+def _margin_head(name, features, labels, model, num_classes, seed):
+    head = margin_layer(name, model, num_classes)
     logits = head([features, labels])
     return logits, _seeded_kernel(head, seed)
+
+
+def asoftmax_head(features, labels, model, num_classes, seed):
+    """A-Softmax (SphereFace) with its λ schedule and margin warm-up."""
+    return _margin_head("asoftmax", features, labels, model, num_classes,
+                        seed)
 
 
 def cosface_head(features, labels, model, num_classes, seed):
     """CosFace (additive cosine margin)."""
-    head = layers.CosFace(
-        num_classes, name="cosface", **_margin_options(model, scale=True)
-    )
-    logits = head([features, labels])
-    return logits, _seeded_kernel(head, seed)
+    return _margin_head("cosface", features, labels, model, num_classes,
+                        seed)
 
 
 def arcface_head(features, labels, model, num_classes, seed):
     """ArcFace (additive angular margin)."""
-    head = layers.ArcFace(
-        num_classes, name="arcface", **_margin_options(model, scale=True)
-    )
-    logits = head([features, labels])
-    return logits, _seeded_kernel(head, seed)
+    return _margin_head("arcface", features, labels, model, num_classes,
+                        seed)
 
 
 def build_models(config: config_lib.TrainConfig) -> Models:
@@ -163,13 +177,23 @@ def build_models(config: config_lib.TrainConfig) -> Models:
             model.num_classes, model.center_loss_weight, model.center_alpha,
             name="center_loss",
         )([features, labels])
-    head_function = registry.load(registry.HEADS[model.head])
-    logits, head = head_function(
-        features, labels, model, model.num_classes, seed
-    )
-    train_model = keras.Model(
-        [images, labels], [logits, embeddings], name="training_model"
-    )
+    if model.head_sharding:
+        # The head lives outside the Keras model, its shards on the
+        # replicas' devices (`Trainer` builds them): the model ends in the
+        # features the head receives.
+        head = sharded_head.ShardedHead(
+            margin_layer(model.head, model, model.num_classes),
+            model.embedding_dim, model.head_sample_rate, seed,
+        )
+        outputs = [features, embeddings]
+    else:
+        head_function = registry.load(registry.HEADS[model.head])
+        logits, head = head_function(
+            features, labels, model, model.num_classes, seed
+        )
+        outputs = [logits, embeddings]
+    train_model = keras.Model([images, labels], outputs,
+                              name="training_model")
     return Models(train_model, embedding_model, ring, head)
 
 

@@ -56,6 +56,8 @@ from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
 from ring_loss_tf.layer_utils import safe_norm
+from ring_loss_tf import sharded_head
+from ring_loss_tf.sharded_head import ShardedHead
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
 STEP_BOUNDARIES = (16 / 28, 24 / 28)
@@ -379,14 +381,41 @@ class Trainer:
                 0, dtype=tf.int64, trainable=False, name="global_step"
             )
         self.decayed = models_lib.decayed_variables(self.models.train_model)
+        self.sharded = isinstance(self.models.head, ShardedHead)
+        if self.sharded:
+            self._build_shards(optimizer, momentum)
         self._forward_backward = tf.function(
             self._forward_backward_fn, jit_compile=self.jit
         )
+        self._forward = tf.function(self._forward_fn, jit_compile=self.jit)
         self._train_step = tf.function(self._train_step_fn)
         self._split = tf.function(self._split_fn)
         self.checkpoint = None
         self.manager = None
         self._worker_dir = None
+
+    def _build_shards(self, optimizer, momentum):
+        """The sharded head's shards, one per local replica."""
+        if self.num_workers > 1:
+            raise ConfigError(
+                "head_sharding", True,
+                "a sharded head runs on the devices of one machine for now",
+                "train on one machine's GPUs, or omit --head_sharding",
+            )
+        if optimizer != "sgd":
+            raise ConfigError(
+                "optimizer", optimizer,
+                "a sharded head updates its shards with SGD only",
+                "use --optimizer=sgd, or omit --head_sharding",
+            )
+        if self.loss_scaling:
+            raise ConfigError(
+                "mixed_precision", True,
+                "float16 loss scaling is not supported with a sharded head",
+                "train in float32 or bfloat16, or omit --head_sharding",
+            )
+        self.momentum = float(momentum)
+        self.models.head.build(self.strategy.extended.worker_devices)
 
     # -- checkpoints -------------------------------------------------------
 
@@ -408,6 +437,8 @@ class Trainer:
             "optimizer": self.optimizer,
             "step": self.step,
         }
+        if self.sharded:
+            items["head"] = self.models.head
         if iterator is not None:
             items["iterator"] = iterator
         self.checkpoint = tf.train.Checkpoint(**items)
@@ -426,7 +457,15 @@ class Trainer:
             self.checkpoint, str(directory), max_to_keep=max_to_keep
         )
         latest = tf.train.latest_checkpoint(str(self.model_dir))
-        if latest:
+        if latest and self.sharded and (
+            sharded_head.saved_shards(latest) != self.models.head.num_shards
+        ):
+            others = {k: v for k, v in items.items() if k != "head"}
+            tf.train.Checkpoint(**others).restore(
+                latest
+            ).expect_partial().assert_existing_objects_matched()
+            self.models.head.restore_resharded(latest)
+        elif latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         self._check_workers_agree_on_the_step(latest)
         return latest
@@ -504,6 +543,40 @@ class Trainer:
 
     # -- the step ----------------------------------------------------------
 
+    def _regularisers(self):
+        """The replica's (Σ model.losses, ring loss, wd/2·Σ‖W‖²), float32."""
+        models = self.models
+        zero = tf.constant(0.0, tf.float32)
+        model_losses = [
+            tf.cast(x, tf.float32) for x in models.train_model.losses
+        ]
+        regularisation = tf.add_n(model_losses) if model_losses else zero
+        ring = (
+            tf.add_n([tf.cast(x, tf.float32) for x in models.ring.losses])
+            if models.ring is not None and models.ring.losses
+            else zero
+        )
+        decay = zero
+        if self.weight_decay > 0 and self.decayed:
+            decay = 0.5 * self.weight_decay * tf.add_n(
+                [
+                    tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                    for v in self.decayed
+                ]
+            )
+        return regularisation, ring, decay
+
+    def _stats(self, loss, cross_entropy, ring, decay, embeddings):
+        norms = tf.norm(tf.cast(embeddings, tf.float32), axis=-1)
+        stats = {
+            "loss": loss,
+            "cross_entropy": cross_entropy,
+            "ring_loss": ring / self.num_replicas,
+            "weight_decay": decay,
+            "feature_norm": tf.reduce_sum(norms) / self.global_batch_size,
+        }
+        return stats, norms
+
     def _forward_backward_fn(self, images, labels):
         """Per-replica loss and gradients (compiled with XLA when jit)."""
         models = self.models
@@ -516,24 +589,7 @@ class Trainer:
                 labels=labels, logits=logits
             )
             cross_entropy = tf.reduce_sum(per_example) / self.global_batch_size
-            zero = tf.constant(0.0, tf.float32)
-            model_losses = [
-                tf.cast(x, tf.float32) for x in models.train_model.losses
-            ]
-            regularisation = tf.add_n(model_losses) if model_losses else zero
-            ring = (
-                tf.add_n([tf.cast(x, tf.float32) for x in models.ring.losses])
-                if models.ring is not None and models.ring.losses
-                else zero
-            )
-            decay = zero
-            if self.weight_decay > 0 and self.decayed:
-                decay = 0.5 * self.weight_decay * tf.add_n(
-                    [
-                        tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
-                        for v in self.decayed
-                    ]
-                )
+            regularisation, ring, decay = self._regularisers()
             # The all-reduce sums replicas: per-replica terms are divided by
             # the replica count, per-example terms by the global batch.
             loss = cross_entropy + (regularisation + decay) / self.num_replicas
@@ -541,22 +597,59 @@ class Trainer:
                 self.optimizer.scale_loss(loss) if self.loss_scaling else loss
             )
         gradients = tape.gradient(scaled, self.trainable)
-        norms = tf.norm(tf.cast(embeddings, tf.float32), axis=-1)
-        stats = {
-            "loss": loss,
-            "cross_entropy": cross_entropy,
-            "ring_loss": ring / self.num_replicas,
-            "weight_decay": decay / self.num_replicas,
-            "feature_norm": tf.reduce_sum(norms) / self.global_batch_size,
-        }
+        stats, norms = self._stats(
+            loss, cross_entropy, ring, decay / self.num_replicas, embeddings
+        )
         return gradients, stats, norms
 
+    def _forward_fn(self, images, labels):
+        """A sharded head's replica: the model up to the head's features,
+        and the replica's share of the regularisers (compiled when jit)."""
+        features, embeddings = self.models.train_model(
+            [images, labels], training=True
+        )
+        regularisation, ring, decay = self._regularisers()
+        own = (regularisation + decay) / self.num_replicas
+        return features, embeddings, own, ring, decay
+
     def _replica_step(self, images, labels):
+        if self.sharded:
+            return self._sharded_replica_step(images, labels)
         gradients, stats, norms = self._forward_backward(images, labels)
         # Outside the compiled function: the optimizer all-reduces (sums)
         # the gradients across replicas, then updates the mirrored weights.
         self.optimizer.apply_gradients(zip(gradients, self.trainable))
         return stats, norms
+
+    def _sharded_replica_step(self, images, labels):
+        """The step with a sharded head (see `sharded_head`): the backbone
+        is compiled, the head's collectives are not; the backbone's
+        gradients are all-reduced, the shard's never."""
+        head = self.models.head
+        context = tf.distribute.get_replica_context()
+        shard = tf.get_static_value(context.replica_id_in_sync_group)
+        with tf.GradientTape() as tape:
+            features, embeddings, own, ring, decay = self._forward(
+                images, labels
+            )
+        cross_entropy, feature_gradient, kernel_gradient = (
+            head.replica_gradients(features, labels, int(shard), self.step)
+        )
+        gradients = tape.gradient(
+            [features, own], self.trainable,
+            output_gradients=[feature_gradient, tf.ones_like(own)],
+        )
+        # Read before apply_gradients advances the optimizer's step.
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        shard_decay = head.apply_sgd(
+            int(shard), kernel_gradient, learning_rate, self.momentum,
+            self.weight_decay,
+        )
+        self.optimizer.apply_gradients(zip(gradients, self.trainable))
+        share = cross_entropy / self.num_replicas
+        decay = decay / self.num_replicas + shard_decay
+        loss = share + own + shard_decay
+        return self._stats(loss, share, ring, decay, embeddings)
 
     def _train_step_fn(self, images, labels):
         stats, norms = self.strategy.run(
@@ -660,7 +753,7 @@ class Trainer:
     def head_lambda(self):
         """A-Softmax's λ of the last step (None: another head or warm-up)."""
         head = self.models.head
-        if isinstance(head, layers.ASoftmax):
+        if isinstance(getattr(head, "margin_head", head), layers.ASoftmax):
             value = head.current_lambda()
             if value is not None:
                 return float(keras.ops.convert_to_numpy(value))

@@ -1,6 +1,6 @@
 """Test-session setup shared by every test module.
 
-The CPU is split into two logical devices before TensorFlow initialises, so
+The CPU is split into four logical devices before TensorFlow initialises, so
 distributed tests can compare two replicas against one device: on a machine
 without GPUs, MirroredStrategy(["/cpu:0", "/cpu:1"]) needs those logical
 devices. TensorFlow fixes its devices when it initialises them, so this must
@@ -16,5 +16,5 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
 
     _cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(
-        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
     )

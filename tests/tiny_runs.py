@@ -40,15 +40,15 @@ def model_fn(head="softmax", lambda_ring=0.01, seed=3):
     return lambda: models.build_models(model_config(head, lambda_ring, seed))
 
 
-def batches(num, seed=0):
+def batches(num, seed=0, batch_size=GLOBAL_BATCH):
     rng = np.random.default_rng(seed)
     return [
         (
             tf.constant(
-                rng.normal(size=(GLOBAL_BATCH, *IMAGE_SIZE, 1)), tf.float32
+                rng.normal(size=(batch_size, *IMAGE_SIZE, 1)), tf.float32
             ),
             tf.constant(
-                rng.integers(0, NUM_CLASSES, GLOBAL_BATCH), tf.int32
+                rng.integers(0, NUM_CLASSES, batch_size), tf.int32
             ),
         )
         for _ in range(num)

@@ -1,0 +1,284 @@
+"""The sharded head against the replicated one, a float64 reference, and
+itself at other shard counts (ring_loss_tf/sharded_head.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ring_loss_tf import config as config_lib
+from ring_loss_tf import models
+from ring_loss_tf import sharded_head
+from ring_loss_tf import trainer as trainer_lib
+from ring_loss_tf.errors import ConfigError
+
+import tiny_runs
+
+
+def devices(n):
+    return [f"/cpu:{i}" for i in range(n)]
+
+
+def make_trainer(n, head, lambda_ring, sharded, batch_size, rate=1.0,
+                 model_dir=None, num_classes=tiny_runs.NUM_CLASSES):
+    config = config_lib.replace(
+        tiny_runs.model_config(head, lambda_ring),
+        head_sharding=sharded, head_sample_rate=rate,
+        num_classes=num_classes,
+    )
+    return trainer_lib.Trainer(
+        trainer_lib.build_strategy(devices(n)),
+        lambda: models.build_models(config),
+        global_batch_size=batch_size,
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-3,
+        jit=False,
+        model_dir=model_dir,
+    )
+
+
+def train(trainer, batches):
+    stats = []
+    for images, labels in batches:
+        # As training.train does: R from the first batch, or restored.
+        if not getattr(trainer, "radius_set", False):
+            trainer.initialize_radius(images)
+            trainer.radius_set = True
+        stats.append(trainer.train_step(images, labels)[0])
+    return stats
+
+
+def kernel(trainer):
+    head = trainer.models.head
+    if isinstance(head, sharded_head.ShardedHead):
+        return head.kernel()
+    return head.kernel.numpy()
+
+
+def assert_close(a, b, what):
+    scale = 1.0 + np.abs(a).max()
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0, err_msg=what)
+
+
+# --------------------------------------------------------------------------
+# Shards, the initial centres and the sampled columns
+# --------------------------------------------------------------------------
+
+
+def test_shards_cover_the_classes_once():
+    for classes, shards in ((7, 2), (10, 4), (5, 5), (100003, 8)):
+        bounds = sharded_head.shard_bounds(classes, shards)
+        assert bounds[0][0] == 0 and bounds[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        widths = [stop - start for start, stop in bounds]
+        assert max(widths) - min(widths) <= 1
+
+
+def test_initial_centres_do_not_depend_on_the_sharding():
+    dim, classes = 4, 3 * sharded_head.INIT_BLOCK + 5
+    whole = sharded_head.initial_columns(dim, classes, 0, classes, seed=1)
+    limit = math.sqrt(6 / (dim + classes))
+    assert whole.shape == (dim, classes) and np.abs(whole).max() <= limit
+    assert np.abs(whole).max() > 0.9 * limit  # uniform, not a narrower law
+    for start, stop in sharded_head.shard_bounds(classes, 3):
+        np.testing.assert_array_equal(
+            sharded_head.initial_columns(dim, classes, start, stop, seed=1),
+            whole[:, start:stop],
+        )
+    other = sharded_head.initial_columns(dim, classes, 0, classes, seed=2)
+    assert not np.array_equal(whole, other)
+
+
+def kept_classes(labels, classes, shards, rate, step, seed=5):
+    kept = []
+    for start, stop in sharded_head.shard_bounds(classes, shards):
+        columns = sharded_head.kept_columns(
+            tf.constant(labels), start, stop, classes, rate, seed, step
+        )
+        kept.append(columns.numpy() + start)
+    return np.concatenate(kept)
+
+
+def test_sampling_keeps_the_positives_and_ignores_the_shard_count():
+    classes, rate = 4000, 0.1
+    labels = np.array([0, 17, 17, 1999, 3999], np.int32)
+    one = kept_classes(labels, classes, 1, rate, step=3)
+    for shards in (2, 3, 8):
+        np.testing.assert_array_equal(
+            kept_classes(labels, classes, shards, rate, step=3), one
+        )
+    assert set(labels) <= set(one)
+    negatives = len(one) - len(set(labels) & set(one))
+    # Binomial(3995, 0.1): mean 399.5, sd 19; 5 sd either side.
+    assert abs(negatives - rate * (classes - 5)) < 5 * 19
+    assert not np.array_equal(one, kept_classes(labels, classes, 1, rate, 4))
+    np.testing.assert_array_equal(
+        kept_classes(labels, 50, 2, 1.0, step=3), np.arange(50)
+    )
+
+
+# --------------------------------------------------------------------------
+# r = 1: the replicated head's step, on 2 and 4 replicas
+# --------------------------------------------------------------------------
+
+
+CASES = [
+    (2, head, ring)
+    for head in ("asoftmax", "cosface", "arcface")
+    for ring in (0.0, 0.01)
+] + [(4, "asoftmax", 0.01), (4, "arcface", 0.0), (4, "cosface", 0.01)]
+
+
+@pytest.mark.parametrize("replicas,head,lambda_ring", CASES)
+def test_sharded_step_is_the_replicated_step(replicas, head, lambda_ring):
+    """Same loss, and the same weights after one step (so the same
+    gradients: the first SGD step moves each weight by −lr·g) and after a
+    second (momentum, the margin count)."""
+    batch = 4 * replicas
+    batches = tiny_runs.batches(2, batch_size=batch)
+    replicated = make_trainer(replicas, head, lambda_ring, False, batch)
+    sharded = make_trainer(replicas, head, lambda_ring, True, batch)
+    sharded.models.head.assign_kernel(kernel(replicated))
+    assert sharded.models.head.num_shards == replicas
+    before = tiny_runs.state(replicated)
+    for step, (images, labels) in enumerate(batches):
+        a = train(replicated, [(images, labels)])[0]
+        b = train(sharded, [(images, labels)])[0]
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (
+                step, name)
+        state_a = tiny_runs.state(replicated)
+        state_b = tiny_runs.state(sharded)
+        # The replicated model also holds the head's kernel and count.
+        assert set(state_a) - set(state_b) == {
+            v.path for v in replicated.models.head.weights}
+        for name in state_b:
+            assert_close(state_a[name], state_b[name], f"{step} {name}")
+        assert_close(kernel(replicated), kernel(sharded), f"{step} kernel")
+    moved = [k for k in before if not np.array_equal(before[k], state_a[k])]
+    assert len(moved) > len(before) // 2
+    if replicated.models.head.counts_steps:  # A-Softmax's λ
+        assert int(np.asarray(replicated.models.head.iterations)) == 2
+        assert int(sharded.models.head.iterations.numpy()) == 2
+
+
+# --------------------------------------------------------------------------
+# r < 1: the loss on the kept classes, in float64
+# --------------------------------------------------------------------------
+
+
+def cosface_loss(features, labels, weights, scale=64.0, margin=0.35):
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    w = weights / np.linalg.norm(weights, axis=0, keepdims=True)
+    logits = scale * (x @ w)
+    rows = np.arange(len(labels))
+    logits[rows, labels] -= scale * margin
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return np.mean(lse - logits[rows, labels])
+
+
+def test_sampled_loss_is_softmax_over_the_kept_classes():
+    # Labels are classes 0..6 of 40: the others are negatives to sample.
+    classes, rate, batch = 40, 0.4, 8
+    trainer = make_trainer(2, "cosface", 0.0, True, batch, rate=rate,
+                           num_classes=classes)
+    images, labels = tiny_runs.batches(1, seed=4, batch_size=batch)[0]
+    head = trainer.models.head
+    whole = head.kernel()
+    # Each replica's BatchNorm normalises its own 4 rows.
+    features = np.concatenate([
+        trainer.models.train_model(
+            [images[rows], labels[rows]], training=True
+        )[0].numpy()
+        for rows in (slice(0, 4), slice(4, 8))
+    ]).astype(np.float64)
+    # The trainer's step draws its columns at step 0.
+    kept = kept_classes(labels.numpy(), classes, 1, rate, step=0,
+                        seed=head.seed)
+    assert 0 < len(set(kept) - set(labels.numpy())) < classes - len(
+        set(labels.numpy()))
+    position = {c: i for i, c in enumerate(kept)}
+    expected = cosface_loss(
+        features, np.array([position[c] for c in labels.numpy()]),
+        whole[:, kept].astype(np.float64),
+    )
+    stats = train(trainer, [(images, labels)])[0]
+    assert stats["cross_entropy"] == pytest.approx(expected, rel=1e-5)
+    # A class of no row and not drawn gets no gradient: only momentum and
+    # weight decay (both zero effect beyond decay at the first step) move it.
+    left_out = sorted(set(range(classes)) - set(kept))
+    after = head.kernel()
+    np.testing.assert_allclose(
+        after[:, left_out], whole[:, left_out] * (1 - 0.05 * 5e-3),
+        rtol=1e-6,
+    )
+
+
+# --------------------------------------------------------------------------
+# Checkpoints: resuming on another number of replicas re-shards
+# --------------------------------------------------------------------------
+
+
+def test_resume_on_other_replica_count_reshards(tmp_path):
+    """A-Softmax on the `fc` embedding has no BatchNorm, so N replicas give
+    the one-device step: 2 steps on 2 replicas + 1 on 4 = 3 on 2."""
+    batches = tiny_runs.batches(3, batch_size=8)
+    straight = make_trainer(2, "asoftmax", 0.01, True, 8)
+    train(straight, batches)
+
+    first = make_trainer(2, "asoftmax", 0.01, True, 8, model_dir=tmp_path)
+    first.attach_checkpoint()
+    train(first, batches[:2])
+    first.save()
+    saved = first.models.head.kernel()
+    assert sharded_head.saved_shards(
+        tf.train.latest_checkpoint(str(tmp_path))) == 2
+
+    second = make_trainer(4, "asoftmax", 0.01, True, 8, model_dir=tmp_path)
+    second.attach_checkpoint()
+    assert second.models.head.num_shards == 4
+    np.testing.assert_array_equal(second.models.head.kernel(), saved)
+    assert int(second.models.head.iterations.numpy()) == 2
+    assert int(second.step.numpy()) == 2
+    train(second, batches[2:])
+    assert_close(kernel(straight), kernel(second), "kernel")
+    a, b = tiny_runs.state(straight), tiny_runs.state(second)
+    for name in a:
+        assert_close(a[name], b[name], name)
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings,setting", [
+    ({"head": "softmax", "head_sharding": True}, "head_sharding"),
+    ({"head": "arcface", "head_sample_rate": 0.5}, "head_sample_rate"),
+    ({"head": "arcface", "head_sharding": True, "head_sample_rate": 0},
+     "head_sample_rate"),
+    ({"head": "arcface", "head_sharding": True, "optimizer": "adam"},
+     "optimizer"),
+])
+def test_bad_sharding_settings_name_the_flag(settings, setting):
+    config = config_lib.make(**settings)
+    with pytest.raises(ConfigError) as error:
+        config_lib.check(config)
+    assert error.value.setting == setting
+    assert "\n" not in str(error.value)
+
+
+def test_more_replicas_than_classes_is_one_line():
+    config = config_lib.replace(
+        tiny_runs.model_config("arcface"), head_sharding=True, num_classes=3
+    )
+    with pytest.raises(ValueError, match="Cannot shard 3 classes over 4"):
+        trainer_lib.Trainer(
+            trainer_lib.build_strategy(devices(4)),
+            lambda: models.build_models(config),
+            global_batch_size=8,
+            jit=False,
+        )
