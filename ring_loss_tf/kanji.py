@@ -481,7 +481,7 @@ def _render_chunk(task):
     return len(samples)
 
 
-class _Progress:
+class Progress:
     """Progress on stderr (no dependency): a bar redrawn in place on a
     terminal; in a log file (not a TTY), one plain line per tenth."""
 
@@ -532,7 +532,7 @@ def _worker_count(num_workers):
 
 
 def _run_tasks(tasks, total, num_workers, progress):
-    bar = _Progress(total, "Generating the KanjiVG data set", progress)
+    bar = Progress(total, "Generating the KanjiVG data set", progress)
     if num_workers == 1:
         for task in tasks:
             bar.update(_render_chunk(task))
