@@ -40,6 +40,7 @@ split would let one change without the key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -623,11 +624,7 @@ def prepare(
     train_ids, test_ids = split_identities(
         seed, num_train_identities, num_test_identities
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache_dir)
-    )
-    try:
+    with staged_directory(root) as temporary:
         tasks, total = [], 0
         for split, ids, count in [
             ("train", train_ids, train_samples_per_identity),
@@ -669,6 +666,24 @@ def prepare(
         (temporary / "settings.json").write_text(
             json.dumps(settings, indent=2) + "\n"
         )
+    return root
+
+
+@contextlib.contextmanager
+def staged_directory(root: pathlib.Path):
+    """A temporary directory beside `root`, renamed to `root` at the end.
+
+    A generated set is never seen half written: it appears under its name
+    whole, once its `settings.json` is in, or not at all (on an error the
+    temporary directory is removed). If another process renamed the same
+    set into place first, its copy is kept and this one removed.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = pathlib.Path(
+        tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent)
+    )
+    try:
+        yield temporary
         try:
             os.rename(temporary, root)
         except OSError:
@@ -679,7 +694,6 @@ def prepare(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return root
 
 
 def _write_identification(root: pathlib.Path, test_ids: list[int]) -> None:

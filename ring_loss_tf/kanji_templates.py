@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -104,26 +102,12 @@ def prepare(
     _, test_ids = kanji.split_identities(
         seed, num_train_identities, num_test_identities
     )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temporary = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent)
-    )
-    try:
+    with kanji.staged_directory(root) as temporary:
         _write(temporary, test_ids[:num_identities], seed,
                media_per_template, image_size)
         (temporary / "settings.json").write_text(
             json.dumps(settings, indent=2) + "\n"
         )
-        try:
-            os.rename(temporary, root)
-        except OSError:
-            if not (root / "settings.json").is_file():
-                raise
-            # Another process finished the same set first: use theirs.
-            shutil.rmtree(temporary, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     return root
 
 
