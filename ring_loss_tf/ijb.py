@@ -51,14 +51,7 @@ TEMPLATE_FILE = "{name}_face_tid_mid.txt"
 PAIR_FILE = "{name}_template_pair_label.txt"
 LANDMARK_FILE = "{name}_name_5pts_score.txt"
 IMAGE_DIR = "loose_crop"
-_LAYOUT = (
-    "layout: <root>/meta/<name>_face_tid_mid.txt ('image template_id "
-    "media_id' per line), <root>/meta/<name>_template_pair_label.txt "
-    "('template_id template_id label', label 1 for the same subject, else "
-    "0), optional <root>/meta/<name>_name_5pts_score.txt ('image x1 y1 ... "
-    "x5 y5 score', the same images in the same order), images in "
-    "<root>/loose_crop/"
-)
+_LAYOUT = 'format: see README, "Template verification (IJB-B/C)"'
 
 
 @dataclasses.dataclass

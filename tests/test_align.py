@@ -274,7 +274,7 @@ def test_landmarks_file_and_command_line(tmp_path, capsys):
          r"landmark coordinates"),
         ("\na/x.png 1 2 3 4 5 6 7 8 9 z\n", r"5pts\.txt line 2: expected"),
         ("a/nothere.png 1 2 3 4 5 6 7 8 9 10\n",
-         r"The landmarks name 1 images that are not under \S+in"),
+         r"The landmarks name images that are not under \S+in \(1, "),
         ("", r"5pts\.txt is empty"),
     ],
 )
