@@ -55,7 +55,7 @@ def prepare(
     seed: int = 0,
     num_train_identities: int = kanji.DEFAULT_NUM_TRAIN_IDENTITIES,
     num_test_identities: int = kanji.DEFAULT_NUM_TEST_IDENTITIES,
-    num_identities: int = 100,
+    num_identities: int | None = None,
     media_per_template: int = 3,
     image_size: int = 32,
 ) -> pathlib.Path:
@@ -65,9 +65,12 @@ def prepare(
         cache_dir, seed, num_train_identities, num_test_identities,
             image_size: those of the embedded set (`kanji.prepare`).
         num_identities: characters (two templates each), at most
-            `num_test_identities`.
+            `num_test_identities`; default 100, or all test characters
+            if fewer.
         media_per_template: media in each template (>= 1).
     """
+    if num_identities is None:
+        num_identities = min(100, num_test_identities)
     for name, value, minimum in [
         ("num_identities", num_identities, 2),
         ("media_per_template", media_per_template, 1),

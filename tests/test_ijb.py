@@ -307,15 +307,25 @@ def test_evaluate_py_ijb_dir(world, tmp_path):
     root = write_protocol(tmp_path / "IJBX", np.random.default_rng(2))
     out_dir = tmp_path / "out"
     proc = run_evaluate([f"--model={world['root'] / 'run'}",
-                         f"--ijb_dir={root}", f"--output_dir={out_dir}"],
-                        tmp_path)
+                         f"--ijb_dir={root}", f"--output_dir={out_dir}",
+                         "--embedded_templates",
+                         f"--cache_dir={tmp_path / 'cache'}",
+                         "--num_train_identities=3",
+                         "--num_test_identities=6"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ijbx templates" in proc.stdout
-    entry = json.loads((out_dir / "results.json").read_text())[
-        "models"][0]["verification"]["ijbx templates"]
+    verification = json.loads((out_dir / "results.json").read_text())[
+        "models"][0]["verification"]
+    # --ijb_dir is data: the embedded pair set is not evaluated as well.
+    assert set(verification) == {"ijbx templates", "kanji templates"}
+    entry = verification["ijbx templates"]
     scores, issame = reference_templates(world, root, False, True)
     assert entry["tar_at_far"]["0.1"] == brute_tar(scores, issame, 0.1)
     assert entry["num_genuine"] == 4 and entry["num_impostor"] == 24
+    # All 6 test characters, two templates each: 66 pairs.
+    kanji_entry = verification["kanji templates"]
+    assert (kanji_entry["num_genuine"], kanji_entry["num_impostor"]) == (
+        6, 60)
     assert (out_dir / "roc_ijbx_templates.png").is_file()
 
     pairs = root / "meta" / "ijbx_template_pair_label.txt"
