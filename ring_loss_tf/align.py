@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from PIL import ImageOps
 
 from ring_loss_tf.images import is_image_file
 
@@ -244,8 +245,8 @@ class MtcnnDetector:
             ) from None
         self.min_face_size = min_face_size
         self._mtcnn = MTCNN()
-        # MTCNN's stages keep no per-call state, but serialising the calls
-        # keeps TensorFlow's threads from oversubscribing the cores.
+        # One call at a time: TensorFlow spreads each call over the cores,
+        # and concurrent calls would only contend for them.
         self._lock = threading.Lock()
 
     def __call__(self, image: np.ndarray) -> list[Face]:
@@ -481,6 +482,9 @@ def align_folder(
     def process(relative):
         try:
             with Image.open(input_dir / relative) as opened:
+                # Pixels as shown (a phone's EXIF rotation applied), as
+                # OpenCV's imread reads them for insightface's landmarks.
+                opened = ImageOps.exif_transpose(opened)
                 image = np.asarray(opened.convert("RGB"))
         except (OSError, Image.DecompressionBombError) as error:
             return relative, f"unreadable ({type(error).__name__}), skipped"

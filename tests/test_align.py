@@ -245,6 +245,20 @@ def test_all_faces_and_centre_crop(tmp_path):
         out / "no_face.txt").read_text()
 
 
+def test_exif_rotation_is_applied_before_detection(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show
+    Image.fromarray(np.zeros((120, 100, 3), np.uint8)).save(
+        source / "phone.jpg", exif=exif)
+    face = align.Face((0, 0, 10, 10), 1, SPHEREFACE * 0.5)
+    detector = FakeDetector({(100, 120): [face]})  # the shape as shown
+    summary = align.align_folder(source, tmp_path / "out",
+                                 detector=detector, progress=False)
+    assert (summary.aligned, summary.no_face) == (1, [])
+
+
 def test_landmarks_file_and_command_line(tmp_path, capsys):
     source = tmp_path / "in"
     write_photo(source / "a" / "x.png")
