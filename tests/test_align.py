@@ -151,6 +151,15 @@ def test_template_points_keep_their_shape_at_another_size():
     _, full = align.template_points("arcface")
     # Half the size: pixel centres map as (p + 0.5) / 2 - 0.5.
     np.testing.assert_allclose(points, (full + 0.5) / 2 - 0.5)
+    # 112×96 inside 56×112 (height 56): the same face shape, scale 1/2,
+    # centred across the width.
+    (h, w), narrow = align.template_points("sphereface", (56, 112))
+    _, sphereface = align.template_points("sphereface")
+    fit = umeyama(sphereface, narrow)
+    np.testing.assert_allclose(apply(fit, sphereface), narrow, atol=1e-9)
+    np.testing.assert_allclose(fit[:, :2], np.eye(2) / 2, atol=1e-12)
+    assert narrow[:, 0].mean() == pytest.approx(
+        (sphereface[:, 0].mean() + 0.5) / 2 - 0.5 + 32)
     with pytest.raises(ValueError, match=r"`template` must be one of"):
         align.template_points("vgg")
 
