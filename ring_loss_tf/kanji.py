@@ -550,6 +550,17 @@ def _run_tasks(tasks, total, num_workers, progress):
             bar.update(n)
 
 
+def check_integers(checks) -> None:
+    """Raises ValueError naming the first (name, value, minimum) whose value
+    is not an integer >= minimum."""
+    for name, value, minimum in checks:
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(
+                f"`{name}` must be an integer >= {minimum}. "
+                f"Received: {name}={value!r}"
+            )
+
+
 def settings_hash(settings: dict) -> str:
     """The cache key: a hash of the settings, the generator and KanjiVG."""
     payload = dict(settings)
@@ -596,17 +607,12 @@ def prepare(
     """
     from ring_loss_tf import eval_data  # imports TensorFlow: only here
 
-    for name, value, minimum in [
+    check_integers([
         ("train_samples_per_identity", train_samples_per_identity, 1),
         ("test_samples_per_identity", test_samples_per_identity, 2),
         ("image_size", image_size, 8),
         ("pairs_per_fold", pairs_per_fold, 1),
-    ]:
-        if not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(
-                f"`{name}` must be an integer >= {minimum}. "
-                f"Received: {name}={value!r}"
-            )
+    ])
     num_workers = _worker_count(num_workers)
     settings = dict(
         seed=int(seed),

@@ -71,16 +71,11 @@ def prepare(
     """
     if num_identities is None:
         num_identities = min(100, num_test_identities)
-    for name, value, minimum in [
+    kanji.check_integers([
         ("num_identities", num_identities, 2),
         ("media_per_template", media_per_template, 1),
         ("image_size", image_size, 8),
-    ]:
-        if not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(
-                f"`{name}` must be an integer >= {minimum}. "
-                f"Received: {name}={value!r}"
-            )
+    ])
     if num_identities > num_test_identities:
         raise ValueError(
             f"`num_identities` ({num_identities}) must not exceed "
