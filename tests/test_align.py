@@ -340,9 +340,9 @@ def test_mtcnn_aligns_a_real_photograph_onto_the_template(tmp_path):
     faces = detector(crop)
     assert len(faces) == 1 and faces[0].score > 0.9
     error = np.linalg.norm(faces[0].landmarks - SPHEREFACE, axis=1)
-    # MTCNN returns whole pixels; the eyes land within 2.5 px, and no point
+    # MTCNN returns whole pixels; the eyes land within 3 px, and no point
     # is off by more than 5 px (the nose tip, a point detectors disagree on).
-    assert error[:2].max() < 2.5 and error.max() < 5, error
+    assert error[:2].max() < 3 and error.max() < 5, error
     # On the photograph the face is ~170 px wide: a failed warp (wrong
     # direction, mirrored, unscaled) would put points tens of pixels away.
     original = detector(np.asarray(Image.open(GRACE_HOPPER).convert("RGB")))
