@@ -16,6 +16,12 @@ TAR@FAR=1e-4 54.47 % (the figures train.py printed for the same run), AUC
 norm 0.96×, 0.93×, 0.85× full resolution; identification of 2,250 probes
 vs 250 gallery + 2,500 distractors: rank-1 64.84 %, rank-5 83.20 %.
 
+Template verification (IJB-B/C; meta/ and loose_crop/ as insightface's IJB
+evaluation reads them), or the embedded set's template variant:
+
+    python evaluate.py --model=runs/casia/export --ijb_dir=/data/IJBC --flip
+    python evaluate.py --model=runs/default --embedded_templates
+
 On face data:
 
     python evaluate.py --model=runs/casia/export \\
@@ -80,6 +86,19 @@ flags.DEFINE_string(
     "Identification distractors: a folder of image folders, or a .npy of "
     "precomputed embeddings (n, embedding_dim), memory-mapped.",
 )
+flags.DEFINE_list(
+    "ijb_dir",
+    [],
+    "Template protocols (IJB-B/C) in insightface's layout: each a directory "
+    "with meta/<name>_face_tid_mid.txt, meta/<name>_template_pair_label.txt, "
+    "optional meta/<name>_name_5pts_score.txt and loose_crop/.",
+)
+flags.DEFINE_boolean(
+    "embedded_templates",
+    False,
+    "Also verify templates of the embedded set's template variant "
+    "(unseen test characters, several hands per template).",
+)
 flags.DEFINE_string(
     "cache_dir", None, "Embedded set: where it is generated (as train.py)."
 )
@@ -121,6 +140,12 @@ flags.DEFINE_enum(
     "Euclidean distance of the raw embeddings.",
 )
 flags.DEFINE_integer("max_rank", 100, "CMC length.")
+flags.DEFINE_boolean(
+    "detector_score",
+    True,
+    "Template protocols: weight each image's features by the detector score "
+    "of the 5-point file before pooling (as insightface's IJB evaluation).",
+)
 
 # Model input.
 flags.DEFINE_string(
@@ -175,6 +200,12 @@ def _check_flags():
     for path in FLAGS.bin:
         if not os.path.isfile(path):
             _fail(f"--bin: {path}: no such file.")
+    for path in FLAGS.ijb_dir:
+        if not os.path.isdir(os.path.join(path, "meta")):
+            _fail(
+                f"--ijb_dir: {path}: no meta/ directory; pass the directory "
+                "holding meta/ and loose_crop/ (e.g. /data/IJBC)."
+            )
     factors = []
     for value in FLAGS.low_res:
         try:
@@ -205,6 +236,41 @@ def _cached(loader):
     return load
 
 
+def _template_plan():
+    """{name: TemplateProtocol} of --ijb_dir and --embedded_templates."""
+    from ring_loss_tf import ijb
+
+    protocols = {}
+    for path in FLAGS.ijb_dir:
+        protocol = ijb.read_protocol(path)
+        protocols[protocol.name] = protocol
+    if FLAGS.embedded_templates:
+        from ring_loss_tf import kanji_templates
+
+        options = _kanji_options()
+        root = kanji_templates.prepare(**{
+            name: options[name] for name in (
+                "cache_dir", "seed", "num_train_identities",
+                "num_test_identities", "image_size",
+            ) if name in options
+        })
+        print(f"The embedded template variant at {root}")
+        protocols[kanji_templates.NAME] = ijb.read_protocol(root)
+    return protocols
+
+
+def _kanji_options():
+    """The embedded set's settings: the flags, then the trained model's."""
+    options = {name: getattr(FLAGS, name) for name in _KANJI_FLAGS}
+    # A training model_dir records its embedded set; flags given win.
+    for name, value in _trained_kanji_options(FLAGS.model).items():
+        if name in _KANJI_FLAGS and not FLAGS[name].present:
+            options[name] = value
+        elif name not in _KANJI_FLAGS:
+            options[name] = value
+    return options
+
+
 def _data_plan():
     """(verification sets {name: loader}, identification dict or None)."""
     from ring_loss_tf import eval_data
@@ -230,18 +296,11 @@ def _data_plan():
             "probes": FLAGS.probes,
             "distractors": FLAGS.distractors,
         }
-    if sets or ident:
+    if sets or ident or FLAGS.ijb_dir:
         return {k: _cached(v) for k, v in sets.items()}, ident
     from ring_loss_tf import kanji
 
-    options = {name: getattr(FLAGS, name) for name in _KANJI_FLAGS}
-    # A training model_dir records its embedded set; flags given win.
-    for name, value in _trained_kanji_options(FLAGS.model).items():
-        if name in _KANJI_FLAGS and not FLAGS[name].present:
-            options[name] = value
-        elif name not in _KANJI_FLAGS:
-            options[name] = value
-    root = kanji.prepare(**options)
+    root = kanji.prepare(**_kanji_options())
     print(f"No data flag: the embedded test split at {root}")
     sets["kanji-test"] = lambda size, channels: eval_data.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
@@ -297,6 +356,10 @@ def main(argv):
     from ring_loss_tf import evaluation_report
 
     sets, ident = _data_plan()
+    try:
+        templates = _template_plan()
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
     reports = []
     for model in [FLAGS.model] + list(FLAGS.compare):
         try:
@@ -319,6 +382,8 @@ def main(argv):
                 low_res=factors,
                 low_res_side=FLAGS.low_res_side,
                 max_rank=FLAGS.max_rank,
+                templates=templates,
+                detector_score=FLAGS.detector_score,
             )
         except (FileNotFoundError, ValueError) as error:
             # Our readers' messages name the file, line and fix.

@@ -14,11 +14,11 @@ TensorFlow starts.
 
 from ring_loss_tf import quiet as _quiet
 
-# Only in `python -m ring_loss_tf.export`: its output is the project's
-# lines (ring_loss_tf/quiet.py), and the package is imported before the
-# module can say so. train.py and evaluate.py call `quiet.import_tensorflow`
-# themselves, after their flag checks; elsewhere importing the package
-# leaves TensorFlow's logging as it is.
+# Only in `python -m ring_loss_tf.export` or `.align`: their output is
+# the project's lines (ring_loss_tf/quiet.py), and the package is imported
+# before the module can say so. train.py and evaluate.py call
+# `quiet.import_tensorflow` themselves, after their flag checks; elsewhere
+# importing the package leaves TensorFlow's logging as it is.
 if _quiet.is_module_entry_point():
     _quiet.import_tensorflow()
 

@@ -23,7 +23,9 @@ Protocols:
   rank-5, CMC), distractors embedded in chunks or read from a `.npy` of
   embeddings (memory-mapped) (`evaluate_identification`), or, for folders
   of copies of an already embedded set, from its embeddings
-  (`identify_copies`).
+  (`identify_copies`);
+- template verification (IJB-B/C): features pooled per media, then per
+  template, and pairs of templates scored (`ring_loss_tf.ijb`).
 
 `ring_loss_tf.evaluation_report` prints and writes the results.
 """
@@ -41,6 +43,7 @@ import tensorflow as tf
 
 from ring_loss_tf import data
 from ring_loss_tf import eval_data
+from ring_loss_tf import ijb
 from ring_loss_tf import metrics
 # Loading the model is the first step of every evaluation: evaluate.py and
 # bench/ take these from here.
@@ -463,6 +466,8 @@ def evaluate_model(
     low_res_side: str = "probe",
     fars: Sequence[float] = metrics.DEFAULT_FARS,
     max_rank: int = 100,
+    templates: dict | None = None,
+    detector_score: bool = True,
 ) -> ModelReport:
     """Runs every requested protocol for one model.
 
@@ -475,6 +480,10 @@ def evaluate_model(
         metric, flip, low_res, low_res_side, fars: see
             `evaluate_verification`.
         max_rank: CMC length.
+        templates: {name: `ijb.TemplateProtocol`}, template verification
+            (cosine, `flip` and `detector_score` as in
+            `ijb.evaluate_templates`); reported with the verification sets
+            as "<name> templates".
     """
     metrics.check_metric(metric)
     verification = {}
@@ -490,6 +499,12 @@ def evaluate_model(
             low_res_side=low_res_side,
             fars=fars,
         )
+    if templates:
+        for name, protocol in templates.items():
+            verification[f"{name} templates"] = ijb.evaluate_templates(
+                embedder, protocol, flip=flip,
+                detector_score=detector_score, fars=fars,
+            )
     ident = None
     if identification:
         ident = evaluate_identification(
@@ -511,6 +526,7 @@ def evaluate_model(
             "low_res": list(low_res),
             "low_res_side": low_res_side,
             "fars": list(fars),
+            **({"detector_score": detector_score} if templates else {}),
         },
         verification=verification,
         identification=ident,

@@ -40,6 +40,7 @@ split would let one change without the key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -481,7 +482,7 @@ def _render_chunk(task):
     return len(samples)
 
 
-class _Progress:
+class Progress:
     """Progress on stderr (no dependency): a bar redrawn in place on a
     terminal; in a log file (not a TTY), one plain line per tenth."""
 
@@ -532,7 +533,7 @@ def _worker_count(num_workers):
 
 
 def _run_tasks(tasks, total, num_workers, progress):
-    bar = _Progress(total, "Generating the KanjiVG data set", progress)
+    bar = Progress(total, "Generating the KanjiVG data set", progress)
     if num_workers == 1:
         for task in tasks:
             bar.update(_render_chunk(task))
@@ -547,6 +548,17 @@ def _run_tasks(tasks, total, num_workers, progress):
     with context.Pool(num_workers) as pool:
         for n in pool.imap_unordered(_render_chunk, tasks, chunksize=1):
             bar.update(n)
+
+
+def check_integers(checks) -> None:
+    """Raises ValueError naming the first (name, value, minimum) whose value
+    is not an integer >= minimum."""
+    for name, value, minimum in checks:
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(
+                f"`{name}` must be an integer >= {minimum}. "
+                f"Received: {name}={value!r}"
+            )
 
 
 def settings_hash(settings: dict) -> str:
@@ -595,17 +607,12 @@ def prepare(
     """
     from ring_loss_tf import eval_data  # imports TensorFlow: only here
 
-    for name, value, minimum in [
+    check_integers([
         ("train_samples_per_identity", train_samples_per_identity, 1),
         ("test_samples_per_identity", test_samples_per_identity, 2),
         ("image_size", image_size, 8),
         ("pairs_per_fold", pairs_per_fold, 1),
-    ]:
-        if not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(
-                f"`{name}` must be an integer >= {minimum}. "
-                f"Received: {name}={value!r}"
-            )
+    ])
     num_workers = _worker_count(num_workers)
     settings = dict(
         seed=int(seed),
@@ -623,11 +630,7 @@ def prepare(
     train_ids, test_ids = split_identities(
         seed, num_train_identities, num_test_identities
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache_dir)
-    )
-    try:
+    with staged_directory(root) as temporary:
         tasks, total = [], 0
         for split, ids, count in [
             ("train", train_ids, train_samples_per_identity),
@@ -669,6 +672,24 @@ def prepare(
         (temporary / "settings.json").write_text(
             json.dumps(settings, indent=2) + "\n"
         )
+    return root
+
+
+@contextlib.contextmanager
+def staged_directory(root: pathlib.Path):
+    """A temporary directory beside `root`, renamed to `root` at the end.
+
+    A generated set is never seen half written: it appears under its name
+    whole, once its `settings.json` is in, or not at all (on an error the
+    temporary directory is removed). If another process renamed the same
+    set into place first, its copy is kept and this one removed.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temporary = pathlib.Path(
+        tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent)
+    )
+    try:
+        yield temporary
         try:
             os.rename(temporary, root)
         except OSError:
@@ -679,7 +700,6 @@ def prepare(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return root
 
 
 def _write_identification(root: pathlib.Path, test_ids: list[int]) -> None:

@@ -284,7 +284,7 @@ def test_prepare_bad_settings(tmp_path):
 def test_progress_in_a_log_file_is_plain_lines(capsys):
     """Not a terminal (pytest's captured stderr): no carriage returns, one
     line per tenth, the last one at the total."""
-    bar = kanji._Progress(37, "Generating", enabled=True)
+    bar = kanji.Progress(37, "Generating", enabled=True)
     for _ in range(37):
         bar.update(1)
     err = capsys.readouterr().err
@@ -293,5 +293,5 @@ def test_progress_in_a_log_file_is_plain_lines(capsys):
     assert len(lines) == 10, lines
     assert all(l.startswith("Generating: ") for l in lines)
     assert lines[-1].startswith("Generating: 37/37 ")
-    kanji._Progress(5, "Off", enabled=False).update(5)
+    kanji.Progress(5, "Off", enabled=False).update(5)
     assert capsys.readouterr().err == ""

@@ -1,0 +1,349 @@
+"""Tests of face alignment (ring_loss_tf/align.py): the similarity transform
+against Umeyama's SVD solution, the warp against a NumPy bilinear sampler,
+the ops inside tf.data, and folders of photos aligned end to end (MTCNN on a
+real photograph that matplotlib ships)."""
+
+import os
+import pathlib
+import re
+
+import matplotlib
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from ring_loss_tf import align
+
+GRACE_HOPPER = (
+    pathlib.Path(matplotlib.get_data_path()) / "sample_data"
+    / "grace_hopper.jpg"
+)
+
+
+def umeyama(source, target, allow_reflection=False):
+    """Umeyama (1991) in float64 NumPy: the least-squares s·R, t by SVD.
+
+    With `allow_reflection` the sign correction S is left out, giving the
+    least-squares orthogonal map, which may mirror.
+    """
+    source = np.asarray(source, np.float64)
+    target = np.asarray(target, np.float64)
+    mu_s, mu_t = source.mean(0), target.mean(0)
+    s, t = source - mu_s, target - mu_t
+    covariance = t.T @ s / len(source)
+    u, d, vt = np.linalg.svd(covariance)
+    sign = np.eye(2)
+    if not allow_reflection and np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rotation = u @ sign @ vt
+    scale = np.trace(np.diag(d) @ sign) / (s**2).sum(1).mean()
+    translation = mu_t - scale * rotation @ mu_s
+    return np.c_[scale * rotation, translation]
+
+
+def apply(matrix, points):
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+_, SPHEREFACE = align.template_points("sphereface")
+
+
+def test_similarity_transform_equals_umeyama_on_noisy_landmarks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        angle = rng.uniform(-np.pi, np.pi)
+        scale = rng.uniform(0.2, 5)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)],
+                             [np.sin(angle), np.cos(angle)]])
+        # Landmarks of a face seen at some pose, with detector noise.
+        landmarks = (SPHEREFACE @ rotation.T) * scale + rng.uniform(
+            -300, 300, 2) + rng.normal(0, 3, (5, 2))
+        got = align.similarity_transform(landmarks, SPHEREFACE).numpy()
+        np.testing.assert_allclose(got, umeyama(landmarks, SPHEREFACE),
+                                   rtol=1e-9, atol=1e-9)
+        assert got[0, 0] == got[1, 1] and got[0, 1] == -got[1, 0]
+
+
+def test_an_exact_similarity_is_recovered_and_batches_agree():
+    rng = np.random.default_rng(1)
+    truth = np.array([[0.8, -0.6, 10.0], [0.6, 0.8, -4.0]]) * [[2], [2]]
+    truth[:, 2] /= 2
+    inverse = np.linalg.inv(np.r_[truth, [[0, 0, 1]]])[:2]
+    landmarks = apply(inverse, SPHEREFACE)
+    got = align.similarity_transform(landmarks, SPHEREFACE).numpy()
+    np.testing.assert_allclose(got, truth, atol=1e-9)
+    batch = np.stack([landmarks, landmarks + rng.normal(0, 2, (5, 2))])
+    batched = align.similarity_transform(batch, SPHEREFACE).numpy()
+    np.testing.assert_allclose(batched[0], got, atol=1e-12)
+    np.testing.assert_allclose(batched[1], umeyama(batch[1], SPHEREFACE),
+                               atol=1e-9)
+
+
+def test_mirrored_landmarks_give_a_rotation_not_a_reflection():
+    # The template mirrored left-right: the best orthogonal fit is the
+    # reflection itself (residual 0); a face must never be mirrored.
+    mirrored = SPHEREFACE * [-1, 1] + [200, 0]
+    reflecting = umeyama(mirrored, SPHEREFACE, allow_reflection=True)
+    assert np.linalg.det(reflecting[:, :2]) < 0
+    np.testing.assert_allclose(apply(reflecting, mirrored), SPHEREFACE,
+                               atol=1e-9)
+    got = align.similarity_transform(mirrored, SPHEREFACE).numpy()
+    assert np.linalg.det(got[:, :2]) > 0
+    np.testing.assert_allclose(got, umeyama(mirrored, SPHEREFACE), atol=1e-9)
+
+
+def bilinear_reference(image, matrix, size):
+    """Each crop pixel sampled at M⁻¹(x, y) in float64, zero outside."""
+    inverse = np.linalg.inv(np.r_[matrix, [[0, 0, 1]]])
+    h, w = image.shape[:2]
+    out = np.zeros(tuple(size) + image.shape[2:])
+    for i in range(size[0]):
+        for j in range(size[1]):
+            x, y, _ = inverse @ [j, i, 1]
+            x0, y0 = int(np.floor(x)), int(np.floor(y))
+            fx, fy = x - x0, y - y0
+            for dy, dx, weight in ((0, 0, (1 - fx) * (1 - fy)),
+                                   (0, 1, fx * (1 - fy)),
+                                   (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+                yy, xx = y0 + dy, x0 + dx
+                if 0 <= yy < h and 0 <= xx < w:
+                    out[i, j] += weight * image[yy, xx]
+    return out
+
+
+def test_warp_equals_a_numpy_bilinear_sampler():
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 255, (40, 30, 3)).astype(np.float32)
+    landmarks = SPHEREFACE * 0.3 + rng.normal(0, 0.5, (5, 2))
+    matrix = align.similarity_transform(landmarks, SPHEREFACE).numpy()
+    got = align.warp(image, matrix, (112, 96)).numpy()
+    expected = bilinear_reference(image, matrix, (112, 96))
+    # Inside the image, away from its border, where the op's edge
+    # handling (half a pixel) does not matter.
+    inverse = np.linalg.inv(np.r_[matrix, [[0, 0, 1]]])
+    jj, ii = np.meshgrid(np.arange(96), np.arange(112))
+    x, y, _ = np.tensordot(inverse, [jj, ii, np.ones_like(ii)], axes=1)
+    inside = (x > 0.5) & (x < 28.5) & (y > 0.5) & (y < 38.5)
+    assert inside.sum() > 2000
+    np.testing.assert_allclose(got[inside], expected[inside], atol=2e-3)
+    assert np.all(got[(x < -1.5) | (y < -1.5)] == 0)
+
+
+def test_align_face_in_tf_data_equals_eager():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 60, 50, 3), dtype=np.uint8)
+    landmarks = np.stack([SPHEREFACE * 0.5 + rng.normal(0, 1, (5, 2))
+                          for _ in range(3)])
+    eager = align.align_face(images, landmarks, "arcface").numpy()
+    assert eager.shape == (3, 112, 112, 3) and eager.dtype == np.uint8
+    mapped = tf.data.Dataset.from_tensor_slices((images, landmarks)).map(
+        lambda image, points: align.align_face(image, points, "arcface")
+    ).batch(3)
+    np.testing.assert_array_equal(next(iter(mapped)).numpy(), eager)
+    single = align.align_face(images[1], landmarks[1], "arcface").numpy()
+    np.testing.assert_array_equal(single, eager[1])
+
+
+def test_template_points_keep_their_shape_at_another_size():
+    (h, w), points = align.template_points("arcface", (56, 56))
+    assert (h, w) == (56, 56)
+    _, full = align.template_points("arcface")
+    # Half the size: pixel centres map as (p + 0.5) / 2 - 0.5.
+    np.testing.assert_allclose(points, (full + 0.5) / 2 - 0.5)
+    # 112×96 inside 56×112 (height 56): the same face shape, scale 1/2,
+    # centred across the width.
+    (h, w), narrow = align.template_points("sphereface", (56, 112))
+    _, sphereface = align.template_points("sphereface")
+    fit = umeyama(sphereface, narrow)
+    np.testing.assert_allclose(apply(fit, sphereface), narrow, atol=1e-9)
+    np.testing.assert_allclose(fit[:, :2], np.eye(2) / 2, atol=1e-12)
+    assert narrow[:, 0].mean() == pytest.approx(
+        (sphereface[:, 0].mean() + 0.5) / 2 - 0.5 + 32)
+    with pytest.raises(ValueError, match=r"`template` must be one of"):
+        align.template_points("vgg")
+
+
+# --------------------------------------------------------------------------
+# Folders
+
+
+def write_photo(path, face_at=None, size=(120, 100)):
+    """A noise image; landmarks are given separately (no real face)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    Image.fromarray(
+        rng.integers(0, 256, size + (3,), dtype=np.uint8)
+    ).save(path)
+
+
+class FakeDetector:
+    """Returns the faces it was given for an image of that exact size."""
+
+    def __init__(self, faces_by_shape):
+        self.faces_by_shape = faces_by_shape
+        self.calls = 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.faces_by_shape.get(image.shape[:2], [])
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_align_folder_keeps_layout_lists_no_face_and_resumes(tmp_path):
+    source = tmp_path / "photos"
+    write_photo(source / "ann" / "1.png", size=(120, 100))
+    write_photo(source / "ann" / "2.jpg", size=(90, 80))
+    write_photo(source / "bob" / "1.jpg", size=(70, 70))  # no face
+    (source / "bob" / "notes.txt").write_text("not an image")
+    before = snapshot(source)
+    small = align.Face((0, 0, 10, 10), 0.9, SPHEREFACE * 0.3)
+    large = align.Face((0, 0, 40, 40), 0.8, SPHEREFACE * 0.6 + 5)
+    detector = FakeDetector({(120, 100): [small, large],
+                             (90, 80): [large]})
+    out = tmp_path / "aligned"
+    summary = align.align_folder(source, out, detector=detector,
+                                 progress=False)
+    assert (summary.images, summary.aligned, summary.no_face) == (
+        3, 2, ["bob/1.jpg"])
+    assert snapshot(source) == before  # the input is never written
+    written = sorted(p.relative_to(out).as_posix()
+                     for p in out.rglob("*") if p.is_file())
+    assert written == ["ann/1.png", "ann/2.jpg", "no_face.txt"]
+    assert (out / "no_face.txt").read_text() == "bob/1.jpg\tno face: skipped\n"
+    # The largest face (by box area) of 1.png, not the first listed.
+    with Image.open(source / "ann" / "1.png") as photo:
+        expected = align.align_face(np.asarray(photo), large.landmarks)
+    with Image.open(out / "ann" / "1.png") as crop:
+        assert crop.size == (96, 112)
+        np.testing.assert_array_equal(np.asarray(crop), expected.numpy())
+
+    # Resumable: a second run does nothing; a lost output is redone alone.
+    os.unlink(out / "ann" / "2.jpg")
+    detector.calls = 0
+    again = align.align_folder(source, out, detector=detector,
+                               progress=False)
+    assert (again.already_done, again.aligned, detector.calls) == (2, 1, 1)
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temp files
+
+
+def test_all_faces_and_centre_crop(tmp_path):
+    source = tmp_path / "in"
+    write_photo(source / "group.png", size=(120, 100))
+    write_photo(source / "empty.png", size=(50, 60))
+    faces = [align.Face((0, 0, 10, 10), 1, SPHEREFACE * s) for s in
+             (0.3, 0.5, 0.7)]
+    out = tmp_path / "out"
+    align.align_folder(source, out, detector=FakeDetector(
+        {(120, 100): faces}), all_faces=True, on_no_face="center_crop",
+        template="arcface", progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["empty_0.png", "group_0.png", "group_1.png",
+                     "group_2.png", "no_face.txt"]
+    with Image.open(out / "group_1.png") as crop:
+        np.testing.assert_array_equal(
+            np.asarray(crop),
+            align.align_face(np.asarray(Image.open(source / "group.png")),
+                             faces[1].landmarks, "arcface").numpy())
+    with Image.open(out / "empty_0.png") as crop:
+        assert crop.size == (112, 112)
+    assert "empty.png\tno face: centre crop written" in (
+        out / "no_face.txt").read_text()
+
+
+def test_exif_rotation_is_applied_before_detection(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show
+    Image.fromarray(np.zeros((120, 100, 3), np.uint8)).save(
+        source / "phone.jpg", exif=exif)
+    face = align.Face((0, 0, 10, 10), 1, SPHEREFACE * 0.5)
+    detector = FakeDetector({(100, 120): [face]})  # the shape as shown
+    summary = align.align_folder(source, tmp_path / "out",
+                                 detector=detector, progress=False)
+    assert (summary.aligned, summary.no_face) == (1, [])
+
+
+def test_landmarks_file_and_command_line(tmp_path, capsys):
+    source = tmp_path / "in"
+    write_photo(source / "a" / "x.png")
+    write_photo(source / "a" / "y.png")
+    points = SPHEREFACE * 0.8 + 3
+    listing = tmp_path / "5pts.txt"
+    listing.write_text(
+        "a/x.png " + " ".join(f"{v:.4f}" for v in points.ravel())
+        + " 0.99\n")
+    out = tmp_path / "out"
+    assert align.main([f"--input={source}", f"--output={out}",
+                       f"--landmarks={listing}"]) == 0
+    printed = capsys.readouterr().out
+    assert "Aligned 1 of 2 images (1 faces)" in printed
+    assert "1 without a face, listed in" in printed
+    with Image.open(out / "a" / "x.png") as crop:
+        np.testing.assert_array_equal(
+            np.asarray(crop),
+            align.align_face(np.asarray(Image.open(source / "a" / "x.png")),
+                             points).numpy())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a/x.png 1 2 3\n", r"5pts\.txt line 1: expected a path and 10 "
+         r"landmark coordinates"),
+        ("\na/x.png 1 2 3 4 5 6 7 8 9 z\n", r"5pts\.txt line 2: expected"),
+        ("a/nothere.png 1 2 3 4 5 6 7 8 9 10\n",
+         r"The landmarks name images that are not under \S+in \(1, "),
+        ("", r"5pts\.txt is empty"),
+    ],
+)
+def test_bad_landmarks_files(tmp_path, capsys, text, message):
+    write_photo(tmp_path / "in" / "a" / "x.png")
+    (tmp_path / "5pts.txt").write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        align.main([f"--input={tmp_path / 'in'}",
+                    f"--output={tmp_path / 'out'}",
+                    f"--landmarks={tmp_path / '5pts.txt'}"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error
+
+
+def test_output_inside_the_input_is_refused(tmp_path):
+    write_photo(tmp_path / "in" / "x.png")
+    before = snapshot(tmp_path)
+    for output in (tmp_path / "in" / "aligned", tmp_path / "in", tmp_path):
+        with pytest.raises(ValueError, match=r"never writes into its input"):
+            align.align_folder(tmp_path / "in", output, landmarks={},
+                               progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_mtcnn_aligns_a_real_photograph_onto_the_template(tmp_path):
+    """End to end: MTCNN finds Grace Hopper's face, the crop is warped to
+    SphereFace's template, and MTCNN run again on the crop finds her eyes,
+    nose and mouth corners near the template's points."""
+    source = tmp_path / "photos" / "grace"
+    source.mkdir(parents=True)
+    (source / "grace_hopper.jpg").write_bytes(GRACE_HOPPER.read_bytes())
+    detector = align.MtcnnDetector()
+    summary = align.align_folder(tmp_path / "photos", tmp_path / "aligned",
+                                 detector=detector, progress=False)
+    assert (summary.aligned, summary.no_face) == (1, [])
+    with Image.open(tmp_path / "aligned" / "grace" / "grace_hopper.jpg") as f:
+        crop = np.asarray(f.convert("RGB"))
+    assert crop.shape == (112, 96, 3)
+    faces = detector(crop)
+    assert len(faces) == 1 and faces[0].score > 0.9
+    error = np.linalg.norm(faces[0].landmarks - SPHEREFACE, axis=1)
+    # MTCNN returns whole pixels; the eyes land within 3 px, and no point
+    # is off by more than 5 px (the nose tip, a point detectors disagree on).
+    assert error[:2].max() < 3 and error.max() < 5, error
+    # On the photograph the face is ~170 px wide: a failed warp (wrong
+    # direction, mirrored, unscaled) would put points tens of pixels away.
+    original = detector(np.asarray(Image.open(GRACE_HOPPER).convert("RGB")))
+    assert np.linalg.norm(original[0].landmarks - SPHEREFACE, axis=1).min() > 50
