@@ -23,8 +23,9 @@ and logits for its 128 rows (2 · 128·C, forward and gradient); the sharded
 head holds a C/8 slice of the first four and logits for the whole batch of
 1,024 rows on kept columns (2 · 1024 · r · C/8). The wire per step: a ring
 all-reduce of the head's gradient sends 2·(N−1)/N · 4·D·C bytes per GPU;
-the sharded head sends the features and their gradient (2 · 4·D·1024) plus
-three numbers per row. At 100 Gb/s.
+the sharded head all-gathers the features, labels and row maxima
+((N−1)/N · 4·(D + 2)·1024) and all-reduces the features' gradient and two
+numbers per row (2·(N−1)/N · 4·(D + 2)·1024). At 100 Gb/s.
 
 On the project's 2-core machine (see the README's table for the figures
 and the run's time).
@@ -63,8 +64,12 @@ def carried(classes, rate, sharded, gpus=GPUS, batch=GPU_BATCH,
         wire = 2 * (gpus - 1) / gpus * 4 * dim * classes
         return memory, wire
     width = classes / gpus
-    memory = 4 * (4 * dim * width + 2 * gpus * batch * rate * width)
-    wire = 4 * (2 * dim * gpus * batch + 3 * gpus * batch)
+    rows = gpus * batch
+    memory = 4 * (4 * dim * width + 2 * rows * rate * width)
+    share = (gpus - 1) / gpus  # of a ring all-gather's whole; twice that
+    # all-gathers: features, labels, row maxima; all-reduces: the features'
+    # gradient, the rows' sums of exp and target logits.
+    wire = 4 * share * (dim * rows + 2 * rows + 2 * (dim * rows + 2 * rows))
     return memory, wire
 
 

@@ -409,6 +409,10 @@ def _start_line(config, trainer, restored, source, total_steps):
     if model.center_loss_weight:
         ring_text += f"CenterLoss(λ={model.center_loss_weight}) → "
     head_text = model.head
+    if model.head_sharding:
+        head_text += f" sharded over {trainer.num_replicas} replica(s)"
+        if model.head_sample_rate < 1:
+            head_text += f", {model.head_sample_rate:g} of the negatives"
     if model.margin_warmup_steps and registry.HEADS[model.head].margin:
         head_text += f" (margin from step {model.margin_warmup_steps + 1})"
     if model.embedding_block != "fc":
