@@ -31,9 +31,12 @@ which keeps exactly ⌈r·C_k⌉ columns per shard, the count here varies from
 step to step around r·C (a Bernoulli draw per class is what keeps the set
 independent of the sharding).
 
-The shards live on the devices of this machine; the checkpoint holds them
-as `head/kernels/k` and `head/momenta/k`, and a run resumed with another
-number of replicas re-shards them (`ShardedHead.restore_resharded`).
+Each process holds the shards of its own replicas; its checkpoint holds
+them as `head/kernels/k` and `head/momenta/k` (k counted in the file) with
+`head/layout` saying which they are. On several workers each worker saves
+its shards (`Trainer.attach_checkpoint`); a run of one process resumed
+with another number of replicas re-shards them
+(`ShardedHead.restore_resharded`).
 """
 
 from __future__ import annotations
@@ -99,13 +102,14 @@ def kept_columns(labels, start, stop, num_classes, sample_rate, seed, step):
     return tf.cast(tf.where(keep)[:, 0], tf.int32)
 
 
-def saved_shards(checkpoint):
-    """How many shards a checkpoint's sharded head holds (0: none)."""
-    keys = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
-    return sum(
-        1 for key in keys
-        if key.startswith("head/kernels/") and key.endswith("VARIABLE_VALUE")
-    )
+def saved_layout(checkpoint):
+    """(first shard, shards in all, shards in the file) of a checkpoint's
+    sharded head; None when it holds none."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    key = "head/layout/.ATTRIBUTES/VARIABLE_VALUE"
+    if not reader.has_tensor(key):
+        return None
+    return tuple(int(v) for v in reader.get_tensor(key))
 
 
 def _saved(reader, name, count):
@@ -114,6 +118,16 @@ def _saved(reader, name, count):
          for k in range(count)],
         axis=1,
     )
+
+
+def _all_gather(context, value, device):
+    """`context.all_gather` along axis 0, with the value placed on the
+    replica's `device`: a worker with one replica hands out tensors without
+    a device, which MultiWorkerMirroredStrategy's gather refuses
+    ("destinations can not be empty")."""
+    with tf.device(device):
+        value = tf.identity(value)
+    return context.all_gather(value, axis=0)
 
 
 def _positions(columns, labels, start):
@@ -162,20 +176,32 @@ class ShardedHead(tf.Module):
         self.kernels = []
         self.momenta = []
         self.bounds = []
+        self.first_shard = 0
 
-    def build(self, devices):
+    def build(self, devices, first_shard=0, total_shards=None):
         """Creates one shard of kernel and momentum on each of `devices`
-        (call outside a strategy's scope: they are plain variables)."""
-        if self.num_classes < len(devices):
+        (call outside a strategy's scope: they are plain variables).
+
+        Args:
+            devices: this process's replica devices, in replica order.
+            first_shard: the global replica id of `devices[0]` (a worker
+                of a multi-worker run holds shards first_shard, …).
+            total_shards: replicas in all (default: `len(devices)`).
+        """
+        total = len(devices) if total_shards is None else total_shards
+        if self.num_classes < total:
             raise ValueError(
                 f"Cannot shard {self.num_classes} classes over "
-                f"{len(devices)} replicas: each needs at least one class. "
+                f"{total} replicas: each needs at least one class. "
                 "Train with fewer replicas or without head sharding."
             )
-        self.bounds = shard_bounds(self.num_classes, len(devices))
+        self.first_shard = first_shard
+        self.devices = list(devices)
+        self.bounds = shard_bounds(self.num_classes, total)
         kernels, momenta = [], []
+        local_bounds = self.bounds[first_shard:first_shard + len(devices)]
         for k, (device, (start, stop)) in enumerate(
-            zip(devices, self.bounds)
+            zip(devices, local_bounds), start=first_shard
         ):
             with tf.device(device):
                 kernels.append(tf.Variable(
@@ -189,25 +215,44 @@ class ShardedHead(tf.Module):
                 ))
         self.kernels = kernels
         self.momenta = momenta
+        # Saved with the shards: which of them a checkpoint file holds.
+        self.layout = tf.Variable(
+            [first_shard, total, len(devices)], dtype=tf.int64,
+            trainable=False, name="layout",
+        )
 
     @property
     def num_shards(self):
-        return len(self.kernels)
+        """Shards in all (this process holds `len(self.kernels)`)."""
+        return len(self.bounds)
+
+    def _local_bounds(self):
+        return self.bounds[self.first_shard:
+                           self.first_shard + len(self.kernels)]
 
     def kernel(self):
-        """The whole kernel D × C (NumPy): the shards side by side."""
+        """This process's columns of the kernel (NumPy; all D × C on one
+        machine): its shards side by side."""
         return np.concatenate([k.numpy() for k in self.kernels], axis=1)
 
     def assign_kernel(self, kernel):
-        """Sets the shards from a whole D × C kernel."""
-        for variable, (start, stop) in zip(self.kernels, self.bounds):
+        """Sets this process's shards from a whole D × C kernel."""
+        for variable, (start, stop) in zip(self.kernels,
+                                           self._local_bounds()):
             variable.assign(kernel[:, start:stop])
 
     def restore_resharded(self, checkpoint):
         """Restores the head from `checkpoint` saved with another number of
         shards: the saved shards side by side, cut as this run's are."""
         reader = tf.train.load_checkpoint(checkpoint)
-        count = saved_shards(checkpoint)
+        first, total, count = saved_layout(checkpoint)
+        if count != total:
+            raise ValueError(
+                f"{checkpoint} holds shards {first}..{first + count - 1} of "
+                f"a head sharded over {total} replicas on several workers "
+                "(each worker saves its own): resume with the same workers "
+                "and devices per worker."
+            )
         kernel = _saved(reader, "kernels", count)
         if kernel.shape != (self.embedding_dim, self.num_classes):
             raise ValueError(
@@ -218,11 +263,16 @@ class ShardedHead(tf.Module):
         velocity = _saved(reader, "momenta", count)
         for variable, value in ((self.kernels, kernel),
                                 (self.momenta, velocity)):
-            for shard, (start, stop) in zip(variable, self.bounds):
+            for shard, (start, stop) in zip(variable, self._local_bounds()):
                 shard.assign(value[:, start:stop])
         self.iterations.assign(
             reader.get_tensor("head/iterations/.ATTRIBUTES/VARIABLE_VALUE")
         )
+
+    def layout_matches(self, checkpoint):
+        """Whether `checkpoint` holds exactly this process's shards."""
+        return saved_layout(checkpoint) == (
+            self.first_shard, self.num_shards, len(self.kernels))
 
     def margin_step(self):
         return self.margin_head.margin_step()
@@ -243,13 +293,13 @@ class ShardedHead(tf.Module):
         """
         context = tf.distribute.get_replica_context()
         rows = tf.shape(features)[0]
-        x = context.all_gather(
-            tf.cast(tf.stop_gradient(features), tf.float32), axis=0
-        )
-        y = context.all_gather(tf.cast(labels, tf.int32), axis=0)
+        device = self.devices[shard - self.first_shard]
+        x = _all_gather(context, tf.cast(tf.stop_gradient(features),
+                                         tf.float32), device)
+        y = _all_gather(context, tf.cast(labels, tf.int32), device)
         batch = tf.cast(tf.shape(x)[0], tf.float32)
         start, stop = self.bounds[shard]
-        kernel = self.kernels[shard]
+        kernel = self.kernels[shard - self.first_shard]
         columns = kept_columns(y, start, stop, self.num_classes,
                                self.sample_rate, self.seed, step)
         local_labels = _positions(columns, y, start)
@@ -265,9 +315,9 @@ class ShardedHead(tf.Module):
             z = self.margin_head.training_logits(cos, norms, local_labels, t)
         # Sum over shards of exp(z − m), m the row's largest logit anywhere.
         row_max = tf.reduce_max(
-            context.all_gather(
-                tf.stop_gradient(tf.reduce_max(z, axis=1))[None], axis=0
-            ),
+            _all_gather(context,
+                        tf.stop_gradient(tf.reduce_max(z, axis=1))[None],
+                        device),
             axis=0,
         )
         shifted = tf.exp(z - row_max[:, None])
@@ -295,7 +345,8 @@ class ShardedHead(tf.Module):
         the gradient (as the trainer's wd/2·‖W‖² term gives the replicated
         kernel): m ← −g·lr + m·μ, W ← W + m. Returns ½·wd·‖W‖² before the
         update (the shard's share of the weight-decay term)."""
-        kernel, velocity = self.kernels[shard], self.momenta[shard]
+        local = shard - self.first_shard
+        kernel, velocity = self.kernels[local], self.momenta[local]
         decay = 0.5 * weight_decay * tf.reduce_sum(tf.square(kernel))
         gradient = gradient + weight_decay * kernel
         if momentum:

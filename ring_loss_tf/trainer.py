@@ -56,7 +56,6 @@ from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
 from ring_loss_tf.layer_utils import safe_norm
-from ring_loss_tf import sharded_head
 from ring_loss_tf.sharded_head import ShardedHead
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
@@ -394,14 +393,12 @@ class Trainer:
         self.manager = None
         self._worker_dir = None
 
+    def _task_index(self):
+        resolver = self.strategy.cluster_resolver
+        return f"{resolver.task_type}-{resolver.task_id}"
+
     def _build_shards(self, optimizer, momentum):
         """The sharded head's shards, one per local replica."""
-        if self.num_workers > 1:
-            raise ConfigError(
-                "head_sharding", True,
-                "a sharded head runs on the devices of one machine for now",
-                "train on one machine's GPUs, or omit --head_sharding",
-            )
         if optimizer != "sgd":
             raise ConfigError(
                 "optimizer", optimizer,
@@ -415,7 +412,16 @@ class Trainer:
                 "train in float32 or bfloat16, or omit --head_sharding",
             )
         self.momentum = float(momentum)
-        self.models.head.build(self.strategy.extended.worker_devices)
+        # The global replica ids of this process's devices, in order.
+        ids = self.strategy.experimental_local_results(
+            self.strategy.experimental_distribute_values_from_function(
+                lambda context: context.replica_id_in_sync_group
+            )
+        )
+        self.models.head.build(
+            self.strategy.extended.worker_devices, first_shard=int(ids[0]),
+            total_shards=self.num_replicas,
+        )
 
     # -- checkpoints -------------------------------------------------------
 
@@ -445,7 +451,10 @@ class Trainer:
         if self.model_dir is None:
             return None
         directory = self.model_dir
-        if not self.is_chief:
+        if not self.is_chief and self.sharded:
+            # Its checkpoints hold shards no other worker has: kept.
+            directory = self.model_dir / self._task_index()
+        elif not self.is_chief:
             self._worker_dir = pathlib.Path(
                 tempfile.mkdtemp(prefix="ring_loss_tf-worker-",
                                  dir=scratch_dir)
@@ -457,8 +466,11 @@ class Trainer:
             self.checkpoint, str(directory), max_to_keep=max_to_keep
         )
         latest = tf.train.latest_checkpoint(str(self.model_dir))
+        if self.sharded and self.num_workers > 1 and not self.is_chief:
+            # Each worker restores its own shards, saved beside the chief's.
+            latest = tf.train.latest_checkpoint(str(directory))
         if latest and self.sharded and (
-            sharded_head.saved_shards(latest) != self.models.head.num_shards
+            not self.models.head.layout_matches(latest)
         ):
             others = {k: v for k, v in items.items() if k != "head"}
             tf.train.Checkpoint(**others).restore(

@@ -2,6 +2,7 @@
 itself at other shard counts (ring_loss_tf/sharded_head.py)."""
 
 import math
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from ring_loss_tf import trainer as trainer_lib
 from ring_loss_tf.errors import ConfigError
 
 import tiny_runs
+from tests.worker_processes import start_workers
 
 
 def devices(n):
@@ -234,8 +236,8 @@ def test_resume_on_other_replica_count_reshards(tmp_path):
     train(first, batches[:2])
     first.save()
     saved = first.models.head.kernel()
-    assert sharded_head.saved_shards(
-        tf.train.latest_checkpoint(str(tmp_path))) == 2
+    assert sharded_head.saved_layout(
+        tf.train.latest_checkpoint(str(tmp_path))) == (0, 2, 2)
 
     second = make_trainer(4, "asoftmax", 0.01, True, 8, model_dir=tmp_path)
     second.attach_checkpoint()
@@ -282,3 +284,69 @@ def test_more_replicas_than_classes_is_one_line():
             global_batch_size=8,
             jit=False,
         )
+
+
+# --------------------------------------------------------------------------
+# Two worker processes: each holds and saves its own shard
+# --------------------------------------------------------------------------
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import tiny_runs
+    from ring_loss_tf import config as config_lib
+    from ring_loss_tf import models
+    from ring_loss_tf import trainer as trainer_lib
+    config = config_lib.replace(
+        tiny_runs.model_config("asoftmax", 0.01), head_sharding=True)
+    trainer = trainer_lib.Trainer(
+        trainer_lib.build_strategy(None), lambda: models.build_models(config),
+        global_batch_size=8, learning_rate=0.05, momentum=0.9,
+        weight_decay=5e-3, jit=False, model_dir=sys.argv[3])
+    trainer.attach_checkpoint()
+    trainer.initialize_radius(tiny_runs.batches(1)[0][0])
+    steps = int(sys.argv[4])
+    for images, labels in tiny_runs.batches(steps)[
+            int(trainer.step.numpy()):]:
+        trainer.train_step(images, labels)
+    trainer.save()
+    np.savez(sys.argv[5], kernel=trainer.models.head.kernel(),
+             **{k.replace("/", "|"): v
+                for k, v in tiny_runs.state(trainer).items()})
+    """
+)
+
+
+def test_two_workers_hold_and_resume_their_own_shards(tmp_path):
+    """Two processes (one replica each) = one process with two replicas;
+    each saves its shard (the other worker's in model_dir/worker-1),
+    and both resume from their own."""
+    model_dir = tmp_path / "run"
+
+    def run_workers(steps):
+        outputs = [tmp_path / f"w{i}.npz" for i in range(2)]
+        results = start_workers(tmp_path, _WORKER, [
+            [str(model_dir), str(steps), str(out)] for out in outputs])
+        for code, output in results:
+            assert code == 0, output[-3000:]
+        return [np.load(out) for out in outputs]
+
+    run_workers(2)
+    chief = tf.train.latest_checkpoint(str(model_dir))
+    other = tf.train.latest_checkpoint(str(model_dir / "worker-1"))
+    assert sharded_head.saved_layout(chief) == (0, 2, 1)
+    assert sharded_head.saved_layout(other) == (1, 2, 1)
+    first, second = run_workers(3)  # resumes at step 2
+
+    one = make_trainer(2, "asoftmax", 0.01, True, 8)
+    train(one, tiny_runs.batches(3))
+    np.testing.assert_allclose(
+        np.concatenate([first["kernel"], second["kernel"]], axis=1),
+        kernel(one), atol=1e-5)
+    expected = tiny_runs.state(one)
+    for name, value in expected.items():
+        assert_close(value, first[name.replace("/", "|")], name)

@@ -10,11 +10,8 @@ strategies share a model.
 
 import json
 import math
-import os
 import shutil
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -22,7 +19,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ring_loss_tf import cluster
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import data
 from ring_loss_tf import trainer as trainer_lib
@@ -36,6 +32,7 @@ from tests.tiny_runs import model_fn
 from tests.tiny_runs import state
 from tests.tiny_runs import tiny_train
 from tests.tiny_runs import trainer_run
+from tests.worker_processes import start_workers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -210,36 +207,6 @@ _RESTORING_WORKER = textwrap.dedent(
 )
 
 
-def _start_workers(tmp_path, script_text, arguments):
-    """One process per entry of `arguments` on loopback, as a TF_CONFIG
-    cluster; returns their (return code, output)."""
-    script = tmp_path / "worker.py"
-    script.write_text(script_text)
-    configs = cluster.loopback_tf_configs(len(arguments))
-    processes = []
-    for tf_config, extra in zip(configs, arguments):
-        env = dict(os.environ)
-        env["TF_CONFIG"] = tf_config
-        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        env.pop("PYTHONPATH", None)
-        processes.append(subprocess.Popen(
-            [sys.executable, str(script), str(REPO), str(REPO / "tests"),
-             *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
-        ))
-    results = []
-    for process in processes:
-        try:
-            output = process.communicate(timeout=600)[0]
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        results.append((process.returncode, output))
-    return results
-
-
 def test_workers_that_restore_different_steps_stop(tmp_path):
     """The chief restores step 2, the other worker (another model_dir)
     nothing: both stop with the message, neither trains."""
@@ -256,7 +223,7 @@ def test_workers_that_restore_different_steps_stop(tmp_path):
     saved.save()
     (tmp_path / "other").mkdir()
     (tmp_path / "scratch").mkdir()
-    results = _start_workers(tmp_path, _RESTORING_WORKER, [
+    results = start_workers(tmp_path, _RESTORING_WORKER, [
         [str(tmp_path / "chief"), str(tmp_path / "scratch")],
         [str(tmp_path / "other"), str(tmp_path / "scratch")],
     ])
@@ -274,7 +241,7 @@ def test_workers_that_restore_different_steps_stop(tmp_path):
 def test_two_worker_processes_equal_one_process(tmp_path):
     head = "asoftmax"
     out = tmp_path / "chief.npz"
-    results = _start_workers(tmp_path, _WORKER, [[head, str(out)]] * 2)
+    results = start_workers(tmp_path, _WORKER, [[head, str(out)]] * 2)
     for code, output in results:
         assert code == 0, output[-3000:]
     multi = {k.replace("|", "/"): v for k, v in np.load(out).items()}
@@ -416,7 +383,7 @@ def rec_run(tmp_path_factory):
 
 def _train_two_workers(tmp_path, config_path, model_dir, sigterm_after=0):
     reports = [tmp_path / f"report{i}.json" for i in range(2)]
-    results = _start_workers(tmp_path, _TRAINING_WORKER, [
+    results = start_workers(tmp_path, _TRAINING_WORKER, [
         [str(config_path), str(model_dir), str(r), str(sigterm_after)]
         for r in reports
     ])
