@@ -16,7 +16,8 @@ batch of B rows on N replicas:
     ∂CE/∂z_k = (exp(z_k − LSE) − onehot) / B
     ∂CE/∂X   = Σ_k ∂z_k/∂X · ∂CE/∂z_k  (an all-reduce of B × D); replica k
                back-propagates its own rows through the backbone
-    W_k     ← SGD with momentum on ∂CE/∂W_k + wd · W_k, on replica k alone
+    W_k     ← SGD with momentum on ∂CE/∂W_k + wd · W_k, on replica k alone,
+               kept columns only
 
 The margin functions and their schedules are the replicated heads'
 (`heads.CosineClassifier.training_logits`), which act column by column, so
@@ -25,8 +26,9 @@ head's (tests/test_sharded_head.py, on 2 and 4 devices). Only features,
 labels, two numbers per row and the features' gradient cross replicas: the
 head's gradient is never all-reduced. The sampled columns are a function of
 (seed, step, class), so they do not depend on the number of replicas; a
-column left out of a step gets no gradient from the loss, but momentum and
-weight decay still move it, as in arcface_torch. Unlike arcface_torch,
+column left out of a step gets no gradient, and neither its momentum nor
+weight decay moves it: the paper's sparse update (README, "Sharded head",
+for why not arcface_torch's V2 behaviour). Unlike arcface_torch,
 which keeps exactly ⌈r·C_k⌉ columns per shard, the count here varies from
 step to step around r·C (a Bernoulli draw per class is what keeps the set
 independent of the sharding).
@@ -289,7 +291,8 @@ class ShardedHead(tf.Module):
 
         Returns:
             (cross_entropy over the global batch (the same on every
-            replica), ∂CE/∂features of this replica's rows, ∂CE/∂W_shard).
+            replica), ∂CE/∂features of this replica's rows, ∂CE/∂W_shard,
+            the kept columns as a 0/1 float32 mask over the shard's).
         """
         context = tf.distribute.get_replica_context()
         rows = tf.shape(features)[0]
@@ -333,25 +336,39 @@ class ShardedHead(tf.Module):
         dx = context.all_reduce("SUM", dx)
         replica = context.replica_id_in_sync_group
         own = dx[replica * rows : (replica + 1) * rows]
+        kept = tf.scatter_nd(columns[:, None],
+                             tf.ones_like(columns, tf.float32),
+                             (stop - start,))
         return (
             cross_entropy,
             tf.cast(own, features.dtype),
             tf.convert_to_tensor(dkernel),
+            kept,
         )
 
-    def apply_sgd(self, shard, gradient, learning_rate, momentum,
+    def apply_sgd(self, shard, gradient, kept, learning_rate, momentum,
                   weight_decay):
-        """Keras' SGD update on shard `shard`, with weight decay wd·W in
-        the gradient (as the trainer's wd/2·‖W‖² term gives the replicated
-        kernel): m ← −g·lr + m·μ, W ← W + m. Returns ½·wd·‖W‖² before the
-        update (the shard's share of the weight-decay term)."""
+        """Keras' SGD update of the kept columns of shard `shard`, with
+        weight decay wd·W in the gradient (as the trainer's wd/2·‖W‖² term
+        gives the replicated kernel): m ← −g·lr + m·μ, W ← W + m. Columns a
+        sampled step left out keep their centre and momentum, as the
+        Partial FC paper updates only the sampled centres: moving them by
+        their stale momentum and decay (arcface_torch's PartialFC_V2 under
+        torch's SGD) made r = 0.1 collapse on the embedded set (README).
+        Returns ½·wd·‖W‖² of the kept columns before the update (the
+        shard's share of the weight-decay term)."""
         local = shard - self.first_shard
         kernel, velocity = self.kernels[local], self.momenta[local]
-        decay = 0.5 * weight_decay * tf.reduce_sum(tf.square(kernel))
+        mask = kept[None, :]
+        decay = 0.5 * weight_decay * tf.reduce_sum(tf.square(kernel) * mask)
         gradient = gradient + weight_decay * kernel
         if momentum:
-            velocity.assign(-gradient * learning_rate + velocity * momentum)
-            kernel.assign_add(velocity)
+            step = -gradient * learning_rate + velocity * momentum
+            if self.sample_rate < 1:
+                step = mask * step + (1 - mask) * velocity
+            velocity.assign(step)
+            kernel.assign_add(velocity if self.sample_rate >= 1
+                              else mask * velocity)
         else:
-            kernel.assign_sub(gradient * learning_rate)
+            kernel.assign_sub(mask * gradient * learning_rate)
         return decay

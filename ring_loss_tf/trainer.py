@@ -644,7 +644,7 @@ class Trainer:
             features, embeddings, own, ring, decay = self._forward(
                 images, labels
             )
-        cross_entropy, feature_gradient, kernel_gradient = (
+        cross_entropy, feature_gradient, kernel_gradient, kept = (
             head.replica_gradients(features, labels, int(shard), self.step)
         )
         gradients = tape.gradient(
@@ -654,7 +654,7 @@ class Trainer:
         # Read before apply_gradients advances the optimizer's step.
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
         shard_decay = head.apply_sgd(
-            int(shard), kernel_gradient, learning_rate, self.momentum,
+            int(shard), kernel_gradient, kept, learning_rate, self.momentum,
             self.weight_decay,
         )
         self.optimizer.apply_gradients(zip(gradients, self.trainable))
