@@ -325,7 +325,8 @@ def _rate(run, steps, batch_size):
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def sides(spec, head, batch_size, compile_torch, channels_last):
+def sides(spec, head, batch_size, compile_torch, channels_last,
+          no_jit=False):
     """{side: run(steps)} for our Trainer and PyTorch eager (/ compiled)."""
     images, labels = _batch(spec, batch_size)
     trainer = our_trainer(spec, head, batch_size)
@@ -336,10 +337,12 @@ def sides(spec, head, batch_size, compile_torch, channels_last):
     torch_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     torch_labels = torch.from_numpy(labels.astype(np.int64))
 
-    def ours(steps):
-        for _ in range(steps):
-            stats, _ = trainer.train_step(tf_images, tf_labels)
-        dict(stats)  # waits for the last step
+    def our_side(trainer):
+        def run(steps):
+            for _ in range(steps):
+                stats, _ = trainer.train_step(tf_images, tf_labels)
+            dict(stats)  # waits for the last step
+        return run
 
     def eager_side(model, x):
         optimizer = torch_optimizer(model)
@@ -350,8 +353,14 @@ def sides(spec, head, batch_size, compile_torch, channels_last):
             loss.item()
         return run
 
-    result = {"ours (Trainer, XLA)": ours,
-              "PyTorch eager": eager_side(net, torch_images)}
+    result = {"ours (Trainer, XLA)": our_side(trainer)}
+    if no_jit:
+        unjitted = our_trainer(spec, head, batch_size, jit=False)
+        unjitted.initialize_radius(tf_images)
+        unjitted.models.train_model.set_weights(
+            trainer.models.train_model.get_weights())
+        result["ours (Trainer, no XLA)"] = our_side(unjitted)
+    result["PyTorch eager"] = eager_side(net, torch_images)
     if channels_last:
         net_cl = TorchNet(spec, head, torch_padding=True).to(
             memory_format=torch.channels_last)
@@ -381,6 +390,31 @@ def _ratio_line(name, ours, theirs):
             f"(per-round {min(ratios):.2f} .. {max(ratios):.2f})")
 
 
+def sgemm_rate(size=2048, repeats=3):
+    """NumPy's float32 matmul, FLOP/s (best of `repeats`): the rate the
+    cores reach on the densest work there is."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _seconds(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def training_flops(spec):
+    """FLOPs per image of a training step: forward 2 per multiply-add of
+    the convs and dense layers (the head included), backward twice that."""
+    models = keras_models(spec, "softmax")
+    macs = backbones.multiply_adds(models.embedding_model)
+    macs += spec["embedding_dim"] * spec["num_classes"]
+    return 3 * 2 * macs
+
+
 def step_table(args):
     for network in args.networks.split(","):
         spec = NETWORKS[network]
@@ -388,7 +422,7 @@ def step_table(args):
         for head in args.heads.split(","):
             started = time.perf_counter()
             runs = sides(spec, head, batch_size, args.compile,
-                         args.channels_last)
+                         args.channels_last, args.no_jit)
             failed = []
             for name, run in list(runs.items()):
                 try:
@@ -398,9 +432,12 @@ def step_table(args):
                                   f"{str(error).splitlines()[0][:200]}")
                     del runs[name]
             rates = {name: [] for name in runs}
+            sgemm = []
             for _ in range(args.repeats):
                 for name, run in runs.items():
                     rates[name].append(_rate(run, args.steps, batch_size))
+                if args.sgemm:  # measured in every round, beside the steps
+                    sgemm.append(sgemm_rate())
             print(f"{network} + Ring loss + {head}, "
                   f"{'x'.join(map(str, spec['image_size']))}x"
                   f"{spec['channels']}, {spec['num_classes']} classes, "
@@ -412,8 +449,23 @@ def step_table(args):
                       f"(range {min(r):.1f} .. {max(r):.1f})")
             ours = rates["ours (Trainer, XLA)"]
             for name, r in rates.items():
-                if name.startswith("PyTorch"):
+                if name != "ours (Trainer, XLA)":
                     print(_ratio_line(name, ours, r))
+            if sgemm:
+                flops = training_flops(spec)
+                print(f"  {flops / 1e9:.2f} GFLOP per image (forward + "
+                      "backward = 3 x 2 x multiply-adds); NumPy sgemm "
+                      f"2048^3 {statistics.median(sgemm) / 1e9:.0f} GFLOP/s "
+                      f"(range {min(sgemm) / 1e9:.0f} .. "
+                      f"{max(sgemm) / 1e9:.0f}); each side's share of it, "
+                      "median of the rounds:")
+                for name, r in rates.items():
+                    shares = [a * flops / b for a, b in zip(r, sgemm)]
+                    print(f"    {name:<30} "
+                          f"{statistics.median(r) * flops / 1e9:6.1f} "
+                          f"GFLOP/s, {100 * statistics.median(shares):5.1f} "
+                          f"% (rounds {100 * min(shares):.0f} .. "
+                          f"{100 * max(shares):.0f} %)")
             for line in failed:
                 print(f"  not run: {line}")
             print(flush=True)
@@ -521,6 +573,10 @@ def main():
                         help="skip torch.compile")
     parser.add_argument("--channels_last", action="store_true",
                         help="also PyTorch eager in channels_last")
+    parser.add_argument("--no_jit", action="store_true",
+                        help="also our Trainer without XLA")
+    parser.add_argument("--sgemm", action="store_true",
+                        help="also each side's GFLOP/s against NumPy sgemm")
     parser.add_argument("--skip_step_table", action="store_true")
     parser.add_argument("--train_py", action="store_true")
     parser.add_argument("--train_py_steps", type=int, default=21)
