@@ -17,13 +17,13 @@ from tests.bench_scripts import load
 
 peer = load("peer")
 
+# bench/peer.py's networks at a size a test runs in seconds.
 TINY = {
-    "small_cnn": dict(backbone="small_cnn", widths=(4, 6, 8),
-                      image_size=(16, 12), channels=1, embedding_dim=10,
-                      num_classes=7, batch_size=8),
-    "sphereface20": dict(backbone="sphereface20", widths=None,
-                         image_size=(32, 16), channels=3, embedding_dim=8,
-                         num_classes=5, batch_size=4),
+    "small_cnn": dict(peer.NETWORKS["small_cnn"], widths=(4, 6, 8),
+                      image_size=(16, 12), embedding_dim=10, num_classes=7,
+                      batch_size=8),
+    "sphereface20": dict(peer.NETWORKS["sphereface20"], image_size=(32, 16),
+                         embedding_dim=8, num_classes=5, batch_size=4),
 }
 
 
