@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/ and prints their figures in one report.
 
-    python bench/all.py                          # quick settings, 4 min
+    python bench/all.py              # quick settings, 4 min + ~6 for peer
     python bench/all.py --full                   # each script's defaults
     python bench/all.py --only layers,eval --markdown bench_results/perf.md
     python bench/all.py --reproduce_dir bench_results/reproduce
