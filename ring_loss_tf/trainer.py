@@ -641,10 +641,18 @@ class Trainer:
     def _train_loop_fn(self, iterator, num_steps):
         # The first step outside the loop gives the loop variables their
         # structure; num_steps is a tensor, so one trace serves every length.
-        stats, norms = self._train_step_fn(*next(iterator))
+        stats, norms = self._train_step_fn(*self._next_batch(iterator))
         for _ in tf.range(num_steps - 1):
-            stats, norms = self._train_step_fn(*next(iterator))
+            stats, norms = self._train_step_fn(*self._next_batch(iterator))
         return stats, norms
+
+    def _next_batch(self, iterator):
+        images, labels = next(iterator)
+        if self.num_replicas > 1 and not isinstance(
+            images, tf.distribute.DistributedValues
+        ):
+            return self._split_fn(images, labels)
+        return images, labels
 
     def _split_fn(self, images, labels):
         per_replica = self.per_replica_batch_size

@@ -409,3 +409,23 @@ def test_a_stop_request_acts_at_the_end_of_the_loop(tmp_path):
                           stop_requested=stop_requested)
     assert info.value.step == 5
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-5")
+
+
+def test_a_loop_on_two_replicas_fed_global_batches_equals_one_device():
+    """steps_per_loop=3 on two replicas from a `tf.data` iterator of global
+    batches (each replica takes its rows) ends where K = 1 on one device
+    does."""
+    def run(devices, iterator, steps_per_loop):
+        trainer = trainer_lib.Trainer(
+            trainer_lib.build_strategy(devices), model_fn(seed=3),
+            global_batch_size=GLOBAL_BATCH, learning_rate=0.05, jit=False,
+        )
+        training.run_loop(trainer, iterator, 4, checkpoint_every=100,
+                          log_every=100, steps_per_loop=steps_per_loop,
+                          print_fn=lambda _: 0)
+        assert int(trainer.step.numpy()) == 4
+        return state(trainer)
+
+    one = run(["/cpu:0"], iter(batches(4)), 1)
+    two = run(["/cpu:0", "/cpu:1"], _dataset_iterator(batches(4)), 3)
+    assert_same_state(one, two)
