@@ -456,7 +456,7 @@ def step_table(args):
                     print(_ratio_line(name, ours, r))
             if sgemm:
                 flops = training_flops(spec)
-                print(f"  {flops / 1e9:.3g} GFLOP per image (forward + "
+                print(f"  {flops / 1e9:.2f} GFLOP per image (forward + "
                       "backward = 3 x 2 x multiply-adds); NumPy sgemm "
                       f"2048^3 {statistics.median(sgemm) / 1e9:.0f} GFLOP/s "
                       f"(range {min(sgemm) / 1e9:.0f} .. "
