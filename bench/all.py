@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/ and prints their figures in one report.
 
-    python bench/all.py                          # quick settings, 4 min
+    python bench/all.py              # quick settings, 4 min + ~6 for peer
     python bench/all.py --full                   # each script's defaults
     python bench/all.py --only layers,eval --markdown bench_results/perf.md
     python bench/all.py --reproduce_dir bench_results/reproduce
@@ -13,11 +13,12 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
 
     layers  --backends tensorflow --heads softmax,arcface --steps 5
     input   --batches 5 --steps 3
-    train   --steps 3
+    train   --steps 3 --loop --loop_steps 20
     eval    --num_probes 2000 --num_distractors 50000
     worker_input  --steps 10 --train_steps 3 --decode_batches 5
     backbones  --backbones small_cnn,iresnet18,mobilefacenet --steps 1
                --no_grouped_conv
+    peer    --networks small_cnn,sphereface20 --heads softmax --steps 2
 
 so its figures are noisier than those of `--full` (each script's defaults;
 bench/eval.py's 10,000 x 1,000,000 identification, estimated at 15-20 min
@@ -40,12 +41,13 @@ import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
 ORDER = ("layers", "input", "train", "eval", "recordio_index", "worker_input",
-         "backbones")
+         "backbones", "peer")
 QUICK = {
     "layers": ["--backends", "tensorflow", "--heads", "softmax,arcface",
                "--steps", "5", "--repeats", "5"],
     "input": ["--batches", "5", "--steps", "3", "--repeats", "5"],
-    "train": ["--steps", "3", "--repeats", "5"],
+    "train": ["--steps", "3", "--repeats", "5", "--loop", "--loop_steps",
+              "20"],
     "eval": ["--num_probes", "2000", "--num_distractors", "50000",
              "--repeats", "5"],
     "recordio_index": ["--records", "1000000", "--repeats", "5"],
@@ -53,6 +55,8 @@ QUICK = {
                      "--decode_batches", "5", "--repeats", "5"],
     "backbones": ["--backbones", "small_cnn,iresnet18,mobilefacenet",
                   "--steps", "1", "--repeats", "5", "--no_grouped_conv"],
+    "peer": ["--networks", "small_cnn,sphereface20", "--heads", "softmax",
+             "--steps", "2", "--repeats", "5"],
 }
 WHAT = {
     "layers": "Ring loss and head cost per training step",
@@ -62,6 +66,7 @@ WHAT = {
     "recordio_index": "RecordIO index memory and time to open",
     "worker_input": "per-worker input: images decoded per worker and step",
     "backbones": "backbones: parameters, multiply-adds, training speed",
+    "peer": "against PyTorch: the same training step, side by side",
 }
 
 

@@ -12,6 +12,14 @@ configurations are interleaved, so a slow spell of a shared machine hits all
 of them; the table gives medians and the ratios of the medians, measured in
 this one run.
 
+Loop (--loop): the training loop of train.py (`training.run_loop`, one
+replica, jit, ring, a prefetched synthetic `tf.data` input through
+`distribute_dataset`) at --loop_batch_size (default 64, where per-step
+overhead shows), in three forms, interleaved: the statistics read after
+every step (what the loop did before it kept them on the device: one host
+round trip per step), read at log steps only (--log_every steps apart)
+with one step per compiled call, and --steps_per_loop steps per call.
+
 Quick start: runs `python train.py --lambda_ring=0.01` (all defaults, fresh
 data cache and model_dir in a temporary directory) and reports the wall time,
 the data generation time and the peak resident memory of the process tree.
@@ -44,6 +52,7 @@ import numpy as np  # noqa: E402
 from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf import models  # noqa: E402
 from ring_loss_tf import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf import training  # noqa: E402
 
 CONFIGS = {
     # name: (devices, jit, lambda_ring)
@@ -117,6 +126,70 @@ def throughput(args):
           f"{medians['2 replicas, jit, ring'] / base:.2f} |")
 
 
+def _loop_rate(trainer, iterator, steps, args, form):
+    """images/s of `steps` steps of one form of the loop."""
+    start_step = int(trainer.step.numpy())
+    start = time.perf_counter()
+    if form == "read every step":
+        for _ in range(steps):
+            stats, _ = trainer.train_step(*next(iterator))
+            dict(stats)
+    else:
+        training.run_loop(
+            trainer, iterator, start_step + steps,
+            checkpoint_every=10**9, log_every=args.log_every,
+            print_fn=lambda _: None,
+            steps_per_loop=1 if form == "read at log" else args.steps_per_loop,
+        )
+    elapsed = time.perf_counter() - start
+    assert int(trainer.step.numpy()) == start_step + steps
+    return steps * args.loop_batch_size / elapsed
+
+
+def loop_throughput(args):
+    batch = args.loop_batch_size
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (batch, 32, 32, 1)), tf.float32)
+    labels = tf.constant(
+        rng.integers(0, args.num_classes, batch), tf.int32
+    )
+    forms = ("read every step", "read at log",
+             f"{args.steps_per_loop} steps per call")
+    runs = {}
+    for form in forms:
+        trainer = _trainer(["/cpu:0"], True, 0.01, batch, args.num_classes)
+        trainer.initialize_radius(images)
+        dataset = trainer.distribute_dataset(
+            lambda _: tf.data.Dataset.from_tensors((images, labels))
+            .repeat().prefetch(2)
+        )
+        iterator = iter(dataset)
+        _loop_rate(trainer, iterator, 2 * args.steps_per_loop, args, form)
+        runs[form] = (trainer, iterator)
+    rates = {form: [] for form in forms}
+    for _ in range(args.repeats):
+        for form, (trainer, iterator) in runs.items():
+            rates[form].append(
+                _loop_rate(trainer, iterator, args.loop_steps, args, form)
+            )
+    medians = {form: statistics.median(r) for form, r in rates.items()}
+    print(f"Training loop, batch {batch}, small_cnn 32x32x1, "
+          f"{args.num_classes} classes, 1 replica, jit, ring, log every "
+          f"{args.log_every}; median of {args.repeats} x {args.loop_steps} "
+          "steps:")
+    print("| loop | images/s (median) | min | max |")
+    print("|---|---|---|---|")
+    for form, r in rates.items():
+        print(f"| {form} | {medians[form]:.0f} | {min(r):.0f} | "
+              f"{max(r):.0f} |")
+    base = rates["read every step"]
+    for form in forms[1:]:
+        ratios = [a / b for a, b in zip(rates[form], base)]
+        print(f"{form} / read every step: "
+              f"{medians[form] / medians['read every step']:.2f} "
+              f"(per-round ratios {min(ratios):.2f} .. {max(ratios):.2f})")
+
+
 def quick_start():
     with tempfile.TemporaryDirectory() as directory:
         directory = pathlib.Path(directory)
@@ -156,10 +229,18 @@ def main():
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--quick_start", action="store_true")
+    parser.add_argument("--loop", action="store_true",
+                        help="also time the training loop's forms")
+    parser.add_argument("--loop_batch_size", type=int, default=64)
+    parser.add_argument("--loop_steps", type=int, default=50)
+    parser.add_argument("--log_every", type=int, default=50)
+    parser.add_argument("--steps_per_loop", type=int, default=10)
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args()
     if not args.skip_throughput:
         throughput(args)
+    if args.loop:
+        loop_throughput(args)
     if args.quick_start:
         quick_start()
 

@@ -240,6 +240,11 @@ class RunConfig:
                              resume="free")
     checkpoint_every: int = setting(500, "Steps between checkpoints.",
                                     resume="free")
+    steps_per_loop: int = setting(
+        1,
+        "Most training steps per compiled call (fewer host round trips); "
+        "a loop never runs past a log, checkpoint or stop step, and a stop "
+        "signal acts at the end of the current loop.", resume="free")
     max_to_keep: int = setting(3, "Checkpoints kept.", resume="free")
     stop_at_step: int | None = setting(
         None,
@@ -568,6 +573,7 @@ class _Checks:
                 "give a new or existing directory for checkpoints")
         positive_integer("log_every", "use e.g. 50")
         positive_integer("checkpoint_every", "use e.g. 500")
+        positive_integer("steps_per_loop", "use e.g. 1, or 10")
         positive_integer("max_to_keep", "use e.g. 3")
         _one_of("collectives", s["collectives"], COLLECTIVES,
                 "collective implementation")

@@ -33,6 +33,7 @@ also overflow or flush tiny gradients to zero.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import os
 import pathlib
@@ -307,6 +308,47 @@ def _all_reduce_in(optimizer, dtype):
     optimizer._all_reduce_sum_gradients = reduce_in_dtype
 
 
+# What `_forward_backward_fn` reports for each step, in this order.
+STAT_NAMES = (
+    "loss", "cross_entropy", "ring_loss", "weight_decay", "feature_norm"
+)
+
+
+class StepStats(collections.abc.Mapping):
+    """A step's statistics ({name: float}), kept on the device until read.
+
+    The first value read copies them all to the host, which then waits for
+    that step; until then training runs ahead (on a GPU, the next steps and
+    the input pipeline overlap this one).
+    """
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self._values = None
+
+    def _read(self):
+        if self._values is None:
+            self._values = {
+                k: float(v) for k, v in zip(
+                    self.tensors,
+                    tf.stack(list(self.tensors.values())).numpy(),
+                )
+            }
+        return self._values
+
+    def __getitem__(self, name):
+        return self._read()[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __repr__(self):
+        return f"StepStats({self._read()!r})"
+
+
 class Trainer:
     """Runs the custom distributed training loop on one `Models`.
 
@@ -388,7 +430,18 @@ class Trainer:
         )
         self._forward = tf.function(self._forward_fn, jit_compile=self.jit)
         self._train_step = tf.function(self._train_step_fn)
+        self._train_loop = tf.function(self._train_loop_fn)
         self._split = tf.function(self._split_fn)
+        # The first step whose statistics were not finite (0: none yet) and
+        # those statistics, recorded inside the compiled step so the host
+        # needs to read them only when it logs or saves.
+        self._nonfinite_step = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="nonfinite_step"
+        )
+        self._nonfinite_stats = tf.Variable(
+            tf.zeros([len(STAT_NAMES)], tf.float32), trainable=False,
+            name="nonfinite_stats",
+        )
         self.checkpoint = None
         self.manager = None
         self._worker_dir = None
@@ -676,7 +729,35 @@ class Trainer:
         local_norms = tf.concat(
             self.strategy.experimental_local_results(norms), axis=0
         )
+        self.step.assign_add(1)
+        values = tf.stack([reduced[k] for k in STAT_NAMES])
+        first = tf.logical_and(
+            tf.logical_not(tf.reduce_all(tf.math.is_finite(values))),
+            tf.equal(self._nonfinite_step, 0),
+        )
+        self._nonfinite_step.assign(
+            tf.where(first, self.step.read_value(), self._nonfinite_step)
+        )
+        self._nonfinite_stats.assign(
+            tf.where(first, values, self._nonfinite_stats)
+        )
         return reduced, local_norms
+
+    def _train_loop_fn(self, iterator, num_steps):
+        # The first step outside the loop gives the loop variables their
+        # structure; num_steps is a tensor, so one trace serves every length.
+        stats, norms = self._train_step_fn(*self._next_batch(iterator))
+        for _ in tf.range(num_steps - 1):
+            stats, norms = self._train_step_fn(*self._next_batch(iterator))
+        return stats, norms
+
+    def _next_batch(self, iterator):
+        images, labels = next(iterator)
+        if self.num_replicas > 1 and not isinstance(
+            images, tf.distribute.DistributedValues
+        ):
+            return self._split_fn(images, labels)
+        return images, labels
 
     def _split_fn(self, images, labels):
         per_replica = self.per_replica_batch_size
@@ -750,11 +831,36 @@ class Trainer:
 
     def train_step(self, images, labels):
         """One step on a global batch (tensors, or per-replica values from
-        `distribute_dataset`); returns ({name: float}, local norms)."""
+        `distribute_dataset`); returns (`StepStats`, local norms).
+
+        Nothing here waits for the device: the statistics and the step
+        counter stay on it until read (`StepStats`, `first_nonfinite`).
+        """
         images, labels = self.per_replica(images, labels)
         stats, norms = self._train_step(images, labels)
-        self.step.assign_add(1)
-        return {k: float(v) for k, v in stats.items()}, norms
+        return StepStats(stats), norms
+
+    def train_loop(self, iterator, num_steps):
+        """`num_steps` steps in one compiled call, each on `next(iterator)`.
+
+        `iterator` is a `tf.data` iterator or one of `distribute_dataset`
+        (the batches are read inside the call); the step is the one of
+        `train_step`, so K calls of it and one loop of K steps end with the
+        same weights. Returns the last step's (`StepStats`, local norms).
+        """
+        stats, norms = self._train_loop(
+            iterator, tf.constant(num_steps, tf.int32)
+        )
+        return StepStats(stats), norms
+
+    def first_nonfinite(self):
+        """(step, {name: float}) of the first step whose statistics were
+        not finite, or None; reads one integer from the device."""
+        step = int(self._nonfinite_step.numpy())
+        if step == 0:
+            return None
+        values = self._nonfinite_stats.numpy()
+        return step, {k: float(v) for k, v in zip(STAT_NAMES, values)}
 
     # -- state for logs ----------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import pathlib
 import re
 import time
@@ -96,21 +95,44 @@ def run_loop(
     print_fn=print,
     summary_writer=None,
     stop_requested=None,
+    steps_per_loop=1,
 ):
     """Trains until `total_steps` (or `stop_at_step`), checkpointing.
 
     The checkpoint saved at the end (and every `checkpoint_every` steps) holds
     the model, the optimizer and the step; the input stream is a function of
-    the step, so running again continues exactly. A NaN/Inf loss raises
-    `NonFiniteLossError` before anything is saved.
+    the step, so running again continues exactly.
+
+    The statistics stay on the device: the host reads them only to log,
+    before a checkpoint and at the end, so it does not wait for every step.
+    With `steps_per_loop` K > 1 and a `tf.data` or distributed iterator,
+    up to K steps run in one compiled call (`Trainer.train_loop`); a loop is
+    cut short so that it never runs past a step that logs, checkpoints or
+    stops, so those happen at exactly the step they name, and the weights
+    are those of K = 1 (tested). The first step of a run is always a call of
+    its own (it initialises R from its batch).
+
+    NaN guard: the compiled step records the first step whose loss is not
+    finite. It is read at every log line, before every checkpoint and at
+    the end, and then raises `NonFiniteLossError` naming that step and its
+    statistics. So no checkpoint of a step at or after a non-finite one is
+    ever written: the latest checkpoint is the last good one, and the next
+    run resumes from it. The weights in memory are not rolled back; they
+    may have trained past the bad step (up to the next read) and are not
+    to be used.
 
     Args:
-        stop_requested: None, or a callable checked before every step; when
-            it returns a reason (e.g. `StopOnSignals`), the current step is
-            checkpointed and `TrainingInterrupted` raised.
+        stop_requested: None, or a callable checked before every call
+            (every step, or every loop of up to K steps); when it returns a
+            reason (e.g. `StopOnSignals`), the step reached is
+            checkpointed and `TrainingInterrupted` raised. A request that
+            arrives during a loop acts at its end.
+        steps_per_loop: K, the most steps per compiled call. Iterators that
+            are not `tf.data`'s (a Python list's) run one step per call.
 
     Returns:
-        Stats of the last step (dict of floats), or None if no step ran.
+        Stats of the last step (a `trainer.StepStats`), or None if no step
+        ran.
 
     Raises:
         NonFiniteLossError, TrainingInterrupted, CheckpointWriteError,
@@ -120,14 +142,29 @@ def run_loop(
     stop = total_steps
     if stop_at_step is not None:
         stop = min(stop_at_step, total_steps)
+    loops = steps_per_loop > 1 and isinstance(
+        iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
+    )
     last = None
     saved_step = None
     interval_start, interval_steps = time.perf_counter(), 0
     steps_per_second = None
     chief = trainer.is_chief
+
+    def check_finite():
+        found = trainer.first_nonfinite()
+        if found is not None:
+            bad_step, bad_stats = found
+            # The step counter names the last step with a finite loss.
+            trainer.step.assign(bad_step - 1)
+            raise NonFiniteLossError(
+                _nan_message(trainer, bad_step, bad_stats), bad_step
+            )
+
     while step < stop:
         reason = stop_requested() if stop_requested is not None else None
         if stop_requested is not None and trainer.any_worker(reason):
+            check_finite()
             path = trainer.save() if saved_step != step else (
                 tf.train.latest_checkpoint(str(trainer.model_dir))
                 if trainer.model_dir is not None and chief
@@ -136,20 +173,32 @@ def run_loop(
             raise TrainingInterrupted(
                 reason or "another worker", step, path, chief=chief
             )
-        try:
-            images, labels = next(iterator)
-        except tf.errors.InvalidArgumentError as error:
-            raise data_error(error, trainer) from None
-        if step == 0 or last is None:
-            trainer.initialize_radius(images)
-        stats, norms = trainer.train_step(images, labels)
-        step += 1
-        interval_steps += 1
-        if not all(math.isfinite(v) for v in stats.values()):
-            trainer.step.assign_add(-1)
-            raise NonFiniteLossError(_nan_message(trainer, step, stats), step)
+        if step == 0 or last is None or not loops:
+            try:
+                images, labels = next(iterator)
+            except tf.errors.InvalidArgumentError as error:
+                raise data_error(error, trainer) from None
+            if step == 0 or last is None:
+                trainer.initialize_radius(images)
+            stats, norms = trainer.train_step(images, labels)
+            num_steps = 1
+        else:
+            num_steps = min(
+                steps_per_loop,
+                stop - step,
+                log_every - step % log_every,
+                checkpoint_every - step % checkpoint_every,
+            )
+            try:
+                stats, norms = trainer.train_loop(iterator, num_steps)
+            except tf.errors.InvalidArgumentError as error:
+                raise data_error(error, trainer) from None
+        step += num_steps
+        interval_steps += num_steps
         last = stats
         if step % log_every == 0 or step == stop or step == 1:
+            check_finite()
+            dict(stats)  # waits for the step: the interval's time is real
             now = time.perf_counter()
             elapsed = now - interval_start
             images_per_second = (
@@ -173,6 +222,7 @@ def run_loop(
                     )
             interval_start, interval_steps = time.perf_counter(), 0
         if step % checkpoint_every == 0 or step == stop:
+            check_finite()
             trainer.save()
             saved_step = step
     return last
@@ -537,6 +587,7 @@ def train(
                 print_fn=print_fn,
                 summary_writer=writer,
                 stop_requested=stopper,
+                steps_per_loop=run.steps_per_loop,
             )
     finally:
         trainer.close()

@@ -21,6 +21,7 @@ from ring_loss_tf import trainer as trainer_lib
 from ring_loss_tf import training
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import NonFiniteLossError
+from ring_loss_tf.errors import TrainingInterrupted
 from tests.tiny_runs import GLOBAL_BATCH
 from tests.tiny_runs import assert_same_checkpoints
 from tests.tiny_runs import assert_same_state
@@ -302,3 +303,129 @@ def test_nonfinite_loss_stops_with_message_and_intact_checkpoint(tmp_path):
     restored_state = state(restored)
     assert all(np.all(np.isfinite(v)) for v in restored_state.values())
     assert_same_state(restored_state, states[2], atol=0)
+
+
+def test_steps_per_loop_3_equals_1_across_checkpoints_and_resume(
+    tmp_path, tiny_kanji, monkeypatch
+):
+    """K = 3 steps per compiled call, stopped at step 7 and resumed, ends
+    with the weights of one uninterrupted K = 1 run, and logs and
+    checkpoints at the same steps (loops of 3, 1 and 2 steps, cut at the
+    log, checkpoint and stop steps)."""
+    settings = dict(steps=12, checkpoint_every=5, log_every=4,
+                    max_to_keep=10, head="asoftmax", lambda_ring=0.01,
+                    margin_warmup_steps=0)
+    one_lines, loop_lines, loops = [], [], []
+    train_loop = trainer_lib.Trainer.train_loop
+
+    def recorded(self, iterator, num_steps):
+        loops.append(num_steps)
+        return train_loop(self, iterator, num_steps)
+
+    monkeypatch.setattr(trainer_lib.Trainer, "train_loop", recorded)
+    one = tiny_train(tmp_path / "one", tiny_kanji, print_fn=one_lines.append,
+                     **settings)
+    first = tiny_train(tmp_path / "loop", tiny_kanji, steps_per_loop=3,
+                       stop_at_step=7, print_fn=loop_lines.append, **settings)
+    assert first["step"] == 7
+    loop = tiny_train(tmp_path / "loop", tiny_kanji, steps_per_loop=3,
+                      print_fn=loop_lines.append, **settings)
+    assert loop["step"] == 12
+
+    def logged_steps(lines):
+        return [line.split()[1] for line in lines if line.startswith("step")]
+
+    assert logged_steps(one_lines) == [
+        "1/12", "4/12", "8/12", "12/12"]
+    assert logged_steps(loop_lines) == [
+        "1/12", "4/12", "7/12", "8/12", "12/12"]
+
+    def checkpoints(directory):
+        return sorted(int(p.name[5:-6]) for p in directory.glob("*.index"))
+
+    assert checkpoints(tmp_path / "one") == [5, 10, 12]
+    assert checkpoints(tmp_path / "loop") == [5, 7, 10, 12]
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "loop", 1e-6)
+    assert one["last"]["loss"] == pytest.approx(loop["last"]["loss"],
+                                                rel=1e-6)
+    # Steps 2-4 | 5 | 6-7, then after the resume's single step 8: 9-10 |
+    # 11-12; the K = 1 run made no loop call.
+    assert loops == [3, 1, 2, 2, 2]
+    head = loop["trainer"].models.head
+    assert int(head.iterations.numpy()) == 12
+
+
+def _loop_trainer(model_dir):
+    return trainer_lib.Trainer(
+        trainer_lib.build_strategy(["/cpu:0"]),
+        model_fn(seed=3),
+        global_batch_size=GLOBAL_BATCH,
+        learning_rate=0.05,
+        model_dir=model_dir,
+        jit=False,
+    )
+
+
+def _dataset_iterator(data):
+    images = tf.stack([x for x, _ in data])
+    labels = tf.stack([y for _, y in data])
+    return iter(tf.data.Dataset.from_tensor_slices((images, labels)))
+
+
+def test_nonfinite_loss_inside_a_loop_names_its_step_and_saves_nothing(
+    tmp_path
+):
+    """NaN in step 3 of a loop of steps 2-4: found when step 4 would be
+    checkpointed; the error names step 3 and no checkpoint is written."""
+    trainer = _loop_trainer(tmp_path)
+    trainer.attach_checkpoint()
+    data = batches(8)
+    images = data[2][0].numpy()
+    images[0, 0, 0, 0] = np.nan
+    data[2] = (tf.constant(images), data[2][1])
+    with pytest.raises(NonFiniteLossError,
+                       match=r"step 3: the loss is not finite \(loss nan.*"
+                       r"no checkpoint was written yet") as info:
+        training.run_loop(trainer, _dataset_iterator(data), 8,
+                          checkpoint_every=4, log_every=100,
+                          steps_per_loop=4, print_fn=lambda _: 0)
+    assert info.value.step == 3
+    assert int(trainer.step.numpy()) == 2
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_a_stop_request_acts_at_the_end_of_the_loop(tmp_path):
+    """Requested during steps 2-5 (one loop): checkpointed at step 5."""
+    trainer = _loop_trainer(tmp_path)
+    trainer.attach_checkpoint()
+
+    def stop_requested():
+        return "SIGTERM" if int(trainer.step.numpy()) >= 2 else None
+
+    with pytest.raises(TrainingInterrupted) as info:
+        training.run_loop(trainer, _dataset_iterator(batches(10)), 10,
+                          checkpoint_every=100, log_every=100,
+                          steps_per_loop=4, print_fn=lambda _: 0,
+                          stop_requested=stop_requested)
+    assert info.value.step == 5
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-5")
+
+
+def test_a_loop_on_two_replicas_fed_global_batches_equals_one_device():
+    """steps_per_loop=3 on two replicas from a `tf.data` iterator of global
+    batches (each replica takes its rows) ends where K = 1 on one device
+    does."""
+    def run(devices, iterator, steps_per_loop):
+        trainer = trainer_lib.Trainer(
+            trainer_lib.build_strategy(devices), model_fn(seed=3),
+            global_batch_size=GLOBAL_BATCH, learning_rate=0.05, jit=False,
+        )
+        training.run_loop(trainer, iterator, 4, checkpoint_every=100,
+                          log_every=100, steps_per_loop=steps_per_loop,
+                          print_fn=lambda _: 0)
+        assert int(trainer.step.numpy()) == 4
+        return state(trainer)
+
+    one = run(["/cpu:0"], iter(batches(4)), 1)
+    two = run(["/cpu:0", "/cpu:1"], _dataset_iterator(batches(4)), 3)
+    assert_same_state(one, two)
