@@ -350,3 +350,25 @@ def test_two_workers_hold_and_resume_their_own_shards(tmp_path):
     expected = tiny_runs.state(one)
     for name, value in expected.items():
         assert_close(value, first[name.replace("/", "|")], name)
+
+
+def test_train_with_sampling_and_steps_per_loop(tmp_path):
+    """`training.train` with a sampled sharded head, margin warm-up
+    crossing loops: 3 steps per call end where 1 step per call does."""
+    base = tiny_runs.tiny_kanji_config(
+        tmp_path / "cache", head="arcface", head_sharding=True,
+        head_sample_rate=0.5, margin_warmup_steps=2,
+    )
+    for k in (1, 3):
+        tiny_runs.tiny_train(tmp_path / f"k{k}", base, devices=devices(2),
+                             steps_per_loop=k, print_fn=lambda *_: None)
+    tiny_runs.assert_same_checkpoints(tmp_path / "k1", tmp_path / "k3",
+                                      atol=1e-6)
+    one = tf.train.load_checkpoint(str(tmp_path / "k1"))
+    three = tf.train.load_checkpoint(str(tmp_path / "k3"))
+    keys = [k for k in one.get_variable_to_shape_map()
+            if k.startswith("head/")]
+    assert any("kernels" in k for k in keys)
+    for key in keys:
+        np.testing.assert_allclose(one.get_tensor(key), three.get_tensor(key),
+                                   atol=1e-6, err_msg=key)
