@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/ and prints their figures in one report.
 
-    python bench/all.py              # quick settings, 4 min + ~6 for peer
+    python bench/all.py    # quick settings, 4 min + ~6 for peer, ~4 sharded
     python bench/all.py --full                   # each script's defaults
     python bench/all.py --only layers,eval --markdown bench_results/perf.md
     python bench/all.py --reproduce_dir bench_results/reproduce
@@ -19,6 +19,7 @@ cores. Quick settings keep ≥ 5 repetitions (every figure stays a median of
     backbones  --backbones small_cnn,iresnet18,mobilefacenet --steps 1
                --no_grouped_conv
     peer    --networks small_cnn,sphereface20 --heads softmax --steps 2
+    sharded_head  --classes 10000
 
 so its figures are noisier than those of `--full` (each script's defaults;
 bench/eval.py's 10,000 x 1,000,000 identification, estimated at 15-20 min
@@ -41,7 +42,7 @@ import time
 
 BENCH = pathlib.Path(__file__).resolve().parent
 ORDER = ("layers", "input", "train", "eval", "recordio_index", "worker_input",
-         "backbones", "peer")
+         "backbones", "peer", "sharded_head")
 QUICK = {
     "layers": ["--backends", "tensorflow", "--heads", "softmax,arcface",
                "--steps", "5", "--repeats", "5"],
@@ -57,6 +58,7 @@ QUICK = {
                   "--steps", "1", "--repeats", "5", "--no_grouped_conv"],
     "peer": ["--networks", "small_cnn,sphereface20", "--heads", "softmax",
              "--steps", "2", "--repeats", "5"],
+    "sharded_head": ["--classes", "10000", "--repeats", "5"],
 }
 WHAT = {
     "layers": "Ring loss and head cost per training step",
@@ -67,6 +69,7 @@ WHAT = {
     "worker_input": "per-worker input: images decoded per worker and step",
     "backbones": "backbones: parameters, multiply-adds, training speed",
     "peer": "against PyTorch: the same training step, side by side",
+    "sharded_head": "sharded head (Partial FC) vs replicated: memory, step",
 }
 
 
