@@ -29,7 +29,7 @@ head's gradient is never all-reduced. The sampled columns are a function of
 column left out of a step gets no gradient, and neither its momentum nor
 weight decay moves it: the paper's sparse update (README, "Sharded head",
 for why not arcface_torch's V2 behaviour). Unlike arcface_torch,
-which keeps exactly ⌈r·C_k⌉ columns per shard, the count here varies from
+which keeps exactly ⌊r·C_k⌋ columns per shard, the count here varies from
 step to step around r·C (a Bernoulli draw per class is what keeps the set
 independent of the sharding).
 
