@@ -292,7 +292,8 @@ class ShardedHead(tf.Module):
         Returns:
             (cross_entropy over the global batch (the same on every
             replica), ∂CE/∂features of this replica's rows, ∂CE/∂W_shard,
-            the kept columns as a 0/1 float32 mask over the shard's).
+            the kept columns as a 0/1 float32 mask over the shard's, or
+            None when every column is kept).
         """
         context = tf.distribute.get_replica_context()
         rows = tf.shape(features)[0]
@@ -336,9 +337,11 @@ class ShardedHead(tf.Module):
         dx = context.all_reduce("SUM", dx)
         replica = context.replica_id_in_sync_group
         own = dx[replica * rows : (replica + 1) * rows]
-        kept = tf.scatter_nd(columns[:, None],
-                             tf.ones_like(columns, tf.float32),
-                             (stop - start,))
+        kept = None
+        if self.sample_rate < 1:
+            kept = tf.scatter_nd(columns[:, None],
+                                 tf.ones_like(columns, tf.float32),
+                                 (stop - start,))
         return (
             cross_entropy,
             tf.cast(own, features.dtype),
@@ -359,16 +362,16 @@ class ShardedHead(tf.Module):
         shard's share of the weight-decay term)."""
         local = shard - self.first_shard
         kernel, velocity = self.kernels[local], self.momenta[local]
-        mask = kept[None, :]
+        # Every column is kept at r = 1: no mask to apply.
+        mask = 1.0 if kept is None else kept[None, :]
         decay = 0.5 * weight_decay * tf.reduce_sum(tf.square(kernel) * mask)
         gradient = gradient + weight_decay * kernel
         if momentum:
             step = -gradient * learning_rate + velocity * momentum
-            if self.sample_rate < 1:
+            if kept is not None:
                 step = mask * step + (1 - mask) * velocity
             velocity.assign(step)
-            kernel.assign_add(velocity if self.sample_rate >= 1
-                              else mask * velocity)
+            kernel.assign_add(velocity if kept is None else mask * velocity)
         else:
             kernel.assign_sub(mask * gradient * learning_rate)
         return decay
