@@ -157,7 +157,8 @@ def loop_throughput(args):
              f"{args.steps_per_loop} steps per call")
     runs = {}
     for form in forms:
-        trainer = _trainer(["/cpu:0"], True, 0.01, batch, args.num_classes)
+        trainer = _trainer(["/cpu:0"], args.loop_jit, 0.01, batch,
+                           args.num_classes)
         trainer.initialize_radius(images)
         dataset = trainer.distribute_dataset(
             lambda _: tf.data.Dataset.from_tensors((images, labels))
@@ -174,7 +175,8 @@ def loop_throughput(args):
             )
     medians = {form: statistics.median(r) for form, r in rates.items()}
     print(f"Training loop, batch {batch}, small_cnn 32x32x1, "
-          f"{args.num_classes} classes, 1 replica, jit, ring, log every "
+          f"{args.num_classes} classes, 1 replica, "
+          f"{'jit' if args.loop_jit else 'no jit'}, ring, log every "
           f"{args.log_every}; median of {args.repeats} x {args.loop_steps} "
           "steps:")
     print("| loop | images/s (median) | min | max |")
@@ -235,6 +237,10 @@ def main():
     parser.add_argument("--loop_steps", type=int, default=50)
     parser.add_argument("--log_every", type=int, default=50)
     parser.add_argument("--steps_per_loop", type=int, default=10)
+    parser.add_argument("--loop_jit", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="time the loop compiled with XLA (off: the "
+                        "CPU default)")
     parser.add_argument("--skip_throughput", action="store_true")
     args = parser.parse_args()
     if not args.skip_throughput:

@@ -538,6 +538,9 @@ def train(
     )
     chief = trainer_lib.is_chief(strategy)
     config = config_lib.resolve(config, num_classes=source.num_classes)
+    if run.jit is None:
+        config = config_lib.replace(
+            config, jit=trainer_lib.jit_by_default(strategy))
     total_steps = config_lib.steps_of(config, source.num_examples)
     if chief:
         check_resume_config(config)

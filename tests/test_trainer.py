@@ -132,6 +132,21 @@ def test_batch_not_divisible_by_the_replicas_is_a_config_error():
         )
 
 
+def test_xla_is_on_by_default_on_gpus_only():
+    cpus = trainer_lib.build_strategy(["/cpu:0", "/cpu:1"])
+    assert not trainer_lib.jit_by_default(cpus)
+    assert not trainer_lib.Trainer(cpus, model_fn(),
+                                   global_batch_size=4).jit
+    # What a MirroredStrategy over two GPUs names its devices.
+    gpus = type("Strategy", (), {"extended": type("Extended", (), {
+        "worker_devices": ("/job:localhost/replica:0/task:0/device:GPU:0",
+                           "/job:localhost/replica:0/task:0/device:GPU:1"),
+    })})
+    assert trainer_lib.jit_by_default(gpus)
+    assert trainer_lib.Trainer(cpus, model_fn(), global_batch_size=4,
+                               jit=True).jit
+
+
 def test_mixed_bfloat16_step_is_close_to_float32():
     """mixed_bfloat16 (the CPU policy): bf16 compute, float32 weights and R."""
     ((images, labels),) = batches(1, seed=2)
