@@ -7,7 +7,8 @@
 
 What is compared: one training step (forward, Ring loss + head + softmax
 cross-entropy, weight decay, backward, SGD momentum update) of
-`trainer.Trainer` (one replica, XLA) against the same network written here
+`trainer.Trainer` (one replica, its default: XLA on GPUs, not on a CPU;
+--xla adds the other setting) against the same network written here
 in PyTorch (`TorchNet`: the same layers, the same padding, PReLU slopes,
 Ring loss, heads and weight decay, and the same initial weights, copied from
 the Keras model), run eagerly and, where it works here, under
@@ -29,8 +30,8 @@ Networks (--networks):
 pipeline included; the median of its progress lines after the first, which
 includes compilation) on a generated folder of random images of the
 network's shapes (PNG 32x32 grey for small_cnn, JPEG 112x96 for
-SphereFace-20), with XLA on and off, against PyTorch eager steps timed
-between those runs.
+SphereFace-20), as train.py runs by default and with --jit=true, against
+PyTorch eager steps timed between those runs.
 """
 
 import argparse
@@ -114,7 +115,7 @@ def keras_models(spec, head, seed=0):
     return models_lib.Models(train_model, embedding_model, ring, head_layer)
 
 
-def our_trainer(spec, head, batch_size, jit=True, learning_rate=LEARNING_RATE,
+def our_trainer(spec, head, batch_size, jit=None, learning_rate=LEARNING_RATE,
                 momentum=MOMENTUM, seed=0):
     return trainer_lib.Trainer(
         trainer_lib.build_strategy(["/cpu:0"]),
@@ -328,8 +329,10 @@ def _rate(run, steps, batch_size):
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def sides(spec, head, batch_size, compile_torch, channels_last,
-          no_jit=False):
+OURS = "ours (Trainer)"
+
+
+def sides(spec, head, batch_size, compile_torch, channels_last, xla=False):
     """{side: run(steps)} for our Trainer and PyTorch eager (/ compiled)."""
     images, labels = _batch(spec, batch_size)
     trainer = our_trainer(spec, head, batch_size)
@@ -356,13 +359,14 @@ def sides(spec, head, batch_size, compile_torch, channels_last,
             loss.item()
         return run
 
-    result = {"ours (Trainer, XLA)": our_side(trainer)}
-    if no_jit:
-        unjitted = our_trainer(spec, head, batch_size, jit=False)
-        unjitted.initialize_radius(tf_images)
-        unjitted.models.train_model.set_weights(
+    result = {OURS: our_side(trainer)}
+    if xla:
+        other = our_trainer(spec, head, batch_size, jit=not trainer.jit)
+        other.initialize_radius(tf_images)
+        other.models.train_model.set_weights(
             trainer.models.train_model.get_weights())
-        result["ours (Trainer, no XLA)"] = our_side(unjitted)
+        result[f"ours (Trainer, {'no XLA' if trainer.jit else 'XLA'})"] = (
+            our_side(other))
     result["PyTorch eager"] = eager_side(net, torch_images)
     if channels_last:
         net_cl = TorchNet(spec, head, torch_padding=True).to(
@@ -425,7 +429,7 @@ def step_table(args):
         for head in args.heads.split(","):
             started = time.perf_counter()
             runs = sides(spec, head, batch_size, args.compile,
-                         args.channels_last, args.no_jit)
+                         args.channels_last, args.xla)
             failed = []
             for name, run in list(runs.items()):
                 try:
@@ -450,9 +454,9 @@ def step_table(args):
             for name, r in rates.items():
                 print(f"  {name:<30} {statistics.median(r):8.1f} img/s "
                       f"(range {min(r):.1f} .. {max(r):.1f})")
-            ours = rates["ours (Trainer, XLA)"]
+            ours = rates[OURS]
             for name, r in rates.items():
-                if name != "ours (Trainer, XLA)":
+                if name != OURS:
                     print(_ratio_line(name, ours, r))
             if sgemm:
                 flops = training_flops(spec)
@@ -472,6 +476,115 @@ def step_table(args):
             for line in failed:
                 print(f"  not run: {line}")
             print(flush=True)
+
+
+# --------------------------------------------------------------------------
+# Where a step's time goes, by kind of op, on both sides
+# --------------------------------------------------------------------------
+
+PROFILE_KINDS = ("conv forward", "conv backward", "PReLU",
+                 "dense (embedding, head)", "everything else")
+
+
+def _tf_kind(name, op_type):
+    if "Conv2DBackprop" in op_type:
+        return "conv backward"
+    if "Conv2D" in op_type:
+        return "conv forward"
+    if "prelu" in name.lower():
+        return "PReLU"
+    if "MatMul" in op_type:
+        return "dense (embedding, head)"
+    return "everything else"
+
+
+def _torch_kind(name):
+    if name == "aten::convolution_backward":
+        return "conv backward"
+    if name == "aten::mkldnn_convolution":
+        return "conv forward"
+    if "prelu" in name:
+        return "PReLU"
+    if name in ("aten::mm", "aten::addmm"):
+        return "dense (embedding, head)"
+    return "everything else"
+
+
+def tf_op_times(run, steps):
+    """Milliseconds per step by kind of op of TensorFlow's own profile
+    (the XPlane of `tf.profiler`): the kernels' durations, which add up to
+    the step when one inter-op thread runs them one after another."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        run(steps)
+        tf.profiler.experimental.stop()
+        path, = pathlib.Path(logdir).glob("plugins/profile/*/*.xplane.pb")
+        space = xplane_pb2.XSpace.FromString(path.read_bytes())
+    times = dict.fromkeys(PROFILE_KINDS, 0.0)
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                label = plane.event_metadata[event.metadata_id].name
+                # A kernel's event is "op name:op type"; the executor's
+                # and thread pool's own events ("A::B") and the call of the
+                # step's function ("…:__inference_…") enclose them.
+                if ":" not in label or "::" in label:
+                    continue
+                name, op_type = label.rsplit(":", 1)
+                if op_type.strip().startswith("__inference"):
+                    continue
+                times[_tf_kind(name, op_type)] += event.duration_ps / 1e9
+    return {kind: t / steps for kind, t in times.items()}
+
+
+def torch_op_times(run, steps):
+    """Milliseconds per step by kind of op of `torch.profiler` (self CPU
+    time of each operator)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(steps)
+    times = dict.fromkeys(PROFILE_KINDS, 0.0)
+    for event in prof.key_averages():
+        times[_torch_kind(event.key)] += event.self_cpu_time_total / 1e3
+    return {kind: t / steps for kind, t in times.items()}
+
+
+def profile_table(args):
+    for network in args.networks.split(","):
+        spec = NETWORKS[network]
+        batch_size = args.batch_size or spec["batch_size"]
+        runs = sides(spec, "softmax", batch_size, False, False)
+        ours, eager = runs[OURS], runs["PyTorch eager"]
+        ours(args.warmup)
+        eager(args.warmup)
+        wall = {OURS: [], "PyTorch eager": []}
+        for _ in range(args.repeats):
+            for name, run in ((OURS, ours), ("PyTorch eager", eager)):
+                wall[name].append(
+                    1e3 * _seconds(lambda run=run: run(args.steps))
+                    / args.steps)
+        mine = tf_op_times(ours, args.steps)
+        theirs = torch_op_times(eager, args.steps)
+        print(f"{network} + Ring loss + softmax, batch {batch_size}: "
+              f"ms per step by kind of op ({args.steps} profiled steps "
+              "each; TensorFlow with one inter-op thread, so its kernels "
+              "run one at a time as PyTorch's do)")
+        print(f"| kind of op | {OURS} | PyTorch eager | ours / PyTorch |")
+        print("|---|---|---|---|")
+        for kind in PROFILE_KINDS:
+            print(f"| {kind} | {mine[kind]:.0f} | {theirs[kind]:.0f} | "
+                  f"{mine[kind] / max(theirs[kind], 1e-9):.2f} |")
+        total_mine, total_theirs = sum(mine.values()), sum(theirs.values())
+        print(f"| all ops | {total_mine:.0f} | {total_theirs:.0f} | "
+              f"{total_mine / total_theirs:.2f} |")
+        a, b = (statistics.median(wall[n]) for n in wall)
+        print(f"| the step, wall (median of {args.repeats} unprofiled "
+              f"rounds) | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+        print(flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -512,7 +625,8 @@ def _train_py_rate(data_dir, model_dir, spec, network, batch_size, steps,
         f"--lambda_ring={LAMBDA_RING}", f"--batch_size={batch_size}",
         f"--steps={steps}", f"--log_every={log_every}",
         f"--checkpoint_every={steps}", f"--steps_per_loop={steps_per_loop}",
-        f"--jit={str(jit).lower()}", "--evaluate=false", "--export=false",
+        *([] if jit is None else [f"--jit={str(jit).lower()}"]),
+        "--evaluate=false", "--export=false",
         # train.py's default augmentation: the embedded set's for the
         # 32x32 characters, "face" for a face folder.
         "--augment=" + ("characters" if network == "small_cnn" else "face"),
@@ -543,11 +657,11 @@ def train_py_table(args):
             runs = sides(spec, "softmax", batch_size, False, False)
             eager = runs["PyTorch eager"]
             eager(1)
-            rates = {"train.py --jit=true": [], "train.py --jit=false": [],
-                     "PyTorch eager step": []}
+            variants = {"train.py": None, "train.py --jit=true": True}
+            rates = {name: [] for name in [*variants, "PyTorch eager step"]}
             for r in range(args.repeats):
-                for jit in (True, False):
-                    rates[f"train.py --jit={str(jit).lower()}"].append(
+                for name, jit in variants.items():
+                    rates[name].append(
                         _train_py_rate(
                             data_dir, directory / f"run{r}{jit}", spec,
                             network, batch_size, steps, log_every,
@@ -564,7 +678,7 @@ def train_py_table(args):
         for name, r in rates.items():
             print(f"  {name:<30} {statistics.median(r):8.1f} img/s "
                   f"(range {min(r):.1f} .. {max(r):.1f})")
-        for name in ("train.py --jit=true", "train.py --jit=false"):
+        for name in variants:
             print(_ratio_line("PyTorch eager step", rates[name],
                               rates["PyTorch eager step"]).replace(
                                   "ours", name))
@@ -584,11 +698,15 @@ def main():
                         help="skip torch.compile")
     parser.add_argument("--channels_last", action="store_true",
                         help="also PyTorch eager in channels_last")
-    parser.add_argument("--no_jit", action="store_true",
-                        help="also our Trainer without XLA")
+    parser.add_argument("--xla", action="store_true",
+                        help="also our Trainer with the other XLA setting "
+                        "(its default: XLA on GPUs, not on a CPU)")
     parser.add_argument("--sgemm", action="store_true",
                         help="also each side's GFLOP/s against NumPy sgemm")
     parser.add_argument("--skip_step_table", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: ms per step by kind of op on each "
+                        "side (TensorFlow with one inter-op thread)")
     parser.add_argument("--train_py", action="store_true")
     parser.add_argument("--train_py_steps", type=int, default=21)
     parser.add_argument("--train_py_log_every", type=int, default=10)
@@ -596,10 +714,18 @@ def main():
     args = parser.parse_args()
     threads = os.cpu_count()
     torch.set_num_threads(threads)
+    if args.profile:
+        # Before TensorFlow starts its thread pools.
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, PyTorch "
           f"{torch.__version__}; {threads} CPU threads each; "
           f"Ring loss λ={LAMBDA_RING}, SGD momentum {MOMENTUM}, "
-          f"weight decay {WEIGHT_DECAY}\n")
+          f"weight decay {WEIGHT_DECAY}; ours: the Trainer's default, "
+          f"jit={trainer_lib.jit_by_default(trainer_lib.build_strategy())}"
+          "\n")
+    if args.profile:
+        profile_table(args)
+        return
     if not args.skip_step_table:
         step_table(args)
     if args.train_py:
