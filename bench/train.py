@@ -5,17 +5,18 @@
 
 Throughput: images/s of the full distributed training step (forward,
 backward, all-reduce, SGD update) of the default model (small_cnn → RingLoss
-→ 1000-way softmax, 32×32×1, global batch 256) on synthetic batches, for
-XLA on/off, ring loss on/off, and 1 vs 2 replicas on two logical CPU devices
+→ 1000-way softmax, 32×32×1, global batch 256) on synthetic batches, as a
+CPU trains by default (no XLA) and with XLA, ring loss on/off, and 1 vs 2
+replicas on two logical CPU devices
 (one process; the CPU is split before TensorFlow starts). Repetitions of the
 configurations are interleaved, so a slow spell of a shared machine hits all
 of them; the table gives medians and the ratios of the medians, measured in
 this one run.
 
 Loop (--loop): the training loop of train.py (`training.run_loop`, one
-replica, jit, ring, a prefetched synthetic `tf.data` input through
-`distribute_dataset`) at --loop_batch_size (default 64, where per-step
-overhead shows), in three forms, interleaved: the statistics read after
+replica, no XLA unless --loop_jit, ring, a prefetched synthetic `tf.data`
+input through `distribute_dataset`) at --loop_batch_size (default 64,
+where per-step overhead shows), in three forms, interleaved: the statistics read after
 every step (what the loop did before it kept them on the device: one host
 round trip per step), read at log steps only (--log_every steps apart)
 with one step per compiled call, and --steps_per_loop steps per call.
@@ -56,10 +57,10 @@ from ring_loss_tf import training  # noqa: E402
 
 CONFIGS = {
     # name: (devices, jit, lambda_ring)
-    "1 replica, jit, ring": (["/cpu:0"], True, 0.01),
-    "1 replica, no jit, ring": (["/cpu:0"], False, 0.01),
-    "1 replica, jit, no ring": (["/cpu:0"], True, 0.0),
-    "2 replicas, jit, ring": (["/cpu:0", "/cpu:1"], True, 0.01),
+    "1 replica, ring": (["/cpu:0"], False, 0.01),
+    "1 replica, XLA, ring": (["/cpu:0"], True, 0.01),
+    "1 replica, no ring": (["/cpu:0"], False, 0.0),
+    "2 replicas, ring": (["/cpu:0", "/cpu:1"], False, 0.01),
 }
 
 
@@ -115,15 +116,15 @@ def throughput(args):
     print("|---|---|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {medians[name]:.0f} | {min(r):.0f} | {max(r):.0f} |")
-    base = medians["1 replica, jit, ring"]
+    base = medians["1 replica, ring"]
     print()
-    print("| ratio | value |")
+    print("| ratio (images/s) | value |")
     print("|---|---|")
-    print(f"| jit / no jit | {base / medians['1 replica, no jit, ring']:.2f} |")
+    print(f"| XLA / no XLA | {medians['1 replica, XLA, ring'] / base:.2f} |")
     print(f"| ring on / ring off | "
-          f"{base / medians['1 replica, jit, no ring']:.2f} |")
+          f"{base / medians['1 replica, no ring']:.2f} |")
     print(f"| 2 replicas / 1 replica | "
-          f"{medians['2 replicas, jit, ring'] / base:.2f} |")
+          f"{medians['2 replicas, ring'] / base:.2f} |")
 
 
 def _loop_rate(trainer, iterator, steps, args, form):

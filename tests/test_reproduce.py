@@ -101,3 +101,15 @@ def test_saved_runs_and_tables_show_a_diverged_row(reproduce, tmp_path):
     tables = reproduce.format_tables(by_row, (4.0,))
     assert "| ArcFace+R (diverged at step 37) |" in tables
     assert "| SM | 45.00 ± 5.00 |" in tables
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_every_row_trains_with_xla_whatever_the_device(reproduce, full):
+    # The published rows were trained with XLA; a CPU's default is off.
+    import argparse
+
+    args = argparse.Namespace(full=full, batch_size=256, steps=938, scale=1.0,
+                              smoke=False, cache_dir=None)
+    common = reproduce.settings(args)
+    assert common.run.jit is True
+    assert reproduce.row_config(common, "SF+R_0.01", 1, "d").run.jit is True
