@@ -63,7 +63,7 @@ QUICK = {
 WHAT = {
     "layers": "Ring loss and head cost per training step",
     "input": "input pipeline vs training step",
-    "train": "training throughput (XLA, ring, replicas) and the loop",
+    "train": "training throughput (XLA, ring, replicas)",
     "eval": "verification, identification and embedding speed",
     "recordio_index": "RecordIO index memory and time to open",
     "worker_input": "per-worker input: images decoded per worker and step",

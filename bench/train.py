@@ -16,10 +16,11 @@ this one run.
 Loop (--loop): the training loop of train.py (`training.run_loop`, one
 replica, no XLA unless --loop_jit, ring, a prefetched synthetic `tf.data`
 input through `distribute_dataset`) at --loop_batch_size (default 64,
-where per-step overhead shows), in three forms, interleaved: the statistics read after
-every step (what the loop did before it kept them on the device: one host
-round trip per step), read at log steps only (--log_every steps apart)
-with one step per compiled call, and --steps_per_loop steps per call.
+where per-step overhead shows), in three forms, interleaved: the
+statistics read after every step (what the loop did before it kept them
+on the device: one host round trip per step), read at log steps only
+(--log_every steps apart) with one step per compiled call, and
+--steps_per_loop steps per call.
 
 Quick start: runs `python train.py --lambda_ring=0.01` (all defaults, fresh
 data cache and model_dir in a temporary directory) and reports the wall time,
