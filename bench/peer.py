@@ -635,7 +635,7 @@ def _train_py_rate(data_dir, model_dir, spec, network, batch_size, steps,
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
-    rates = [float(m) for m in re.findall(r"(\d+) img/s", done.stdout)]
+    rates = [float(m) for m in re.findall(r"([\d.]+) img/s", done.stdout)]
     return statistics.median(rates[1:])
 
 

@@ -26,7 +26,7 @@ TRAIN_LINES = [
     r"images, batch 8 on 1 replica\(s\), steps 0→4, jit=False, "
     r"mixed_precision=off",
     r"step [124]/4  loss [\d.]+  ce [\d.]+  ring [\d.]+  R [\d.]+  \|F\| "
-    r"[\d.]+  lr [\d.e-]+  \d+ img/s(  ETA \d+s)?",
+    r"[\d.]+  lr [\d.e-]+  [\d.]+ img/s(  ETA \d+s)?",
     r"Exported the embedding model to \S+/run/export",
     r"Verification on unseen identities \(\S+/pairs\.txt\): \d+ genuine, "
     r"\d+ impostor pairs",
