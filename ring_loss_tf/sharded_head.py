@@ -355,9 +355,9 @@ class ShardedHead(tf.Module):
         weight decay wd·W in the gradient (as the trainer's wd/2·‖W‖² term
         gives the replicated kernel): m ← −g·lr + m·μ, W ← W + m. Columns a
         sampled step left out keep their centre and momentum, as the
-        Partial FC paper updates only the sampled centres: moving them by
-        their stale momentum and decay (arcface_torch's PartialFC_V2 under
-        torch's SGD) made r = 0.1 collapse on the embedded set (README).
+        Partial FC paper updates only the sampled centres (arcface_torch's
+        PartialFC_V2 under torch's SGD moves them by their stale momentum
+        and decay instead).
         Returns ½·wd·‖W‖² of the kept columns before the update (the
         shard's share of the weight-decay term)."""
         local = shard - self.first_shard
