@@ -239,7 +239,8 @@ class RunConfig:
         None,
         "Compile the per-replica forward/backward with XLA. Unset: on when "
         "training on GPUs, off on a CPU (where TensorFlow's own kernels "
-        "trained 1.2-1.7x faster than XLA's; README, Performance).",
+        "trained as fast as XLA's or faster, up to 3x; README, "
+        "Performance).",
         kind="bool", resume="free")
     log_every: int = setting(50, "Steps between progress lines.",
                              resume="free")
