@@ -238,9 +238,9 @@ class RunConfig:
     jit: bool | None = setting(
         None,
         "Compile the per-replica forward/backward with XLA. Unset: on when "
-        "training on GPUs, off on a CPU (where TensorFlow's own kernels "
-        "trained as fast as XLA's or faster, up to 3x; README, "
-        "Performance).",
+        "training on GPUs, and on a CPU unless TensorFlow runs its CPU "
+        "kernels with oneDNN (its default on AVX-512 VNNI / AMX CPUs, not "
+        "on AVX2-only ones; TF_ENABLE_ONEDNN_OPTS overrides).",
         kind="bool", resume="free")
     log_every: int = setting(50, "Steps between progress lines.",
                              resume="free")

@@ -378,16 +378,26 @@ def training_dataset(
             f"One epoch of {num} images has no whole batch of {batch_size} "
             f"from step {start_step}; lower `batch_size`."
         )
-    # Local row c of the stream is row k·L + c mod L of global batch
-    # start_step + c div L (L = local_rows).
-    rows = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(
-        (steps - start_step) * local_rows
-    )
+    # The pipeline's j-th batch holds rows (j mod M)·b .. + b - 1 of this
+    # pipeline's share of global batch start_step + j div M (M replicas
+    # here, b rows each); that is, local row c = j·b + i is row
+    # k·L + c mod L of global batch start_step + c div L (L = M·b).
+    # Positions are made a batch at a time: a per-row tf.data map costs
+    # more than the whole in-memory pipeline does.
+    replicas_here = replicas // pipelines
     first_row = pipeline * local_rows
-    positions = rows.map(
-        lambda c: (start_step + c // local_rows) * batch_size
-        + first_row + c % local_rows
+    batches = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(
+        (steps - start_step) * replicas_here
     )
+
+    def batch_positions(j):
+        global_step = start_step + j // replicas_here
+        first = (
+            global_step * batch_size + first_row
+            + (j % replicas_here) * per_replica
+        )
+        return first + tf.range(per_replica, dtype=tf.int64)
+
     seed_tensor = tf.constant(int(seed), tf.int64)
     if in_memory is None:
         size = num * height * width * channels
@@ -416,12 +426,13 @@ def training_dataset(
         )
         labels = tf.constant(source.labels, tf.int32)
 
-        def gather(batch_positions):
-            index = shuffled_index(batch_positions, seed_tensor, num)
+        def gather(j):
+            rows = batch_positions(j)
+            index = shuffled_index(rows, seed_tensor, num)
             images = tf.cast(tf.gather(pixels, index), tf.float32)
-            return images, tf.gather(labels, index), batch_positions
+            return finish(images, tf.gather(labels, index), rows)
 
-        dataset = positions.batch(per_replica, drop_remainder=True).map(
+        dataset = batches.map(
             gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
     else:
@@ -436,13 +447,12 @@ def training_dataset(
             image = decode_image(contents, channels, name, expect)
             return resize_image(image, (height, width)), label, position
 
-        dataset = positions.map(
+        dataset = batches.map(batch_positions).unbatch().map(
             element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        dataset = dataset.batch(per_replica, drop_remainder=True)
-    dataset = dataset.map(
-        finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+        dataset = dataset.batch(per_replica, drop_remainder=True).map(
+            finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

@@ -35,6 +35,10 @@ class Backbone:
         embedding_dim: the default embedding size.
         embedding_block: the block the published network ends in; None:
             the head's default (`Head.embedding_block`).
+        xla_on_cpu: whether a CPU run compiles it with XLA by default
+            (`trainer.jit_by_default`); False for networks of depthwise
+            convolutions, which XLA:CPU runs several times slower than
+            TensorFlow's kernels, with oneDNN or without.
     """
 
     function: object  # "module:function", or the function itself
@@ -42,12 +46,13 @@ class Backbone:
     channels: int | None = None
     embedding_dim: int = 512
     embedding_block: str | None = None
+    xla_on_cpu: bool = True
 
 
-def _insightface(name, embedding_block):
+def _insightface(name, embedding_block, xla_on_cpu=True):
     return Backbone(
         f"ring_loss_tf.backbones:{name}", image_size=(112, 112), channels=3,
-        embedding_block=embedding_block,
+        embedding_block=embedding_block, xla_on_cpu=xla_on_cpu,
     )
 
 
@@ -59,7 +64,7 @@ BACKBONES = {
     "iresnet18": _insightface("iresnet18", "bn"),
     "iresnet50": _insightface("iresnet50", "bn"),
     "iresnet100": _insightface("iresnet100", "bn"),
-    "mobilefacenet": _insightface("mobilefacenet", "gdc"),
+    "mobilefacenet": _insightface("mobilefacenet", "gdc", xla_on_cpu=False),
 }
 
 # How a backbone's last feature map becomes the embedding: "fc", a

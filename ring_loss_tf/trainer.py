@@ -167,14 +167,33 @@ def build_strategy(devices=None, collectives="auto"):
     )
 
 
-def jit_by_default(strategy):
-    """Whether a run that does not say compiles with XLA: on GPUs, yes; on a
-    CPU, no. XLA:CPU emits its own convolutions, which on the 2-core
-    machines measured never trained faster than TensorFlow's oneDNN
-    kernels: 0.88x on SphereFace-20, 0.3x on MobileFaceNet (README,
-    Performance)."""
-    return any("GPU" in device.upper()
-               for device in strategy.extended.worker_devices)
+def jit_by_default(strategy, xla_on_cpu=True):
+    """Whether a run that does not say compiles with XLA.
+
+    On GPUs, yes. On a CPU, only when TensorFlow's convolutions are not
+    oneDNN's (`onednn_kernels_enabled`): TensorFlow turns oneDNN on by
+    default only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX, and
+    without it its Eigen convolutions trained at half XLA's rate, while
+    with it XLA was the slower one (docs: performance). XLA when the
+    question cannot be answered. `xla_on_cpu=False` (a backbone's
+    `registry.Backbone.xla_on_cpu`) keeps XLA off on any CPU.
+    """
+    if any("GPU" in device.upper()
+           for device in strategy.extended.worker_devices):
+        return True
+    return xla_on_cpu and not onednn_kernels_enabled()
+
+
+def onednn_kernels_enabled():
+    """Whether this process's TensorFlow runs its CPU ops with oneDNN: its
+    default on CPUs of the AVX-512 VNNI / AMX kind, not on AVX2-only ones;
+    `TF_ENABLE_ONEDNN_OPTS=0|1` (read when TensorFlow loads) overrides.
+    None when TensorFlow does not say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def is_chief(strategy):
@@ -796,7 +815,15 @@ class Trainer:
     def distribute_dataset(self, dataset_fn):
         """`dataset_fn(input_context)` as the strategy's per-worker
         pipelines (prefetched to the devices); see `data.training_dataset`
-        for what a pipeline must yield."""
+        for what a pipeline must yield.
+
+        One replica on one worker reads the pipeline directly: the
+        strategy's distributed iterator would only copy to the device it
+        is already on, and its background work slowed an XLA step on a
+        CPU by a fifth (bench/input.py --distributed).
+        """
+        if self.num_replicas == 1 and self.num_workers == 1:
+            return dataset_fn(None)
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def initialize_radius(self, images):

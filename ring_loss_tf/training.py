@@ -542,8 +542,11 @@ def train(
     chief = trainer_lib.is_chief(strategy)
     config = config_lib.resolve(config, num_classes=source.num_classes)
     if run.jit is None:
+        backbone = registry.backbone(config.model.backbone)
         config = config_lib.replace(
-            config, jit=trainer_lib.jit_by_default(strategy))
+            config,
+            jit=trainer_lib.jit_by_default(strategy, backbone.xla_on_cpu),
+        )
     total_steps = config_lib.steps_of(config, source.num_examples)
     if chief:
         check_resume_config(config)

@@ -10,8 +10,11 @@ strategies share a model.
 
 import json
 import math
+import os
 import shutil
 import pathlib
+import subprocess
+import sys
 import textwrap
 
 import keras
@@ -132,19 +135,43 @@ def test_batch_not_divisible_by_the_replicas_is_a_config_error():
         )
 
 
-def test_xla_is_on_by_default_on_gpus_only():
+def test_xla_is_on_by_default_on_gpus_and_on_cpus_without_onednn():
     cpus = trainer_lib.build_strategy(["/cpu:0", "/cpu:1"])
-    assert not trainer_lib.jit_by_default(cpus)
-    assert not trainer_lib.Trainer(cpus, model_fn(),
-                                   global_batch_size=4).jit
+    onednn = trainer_lib.onednn_kernels_enabled()
+    assert onednn is not None  # TensorFlow 2.21 answers
+    assert trainer_lib.jit_by_default(cpus) is (not onednn)
+    assert trainer_lib.Trainer(cpus, model_fn(),
+                               global_batch_size=4).jit is (not onednn)
     # What a MirroredStrategy over two GPUs names its devices.
     gpus = type("Strategy", (), {"extended": type("Extended", (), {
         "worker_devices": ("/job:localhost/replica:0/task:0/device:GPU:0",
                            "/job:localhost/replica:0/task:0/device:GPU:1"),
     })})
     assert trainer_lib.jit_by_default(gpus)
+    assert trainer_lib.jit_by_default(gpus, xla_on_cpu=False)
+    assert not trainer_lib.jit_by_default(cpus, xla_on_cpu=False)
     assert trainer_lib.Trainer(cpus, model_fn(), global_batch_size=4,
                                jit=True).jit
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_cpu_jit_default_follows_tensorflows_onednn_switch(onednn):
+    """AVX2-only CPUs get TensorFlow's Eigen kernels (oneDNN off), AVX-512
+    VNNI / AMX ones oneDNN's: TF_ENABLE_ONEDNN_OPTS sets either on any x86
+    CPU, so both kinds of CPU are checked on whichever runs the test."""
+    code = textwrap.dedent("""
+        from ring_loss_tf import trainer
+        strategy = trainer.build_strategy(["/cpu:0"])
+        print(trainer.onednn_kernels_enabled(),
+              trainer.jit_by_default(strategy))
+    """)
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn,
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    enabled, jit = out.stdout.split()[-2:]
+    assert enabled == ("True" if onednn == "1" else "False")
+    assert jit == ("False" if onednn == "1" else "True")
 
 
 def test_mixed_bfloat16_step_is_close_to_float32():
