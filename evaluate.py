@@ -7,14 +7,9 @@ split of them):
     python evaluate.py --model=runs/default --low_res=2,4,8
 
 prints a table, and writes results.json and PNG plots (ROC on a log-FAR axis,
-CMC, feature-norm histograms) to --output_dir. Measured on the model of
-train.py's quick start (softmax + Ring loss λ = 0.01, 938 steps) with
---low_res=2,4,8: 1 min 14 s wall, 21 s CPU on 2 shared cores (the set
-already generated); 10-fold accuracy 97.98 % ± 0.30, TAR@FAR=1e-3 76.98 %,
-TAR@FAR=1e-4 54.47 % (the figures train.py printed for the same run), AUC
-99.80 %; 1/2, 1/4, 1/8 resolution probes: 93.57 %, 77.12 %, 59.58 %, mean
-norm 0.96×, 0.93×, 0.85× full resolution; identification of 2,250 probes
-vs 250 gallery + 2,500 distractors: rank-1 64.84 %, rank-5 83.20 %.
+CMC, feature-norm histograms) to --output_dir. The README (Evaluation)
+gives the figures it printed for the quick start's model, with the
+commands that produced them.
 
 Template verification (IJB-B/C; meta/ and loose_crop/ as insightface's IJB
 evaluation reads them), or the embedded set's template variant:

@@ -47,9 +47,11 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
@@ -639,6 +641,9 @@ def _train_py_rate(data_dir, model_dir, spec, network, batch_size, steps,
     return statistics.median(rates[1:])
 
 
+TRAINER_STEP = "ours (Trainer) step, default jit"
+
+
 def train_py_table(args):
     for network in args.networks.split(","):
         if network == "cnn6":
@@ -655,11 +660,15 @@ def train_py_table(args):
                 max(2, -(-batch_size * 2 // num_classes)),
             )
             runs = sides(spec, "softmax", batch_size, False, False)
-            eager = runs["PyTorch eager"]
+            eager, step = runs["PyTorch eager"], runs[OURS]
             eager(1)
+            step(1)
             variants = {"train.py": None, "train.py --jit=true": True}
-            rates = {name: [] for name in [*variants, "PyTorch eager step"]}
+            rates = {name: [] for name in [
+                *variants, "PyTorch eager step", TRAINER_STEP]}
             for r in range(args.repeats):
+                rates[TRAINER_STEP].append(
+                    _rate(step, args.steps, batch_size))
                 for name, jit in variants.items():
                     rates[name].append(
                         _train_py_rate(
@@ -682,6 +691,11 @@ def train_py_table(args):
             print(_ratio_line("PyTorch eager step", rates[name],
                               rates["PyTorch eager step"]).replace(
                                   "ours", name))
+        # train.py by default against the step it runs, fed from memory.
+        print(_ratio_line(TRAINER_STEP, rates["train.py"],
+                          rates[TRAINER_STEP]).replace("ours /",
+                                                       "train.py /"))
+        print(machine.describe(trainer_lib.onednn_kernels_enabled()))
         print(flush=True)
 
 
@@ -722,7 +736,7 @@ def main():
           f"Ring loss λ={LAMBDA_RING}, SGD momentum {MOMENTUM}, "
           f"weight decay {WEIGHT_DECAY}; ours: the Trainer's default, "
           f"jit={trainer_lib.jit_by_default(trainer_lib.build_strategy())}"
-          "\n")
+          f"\n{machine.describe(trainer_lib.onednn_kernels_enabled())}\n")
     if args.profile:
         profile_table(args)
         return
