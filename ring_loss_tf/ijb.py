@@ -68,6 +68,9 @@ class TemplateProtocol:
         landmarks: float32 (n, 5, 2) five points per image, or None
             (images aligned already).
         detector_scores: float32 (n,), or None.
+        landmark_file, landmark_lines: the five-point file and each
+            image's line in it (named when a crop's points are off its
+            image), or None.
     """
 
     name: str
@@ -79,6 +82,8 @@ class TemplateProtocol:
     issame: np.ndarray
     landmarks: np.ndarray | None = None
     detector_scores: np.ndarray | None = None
+    landmark_file: str | None = None
+    landmark_lines: np.ndarray | None = None
 
 
 def _lines(path: pathlib.Path):
@@ -124,7 +129,14 @@ def _read_templates(path: pathlib.Path, image_dir: pathlib.Path):
                 f"media_id' with integer ids, found {' '.join(fields)!r} "
                 f"({_LAYOUT})."
             ) from None
-        names.append(fields[0])
+        name = fields[0]
+        if os.path.isabs(name) or ".." in pathlib.PurePath(name).parts:
+            raise ValueError(
+                f"{path} line {number}: image path {name!r} leaves "
+                f"{image_dir} (an absolute path or '..'); image paths are "
+                f"relative to {IMAGE_DIR}/ and stay inside it."
+            )
+        names.append(name)
         if not os.path.isfile(image_dir / fields[0]):
             raise FileNotFoundError(
                 f"{path} line {number}: image {fields[0]!r} not found in "
@@ -135,9 +147,25 @@ def _read_templates(path: pathlib.Path, image_dir: pathlib.Path):
     return names, np.array(templates, np.int64), np.array(medias, np.int64)
 
 
+# Points closer together than this (pixels) give no alignment: a
+# similarity transform from one point is degenerate.
+MIN_LANDMARK_SPREAD = 1.0
+
+
+def _usual_field_count(path: pathlib.Path) -> int:
+    """The field count of most lines (12, a score, on a tie); a pass of
+    its own, so IJB-C's 470k split lines are never all held."""
+    counts = {}
+    for _, fields in _lines(path):
+        counts[len(fields)] = counts.get(len(fields), 0) + 1
+    return max(counts, key=lambda n: (counts[n], n == 12)) if counts else 12
+
+
 def _read_landmarks(path: pathlib.Path, names: list[str], template_path):
     landmarks = np.empty((len(names), 5, 2), np.float32)
     scores = np.empty(len(names), np.float32)
+    line_numbers = np.empty(len(names), np.int64)
+    usual = _usual_field_count(path)
     row = 0
     for number, fields in _lines(path):
         where = f"{path} line {number}"
@@ -150,8 +178,39 @@ def _read_landmarks(path: pathlib.Path, names: list[str], template_path):
                 f"{where}: found image {fields[0]!r}, expected {expected} "
                 "(the two files list the same images in the same order)."
             )
-        landmarks[row] = align.parse_landmark_line(fields[1:], where)
-        scores[row] = float(fields[11]) if len(fields) == 12 else 1.0
+        if {len(fields), usual} == {11, 12}:
+            # One coordinate short would shift the points and make a
+            # coordinate the score; a missing score would weigh 1.0.
+            raise ValueError(
+                f"{where}: {len(fields)} fields, the file's other lines "
+                f"have {usual} (image, 10 landmark coordinates"
+                f"{', detector score' if usual == 12 else ''}); "
+                + ("a coordinate or the score is missing"
+                   if len(fields) < usual else "they have no score")
+                + f". Fix the line ({_LAYOUT})."
+            )
+        points = align.parse_landmark_line(fields[1:], where)
+        spread = np.max(np.ptp(points, axis=0))
+        if not spread >= MIN_LANDMARK_SPREAD:
+            raise ValueError(
+                f"{where}: the five landmarks lie within {spread:g} px of "
+                "each other (all equal?), which gives no alignment. Fix "
+                "the line, or leave the face out of both meta files."
+            )
+        landmarks[row] = points
+        scores[row] = 1.0
+        if len(fields) == 12:
+            try:
+                scores[row] = float(fields[11])
+            except ValueError:
+                scores[row] = np.nan
+            if not (np.isfinite(scores[row]) and scores[row] > 0):
+                raise ValueError(
+                    f"{where}: detector score {fields[11]!r} is not a "
+                    "positive finite number; features are weighted by it "
+                    "(--nodetector_score leaves it out). Fix the line."
+                )
+        line_numbers[row] = number
         row += 1
     if row != len(names):
         raise ValueError(
@@ -159,7 +218,7 @@ def _read_landmarks(path: pathlib.Path, names: list[str], template_path):
             f"{template_path.name} (the two files list the same images in "
             "the same order)."
         )
-    return landmarks, scores
+    return landmarks, scores, line_numbers
 
 
 def _data_line_numbers(path: pathlib.Path) -> list[int]:
@@ -222,20 +281,23 @@ def read_protocol(
     Raises:
         FileNotFoundError: a missing directory, meta file or image (the
             meta file and its line named).
-        ValueError: a malformed line, an unknown template id, a label other
-            than 0/1, or a five-point file out of step with the template
-            file; one line naming the file, the line and the layout.
+        ValueError: a malformed line, an image path leaving loose_crop/,
+            an unknown template id, a label other than 0/1, a five-point
+            file out of step with the template file, a five-point line
+            whose field count differs from the file's other lines,
+            coincident landmarks, or a detector score that is not a
+            positive finite number; one line naming the file and the line.
     """
     root = pathlib.Path(root)
     name, meta = _meta_path(root, name)
     template_path = meta / TEMPLATE_FILE.format(name=name)
     names, templates, medias = _read_templates(template_path,
                                                root / IMAGE_DIR)
-    landmarks = scores = None
+    landmarks = scores = line_numbers = None
     landmark_path = meta / LANDMARK_FILE.format(name=name)
     if landmark_path.is_file():
-        landmarks, scores = _read_landmarks(landmark_path, names,
-                                            template_path)
+        landmarks, scores, line_numbers = _read_landmarks(
+            landmark_path, names, template_path)
     left, right, issame = _read_pairs(
         meta / PAIR_FILE.format(name=name), np.unique(templates),
         template_path,
@@ -250,6 +312,8 @@ def read_protocol(
         issame=issame,
         landmarks=landmarks,
         detector_scores=scores,
+        landmark_file=None if landmarks is None else str(landmark_path),
+        landmark_lines=line_numbers,
     )
 
 
@@ -343,17 +407,42 @@ def template_for_size(image_size: Sequence[int]) -> str:
 
 
 def _aligned_images(paths, landmarks, image_size, channels):
-    """uint8 crops of `paths` warped by their landmarks (a tf.data map)."""
+    """(uint8 crops of `paths` warped by their landmarks, (n, 2) height
+    and width of each loose crop), by a tf.data map."""
     template = template_for_size(image_size)
 
     def load(path, points):
         image = decode_image(tf.io.read_file(path), channels or 3, path)
-        return align.align_face(image, points, template, image_size)
+        return (align.align_face(image, points, template, image_size),
+                tf.shape(image)[:2])
 
     dataset = tf.data.Dataset.from_tensor_slices(
         (tf.constant(paths), tf.constant(landmarks))
     ).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return np.concatenate([b.numpy() for b in dataset.batch(256)])
+    batches = [(c.numpy(), s.numpy()) for c, s in dataset.batch(256)]
+    return (np.concatenate([c for c, _ in batches]),
+            np.concatenate([s for _, s in batches]))
+
+
+def _check_landmarks_on_images(protocol, rows, sizes):
+    """Refuses points more than half an image outside their loose crop:
+    the warp would sample nothing but the border (a black crop)."""
+    points = protocol.landmarks[rows]  # (n, 5, 2) x, y
+    extent = sizes[:, np.newaxis, ::-1].astype(np.float64)  # width, height
+    off = (points < -extent / 2) | (points > 1.5 * extent)
+    bad = np.flatnonzero(np.any(off, axis=(1, 2)))
+    if bad.size:
+        i = bad[0]
+        height, width = sizes[i]
+        x, y = points[i][np.any(off[i], axis=1)][0]
+        raise ValueError(
+            f"{protocol.landmark_file} line "
+            f"{protocol.landmark_lines[rows[i]]}: landmark ({x:g}, {y:g}) "
+            f"lies far outside its image {protocol.image_paths[rows[i]]} "
+            f"({width}x{height}), which would give a black crop. Fix the "
+            "line (x, y in pixels of the loose crop), or leave the face out "
+            "of both meta files."
+        )
 
 
 def evaluate_templates(
@@ -374,7 +463,9 @@ def evaluate_templates(
         dict like `evaluation.evaluate_verification`'s: "result" (a
         `metrics.VerificationResult` of the template pairs: TAR@FAR, EER,
         AUC, ROC, and an accuracy over 10 contiguous folds of the pairs),
-        "norms" (of the image features, before pooling), "embed_seconds",
+        "norms" (of the plain image features f(x): before pooling and
+        detector weighting, without the mirror image's, as
+        `evaluation.evaluate_verification` reports them), "embed_seconds",
         "num_images", "num_templates", "low_res" ({}).
     """
     started = time.perf_counter()
@@ -386,13 +477,17 @@ def evaluate_templates(
                                     len(protocol.image_paths)))
         paths = [protocol.image_paths[i] for i in rows]
         if protocol.landmarks is not None:
-            images = _aligned_images(paths, protocol.landmarks[rows], size,
-                                     embedder.channels)
+            images, sizes = _aligned_images(
+                paths, protocol.landmarks[rows], size, embedder.channels)
+            if protocol.landmark_lines is not None:
+                _check_landmarks_on_images(protocol, rows, sizes)
         else:
             images = data.load_images(paths, image_size=embedder.image_size,
                                       channels=embedder.channels)
-        features = np.asarray(embedder(images, flip=flip), np.float64)
-        norms[rows] = np.linalg.norm(features, axis=1)
+        features, plain = embedder.embed_with_plain(images, flip=flip)
+        features = np.asarray(features, np.float64)
+        # Of plain f(x), with --flip too, as the pair sets report them.
+        norms[rows] = np.linalg.norm(plain, axis=1)
         if detector_score and protocol.detector_scores is not None:
             features *= protocol.detector_scores[rows, np.newaxis]
         pooler.add(rows, features)

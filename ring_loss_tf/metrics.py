@@ -7,7 +7,8 @@ Scores are similarities throughout: higher means "more likely the same
 identity", and a pair is predicted genuine when `score >= threshold`.
 
 - `pair_scores`: cosine or (negative squared) L2 scores of embedding pairs.
-- `roc`, `verify`: the LFW 10-fold accuracy, TAR at fixed FARs, EER, AUC.
+- `roc`, `verify`: the LFW 10-fold accuracy, TAR at fixed FARs (ours and
+  insightface's IJB rule, `tar_at_far_nearest`), EER, AUC.
 - `all_pairs`: genuine/impostor scores of every pair of a labelled set
   (or of the set against a second embedding of the same images).
 - `identify`: rank-k identification and the CMC of probes against a gallery
@@ -195,6 +196,60 @@ def tar_at_far(curve: Roc, far: float) -> tuple[float | None, float | None]:
     return float(curve.tar[i]), float(curve.thresholds[i])
 
 
+def thin_roc(curve: Roc) -> Roc:
+    """The ROC without the points inside straight stretches, as
+    `sklearn.metrics.roc_curve(...)` returns it by default
+    (`drop_intermediate=True`).
+
+    A point is dropped when it and its two neighbours are collinear in the
+    impostor and genuine counts (second differences both 0); the first and
+    last point after (0, 0) are kept, then (0, 0) is put back in front.
+    The counts are exact integers, so no rounding decides what is dropped.
+    """
+    fp = np.rint(curve.far[1:] * curve.num_impostor)
+    tp = np.rint(curve.tar[1:] * curve.num_genuine)
+    keep = np.arange(fp.size)
+    if fp.size > 2:
+        keep = np.flatnonzero(np.r_[
+            True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True
+        ])
+    keep = np.r_[0, keep + 1]
+    return Roc(
+        far=curve.far[keep],
+        tar=curve.tar[keep],
+        thresholds=curve.thresholds[keep],
+        num_genuine=curve.num_genuine,
+        num_impostor=curve.num_impostor,
+    )
+
+
+def tar_at_far_nearest(curve: Roc, far: float) -> tuple[float, float]:
+    """TAR at a target FAR by insightface's IJB rule, and its threshold.
+
+    insightface's IJB evaluation (recognition/_evaluation_/ijb/ijb_11.py,
+    behind the published IJB-B/C tables) takes sklearn's default ROC
+    (`thin_roc`), reverses it, and reports the point whose FAR is nearest
+    to `far` (the first of the reversed curve among equally near ones). That
+    point's FAR may lie above `far`, and a FAR below 1/num_impostor still
+    gets a number; `tar_at_far` never does either. Use this rule to compare
+    with published IJB tables.
+
+    Returns:
+        (tar, threshold).
+    """
+    return _nearest_point(thin_roc(curve), far)
+
+
+def _nearest_point(thin: Roc, far: float) -> tuple[float, float]:
+    if not 0 < far <= 1:
+        raise ValueError(f"`far` must be in (0, 1]. Received: far={far!r}")
+    distance = np.abs(thin.far[::-1] - far)
+    # The first minimum of the reversed curve, as min() over (distance,
+    # index) pairs picks it in ijb_11.py.
+    i = thin.far.size - 1 - int(np.argmin(distance))
+    return float(thin.tar[i]), float(thin.thresholds[i])
+
+
 def equal_error_rate(curve: Roc) -> tuple[float, float]:
     """The EER: where FAR = FRR = 1 − TAR, and a threshold there.
 
@@ -302,6 +357,8 @@ class VerificationResult:
             threshold chosen on the other folds.
         tar_at_far: {far: TAR or None (unresolved)}, see `tar_at_far`.
         threshold_at_far: {far: threshold or None}.
+        tar_at_far_nearest: {far: TAR} by insightface's IJB rule, see
+            `tar_at_far_nearest` (it may differ from `tar_at_far`).
         eer, eer_threshold: see `equal_error_rate`.
         auc: area under the ROC.
         num_genuine, num_impostor: pair counts.
@@ -320,6 +377,7 @@ class VerificationResult:
     num_genuine: int
     num_impostor: int
     roc: Roc
+    tar_at_far_nearest: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self, include_roc: bool = False) -> dict:
         """JSON-ready dict (inf → "inf", NaN/None → null)."""
@@ -334,6 +392,10 @@ class VerificationResult:
             "threshold_at_far": {
                 f"{far:g}": _json_float(t)
                 for far, t in self.threshold_at_far.items()
+            },
+            "tar_at_far_nearest": {
+                f"{far:g}": tar
+                for far, tar in self.tar_at_far_nearest.items()
             },
             "eer": self.eer,
             "eer_threshold": _json_float(self.eer_threshold),
@@ -396,7 +458,8 @@ def verify(
 
     TAR@FAR, EER and AUC are computed on the ROC of ALL pairs (not per fold),
     see `tar_at_far`, `equal_error_rate`, `auc`: no interpolation for
-    TAR@FAR, and FARs below 1/num_impostor are reported as None.
+    TAR@FAR, and FARs below 1/num_impostor are reported as None;
+    `tar_at_far_nearest` holds insightface's IJB rule beside it.
 
     Args:
         scores: `(num_pairs,)` similarities, higher = more similar.
@@ -418,9 +481,11 @@ def verify(
         thr, _ = best_threshold(scores[train], issame[train])
         fold_thr.append(thr)
         fold_acc.append(np.mean((scores[test] >= thr) == issame[test]))
-    tars, thrs = {}, {}
+    tars, thrs, nearest = {}, {}, {}
+    thin = thin_roc(curve)
     for far in fars:
         tars[far], thrs[far] = tar_at_far(curve, far)
+        nearest[far] = _nearest_point(thin, far)[0]
     eer, eer_thr = equal_error_rate(curve)
     fold_acc = np.asarray(fold_acc)
     return VerificationResult(
@@ -436,6 +501,7 @@ def verify(
         num_genuine=curve.num_genuine,
         num_impostor=curve.num_impostor,
         roc=curve,
+        tar_at_far_nearest=nearest,
     )
 
 

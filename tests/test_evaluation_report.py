@@ -77,3 +77,39 @@ def test_format_table_and_results_json(tmp_path):
     assert entry["auc"] == pytest.approx(result.auc)
     assert entry["tar_at_far"] == {"0.1": result.tar_at_far[0.1]}
     assert saved["command"] == "x"
+
+
+def test_template_sets_print_insightface_rule_beside_ours(tmp_path):
+    # Impostors 0.0 .. 0.9 and four genuine pairs between them: at FAR 0.04
+    # ours is n/a (one impostor is 0.1) and insightface's nearest point
+    # (FAR 0) has TAR 1/4; at 0.18 ours is 2/4 (FAR 0.1) and theirs 3/4
+    # (FAR 0.2, the nearest point).
+    scores = np.r_[np.arange(10) / 10, 0.95, 0.85, 0.75, 0.65]
+    issame = np.r_[np.zeros(10, bool), np.ones(4, bool)]
+    result = metrics.verify(scores, issame, num_folds=2, fars=(0.04, 0.18))
+    report, _ = _report()
+    report.settings["fars"] = [0.04, 0.18]
+    report.verification = {"ijbx templates": {
+        **report.verification["tiny"], "result": result,
+        "num_templates": 8,
+    }}
+    lines = evaluation_report.format_table([report]).splitlines()
+    ours = next(line for line in lines if "ijbx templates " in line
+                and "4/10" in line)
+    assert ours.split()[-4:-2] == ["n/a", "50.00"]
+    theirs = next(line for line in lines
+                  if "ijbx templates (insightface rule)" in line)
+    assert theirs.split()[-2:] == ["25.00", "75.00"]
+    assert any(line.startswith("  (insightface rule): TAR of the point of "
+                               "sklearn's default ROC nearest each FAR")
+               for line in lines)
+    # A pair set (no templates) keeps its one row.
+    report.verification = {"tiny": report.verification["ijbx templates"]}
+    del report.verification["tiny"]["num_templates"]
+    assert "insightface rule" not in evaluation_report.format_table([report])
+    written = evaluation_report.write_outputs(
+        [report], tmp_path / "out", plots=False)
+    entry = json.loads(written[0].read_text())["models"][0]["verification"][
+        "tiny"]
+    assert entry["tar_at_far_nearest"] == {"0.04": 0.25, "0.18": 0.75}
+    assert entry["tar_at_far"] == {"0.04": None, "0.18": 0.5}

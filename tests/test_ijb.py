@@ -1,7 +1,8 @@
 """Tests of template verification (ring_loss_tf/ijb.py, IJB-B/C layout), the
 embedded template variant (ring_loss_tf/kanji_templates.py) and
 evaluate.py --ijb_dir: pooling, scores and TAR@FAR against brute-force
-float64 NumPy, and one-line errors for bad meta files."""
+float64 NumPy (and insightface's rule against its ijb_11.py on sklearn's
+ROC), and one-line errors for bad meta files."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_curve
 
 from ring_loss_tf import align
 from ring_loss_tf import ijb
@@ -49,6 +51,15 @@ def brute_tar(scores, issame, far):
         if np.mean(impostor >= threshold) <= far:
             best = max(best, np.mean(genuine >= threshold))
     return best
+
+
+def insightface_tar(scores, issame, far):
+    """insightface's ijb_11.py: sklearn's default ROC, flipped, the TAR of
+    the point of least |FPR - far| (min over (distance, index))."""
+    fpr, tpr, _ = roc_curve(issame, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    _, i = min(list(zip(abs(fpr - far), range(len(fpr)))))
+    return tpr[i]
 
 
 def synthetic_protocol(rng, num_subjects=12):
@@ -168,18 +179,21 @@ def world(tmp_path_factory):
 
 def reference_templates(world, root, flip, detector_score):
     """The protocol computed by hand: each loose crop aligned eagerly by its
-    landmarks, embedded by the Keras model, pooled and scored in NumPy."""
+    landmarks, embedded by the Keras model, pooled and scored in NumPy.
+
+    Returns (scores, issame, the norms of the plain features f(x))."""
     meta = root / "meta"
     rows = [l.split() for l in
             (meta / "ijbx_face_tid_mid.txt").read_text().splitlines()]
     lmk = [l.split() for l in
            (meta / "ijbx_name_5pts_score.txt").read_text().splitlines()]
-    features = []
+    features, plain_norms = [], []
     for (name, _, _), fields in zip(rows, lmk):
         image = np.asarray(Image.open(root / "loose_crop" / name))[..., None]
         points = np.array(fields[1:11], float).reshape(5, 2)
         crop = align.align_face(image, points, "arcface", (16, 16)).numpy()
         f = world["reference"](crop[None])[0]
+        plain_norms.append(np.linalg.norm(np.asarray(f, np.float64)))
         if flip:
             f = f + world["reference"](crop[None, :, ::-1])[0]
         if detector_score:
@@ -190,7 +204,7 @@ def reference_templates(world, root, flip, detector_score):
                         np.array([int(r[2]) for r in rows]))
     pairs = np.loadtxt(meta / "ijbx_template_pair_label.txt", dtype=int)
     scores = np.array([pooled[a] @ pooled[b] for a, b, _ in pairs])
-    return scores, pairs[:, 2].astype(bool)
+    return scores, pairs[:, 2].astype(bool), np.array(plain_norms)
 
 
 @pytest.mark.parametrize("flip, detector_score", [(False, True),
@@ -205,7 +219,8 @@ def test_evaluate_templates_end_to_end(world, tmp_path, flip,
         detector_score=detector_score, chunk_size=5,
         fars=(0.05, 0.1, 0.5),
     )
-    scores, issame = reference_templates(world, root, flip, detector_score)
+    scores, issame, norms = reference_templates(world, root, flip,
+                                                detector_score)
     r = out["result"]
     assert (r.num_genuine, r.num_impostor) == (4, 24)
     order = np.argsort(-scores)
@@ -214,7 +229,15 @@ def test_evaluate_templates_end_to_end(world, tmp_path, flip,
                                atol=1e-5)
     for far in (0.05, 0.1, 0.5):
         assert r.tar_at_far[far] == brute_tar(scores, issame, far), order
+        # insightface's rule, as its ijb_11.py computes it.
+        assert r.tar_at_far_nearest[far] == insightface_tar(scores, issame,
+                                                            far)
     assert out["num_templates"] == 8
+    # Norms of plain f(x), with --flip too, as the pair sets report them.
+    assert out["norms"]["count"] == len(norms)
+    np.testing.assert_allclose(
+        [out["norms"][k] for k in ("mean", "min", "max")],
+        [norms.mean(), norms.min(), norms.max()], rtol=1e-5)
 
 
 def test_embedded_template_variant(tmp_path):
@@ -264,6 +287,35 @@ def test_embedded_template_variant(tmp_path):
         (("name_5pts_score", 1, "1.png 1 2 3"),
          r"ijbx_name_5pts_score\.txt line 1: expected a path and 10 "
          r"landmark coordinates"),
+        # One coordinate short: read as ten points and a score before.
+        (("name_5pts_score", 2, "2.png 1 2 3 4 5 6 7 8 9 0.9"),
+         r"ijbx_name_5pts_score\.txt line 2: 11 fields, the file's other "
+         r"lines have 12 \(image, 10 landmark coordinates, detector "
+         r"score\); a coordinate or the score is missing"),
+        # The score alone missing: weighted 1.0 among scored lines before.
+        (("name_5pts_score", 1, "1.png 1 2 3 4 5 6 7 8 9 10"),
+         r"ijbx_name_5pts_score\.txt line 1: 11 fields, the file's other "
+         r"lines have 12"),
+        (("name_5pts_score", 2, "2.png 1 2 3 4 5 6 7 8 9 10 -0.5"),
+         r"ijbx_name_5pts_score\.txt line 2: detector score '-0\.5' is not "
+         r"a positive finite number"),
+        (("name_5pts_score", 3, "3.png 1 2 3 4 5 6 7 8 9 10 0"),
+         r"ijbx_name_5pts_score\.txt line 3: detector score '0' is not"),
+        (("name_5pts_score", 2, "2.png 1 2 3 4 5 6 7 8 9 10 nan"),
+         r"ijbx_name_5pts_score\.txt line 2: detector score 'nan' is not"),
+        (("name_5pts_score", 2, "2.png 1 2 3 4 5 6 7 8 9 10 high"),
+         r"ijbx_name_5pts_score\.txt line 2: detector score 'high' is not"),
+        (("name_5pts_score", 2, "2.png 7 9 7 9 7 9 7 9 7 9 0.9"),
+         r"ijbx_name_5pts_score\.txt line 2: the five landmarks lie within "
+         r"0 px of each other"),
+        # A path out of loose_crop/ to a file that exists.
+        (("face_tid_mid", 2, "../meta/ijbx_face_tid_mid.txt 1 1"),
+         r"ijbx_face_tid_mid\.txt line 2: image path "
+         r"'\.\./meta/ijbx_face_tid_mid\.txt' leaves \S+loose_crop "
+         r"\(an absolute path or '\.\.'\)"),
+        (("face_tid_mid", 1, "/etc/hostname 1 1"),
+         r"ijbx_face_tid_mid\.txt line 1: image path '/etc/hostname' "
+         r"leaves"),
     ],
 )
 def test_bad_meta_files_give_one_line_errors(tmp_path, edit, message):
@@ -278,6 +330,46 @@ def test_bad_meta_files_give_one_line_errors(tmp_path, edit, message):
     assert len(str(raised.value).splitlines()) == 1
     assert re.search(message, str(raised.value)), (
         str(raised.value))
+
+
+def test_a_five_point_file_without_scores_weighs_every_image_alike(
+        tmp_path):
+    root = write_protocol(tmp_path / "IJBX", np.random.default_rng(3))
+    path = root / "meta" / "ijbx_name_5pts_score.txt"
+    lines = [" ".join(line.split()[:11])
+             for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    protocol = ijb.read_protocol(root)
+    assert np.all(protocol.detector_scores == 1.0)
+    np.testing.assert_allclose(
+        protocol.landmarks[1].ravel(), [float(v) for v in
+                                        lines[1].split()[1:]], rtol=1e-6)
+    assert protocol.landmark_lines.tolist() == list(
+        range(1, len(lines) + 1))
+
+
+def test_landmarks_far_outside_their_image_are_refused(world, tmp_path):
+    root = write_protocol(tmp_path / "IJBX", np.random.default_rng(3))
+    path = root / "meta" / "ijbx_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    # The loose crops are 24 wide, 28 high: x = 40 is 16 px to the right.
+    lines[2] = "3.png 10 10 20 10 15 15 40 20 20 20 0.9"
+    path.write_text("\n".join(lines) + "\n")
+    protocol = ijb.read_protocol(root)
+    with pytest.raises(ValueError) as raised:
+        ijb.evaluate_templates(load_embedder(world["root"] / "run"),
+                               protocol, chunk_size=5)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    assert re.search(r"ijbx_name_5pts_score\.txt line 3: landmark \(40, "
+                     r"20\) lies far outside its image \S+3\.png "
+                     r"\(24x28\), which would give a black crop", message), (
+        message)
+    # Within half an image of the border is a face at the edge: kept.
+    lines[2] = "3.png -11 10 20 10 15 15 35 20 20 41 0.9"
+    path.write_text("\n".join(lines) + "\n")
+    ijb.evaluate_templates(load_embedder(world["root"] / "run"),
+                           ijb.read_protocol(root), chunk_size=5)
 
 
 def test_missing_meta_files(tmp_path):
@@ -319,8 +411,11 @@ def test_evaluate_py_ijb_dir(world, tmp_path):
     # --ijb_dir is data: the embedded pair set is not evaluated as well.
     assert set(verification) == {"ijbx templates", "kanji templates"}
     entry = verification["ijbx templates"]
-    scores, issame = reference_templates(world, root, False, True)
+    scores, issame, _ = reference_templates(world, root, False, True)
     assert entry["tar_at_far"]["0.1"] == brute_tar(scores, issame, 0.1)
+    assert entry["tar_at_far_nearest"]["0.1"] == insightface_tar(
+        scores, issame, 0.1)
+    assert "ijbx templates (insightface rule)" in proc.stdout
     assert entry["num_genuine"] == 4 and entry["num_impostor"] == 24
     # All 6 test characters, two templates each: 66 pairs.
     kanji_entry = verification["kanji templates"]

@@ -154,6 +154,68 @@ def test_tar_at_far_matches_brute_force(ties):
             assert f <= far and t == got
 
 
+def _insightface_tar_at_far(scores, issame, far):
+    """insightface's recognition/_evaluation_/ijb/ijb_11.py, line for line:
+    sklearn's default ROC, flipped, the point of least |FPR - far| (min over
+    (distance, index) pairs)."""
+    fpr, tpr, _ = roc_curve(issame, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    _, i = min(list(zip(abs(fpr - far), range(len(fpr)))))
+    return tpr[i]
+
+
+@pytest.mark.parametrize("seed,ties", [(13, False), (14, True), (15, True)])
+def test_insightface_rule_matches_ijb_11_on_sklearns_roc(seed, ties):
+    scores, issame = _scores(seed, n=600, shift=2.0, ties=ties)
+    num_impostor = int(np.sum(~issame))
+    fars = (1e-6, 1e-4, 0.4 / num_impostor, 1 / num_impostor,
+            2.5 / num_impostor, 1e-2, 0.033, 0.05, 0.1, 0.27, 0.6)
+    curve = metrics.roc(scores, issame)
+    far, tar, thresholds = roc_curve(issame, scores)
+    thin = metrics.thin_roc(curve)
+    np.testing.assert_array_equal(thin.far, far)
+    np.testing.assert_array_equal(thin.tar, tar)
+    np.testing.assert_array_equal(thin.thresholds[1:], thresholds[1:])
+    result = metrics.verify(scores, issame, fars=fars)
+    differs = 0
+    for f in fars:
+        want = _insightface_tar_at_far(scores, issame, f)
+        got, threshold = metrics.tar_at_far_nearest(curve, f)
+        assert got == want == result.tar_at_far_nearest[f]
+        # Its threshold gives that TAR on the pairs.
+        assert _rates(scores, issame, threshold)[1] == got
+        differs += got != result.tar_at_far[f]
+    assert differs  # the two rules are not the same figure
+    assert result.to_dict()["tar_at_far_nearest"]["0.1"] == (
+        result.tar_at_far_nearest[0.1])
+
+
+def test_the_two_tar_at_far_rules_on_a_hand_made_roc():
+    # Impostors 0.0 .. 0.9, genuine pairs between them: after (0, 0) the
+    # points are (FAR, TAR) = (0, 1/4), (.1, 1/4), (.1, 2/4), (.2, 2/4),
+    # (.2, 3/4), (.3, 3/4), (.3, 1), then (.4, 1) ... (1, 1), of which
+    # sklearn keeps only (1, 1).
+    impostor = np.arange(10) / 10
+    genuine = np.array([0.95, 0.85, 0.75, 0.65])
+    scores = np.r_[impostor, genuine]
+    issame = np.r_[np.zeros(10, bool), np.ones(4, bool)]
+    curve = metrics.roc(scores, issame)
+    assert metrics.thin_roc(curve).far.tolist() == [
+        0, 0, .1, .1, .2, .2, .3, .3, 1]
+    cases = {  # far: (ours, insightface's)
+        0.04: (None, 0.25),  # below one impostor in 10: n/a, or FAR 0
+        0.14: (0.5, 0.5),
+        0.18: (0.5, 0.75),   # the nearest point, FAR 0.2, lies above 0.18
+        0.5: (1.0, 1.0),
+    }
+    for far, (ours, theirs) in cases.items():
+        assert metrics.tar_at_far(curve, far)[0] == ours
+        assert metrics.tar_at_far_nearest(curve, far)[0] == theirs
+        assert _insightface_tar_at_far(scores, issame, far) == theirs
+        if ours is not None:
+            assert _brute_tar_at_far(scores, issame, far) == ours
+
+
 def test_unresolvable_far_is_none_never_invented():
     scores, issame = _scores(4, n=200)
     result = metrics.verify(scores, issame)
