@@ -37,8 +37,8 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
+import secrets
 import sys
-import tempfile
 import threading
 from typing import Callable, Sequence
 
@@ -47,6 +47,7 @@ import tensorflow as tf
 from PIL import Image
 from PIL import ImageOps
 
+from ring_loss_tf.images import MAX_IMAGE_PIXELS
 from ring_loss_tf.images import is_image_file
 
 # (height, width) and the five points (x, y) of each template, in pixels.
@@ -351,12 +352,49 @@ def _check_folders(input_dir: pathlib.Path, output_dir: pathlib.Path):
         )
 
 
-def _write_image(array: np.ndarray, path: pathlib.Path) -> None:
-    """Writes via a temporary file and a rename: a file at `path` is whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix
+def _check_inside(path: pathlib.Path, output_dir: pathlib.Path):
+    """Refuses a folder of `path` that a link takes out of `output_dir`.
+
+    A sub-folder of the output that is a symbolic link (into --input, say)
+    would have the crops written wherever it points.
+    """
+    root = output_dir.resolve()
+    folder = path.parent
+    if folder.resolve() == root or root in folder.resolve().parents:
+        return
+    link = folder
+    while link != output_dir and not link.is_symlink():
+        link = link.parent
+    raise ValueError(
+        f"{link} is a symbolic link to {link.resolve()}, outside --output="
+        f"{output_dir}; the aligner writes only inside its output folder: "
+        "remove the link, or give another --output."
     )
+
+
+def _write_image(
+    array: np.ndarray, path: pathlib.Path, output_dir: pathlib.Path
+) -> None:
+    """Writes via a temporary file and a rename: a file at `path` is whole.
+
+    The file's mode is the usual one (0666 less the umask), as for any file
+    a program creates; `path` must stay inside `output_dir` (no link out).
+    """
+    _check_inside(path, output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_inside(path, output_dir)
+    while True:
+        temporary = path.parent / (
+            f".{path.stem}-{secrets.token_hex(6)}{path.suffix}"
+        )
+        try:
+            # O_EXCL: never through an existing file or link.
+            fd = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+            )
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as file:
             image = Image.fromarray(array)
@@ -393,6 +431,27 @@ def _centre_crop(image: np.ndarray, size) -> np.ndarray:
     return np.asarray(crop.resize((size[1], size[0]), Image.BILINEAR))
 
 
+def degenerate_landmarks(landmarks, image_shape) -> str | None:
+    """Why a face's (5, 2) landmarks cannot give a crop, or None.
+
+    Points that (nearly) coincide leave the similarity transform singular
+    (an all-black crop). Their centre maps to the template's centre, inside
+    the crop: a centre outside the image gives a crop off the image (black
+    too), a centre inside puts image pixels in the crop.
+    """
+    points = np.asarray(landmarks, np.float64)
+    spread = np.sqrt(((points - points.mean(0)) ** 2).sum(1).mean())
+    if not spread >= 1.0:
+        return (f"degenerate landmarks (spread {spread:.3g} px, the points "
+                "coincide)")
+    height, width = image_shape[:2]
+    x, y = points.mean(0)
+    if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
+        return (f"degenerate landmarks (centre ({x:.1f}, {y:.1f}) outside "
+                f"the {width}x{height} image)")
+    return None
+
+
 def align_folder(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -405,6 +464,7 @@ def align_folder(
     num_workers: int = 2,
     min_face_size: int = 20,
     progress: bool = True,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> AlignSummary:
     """Aligns every image under `input_dir` into `output_dir`, same layout.
 
@@ -413,10 +473,15 @@ def align_folder(
     warped to `template`. Images without a face are listed in
     `<output_dir>/no_face.txt` (path, tab, what was done) with
     `on_no_face`: "skip" (nothing written) or "center_crop" (the centred
-    crop of the template's aspect, resized); so are images that do not
-    decode (skipped).
+    crop of the template's aspect, resized); so are, skipped, images that
+    do not decode, images of more than `max_pixels` pixels (width x height,
+    read from the header before decoding; None: no budget), and faces whose
+    landmarks cannot give a crop (`degenerate_landmarks`; with `all_faces`,
+    the other faces are written).
 
-    Never writes into `input_dir`. Resumable: an image whose output exists
+    Never writes into `input_dir`, nor through a link out of
+    `output_dir`; crops get the usual file mode (0666 less the umask).
+    Resumable: an image whose output exists
     (every crop is written to a temporary file and renamed; with
     `all_faces`, `<name>_0` last) or that no_face.txt lists is not
     processed again, so rerunning after an interruption finishes the rest.
@@ -446,6 +511,13 @@ def align_folder(
             f"`num_workers` must be an integer >= 1. "
             f"Received: num_workers={num_workers!r}"
         )
+    if max_pixels is not None and (
+        not isinstance(max_pixels, int) or max_pixels < 1
+    ):
+        raise ValueError(
+            f"`max_pixels` must be None or an integer >= 1. "
+            f"Received: max_pixels={max_pixels!r}"
+        )
     files = sorted(
         p.relative_to(input_dir) for p in input_dir.rglob("*")
         if p.is_file() and is_image_file(p.name)
@@ -462,6 +534,9 @@ def align_folder(
                 "to --input."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Before any work: a sub-folder linked out of the output is refused.
+    for folder in sorted({f.parent for f in files}):
+        _check_inside(output_dir / folder / "x", output_dir)
     no_face_path = output_dir / NO_FACE_FILE
     listed = set()
     if no_face_path.is_file():
@@ -482,11 +557,19 @@ def align_folder(
     def process(relative):
         try:
             with Image.open(input_dir / relative) as opened:
+                # Image.open has read the header only: the size is known
+                # before any pixel is decoded.
+                width, height = opened.size
+                if max_pixels is not None and width * height > max_pixels:
+                    return relative, (
+                        f"too large ({width}x{height} pixels, more than "
+                        f"--max_image_pixels={max_pixels}), skipped"
+                    )
                 # Pixels as shown (a phone's EXIF rotation applied), as
                 # OpenCV's imread reads them for insightface's landmarks.
                 opened = ImageOps.exif_transpose(opened)
                 image = np.asarray(opened.convert("RGB"))
-        except (OSError, Image.DecompressionBombError) as error:
+        except Exception as error:  # Pillow raises many types (SyntaxError)
             return relative, f"unreadable ({type(error).__name__}), skipped"
         if landmarks is not None:
             faces = [Face((0, 0, 0, 0), 1.0, p)
@@ -496,11 +579,17 @@ def align_folder(
         if not faces:
             if on_no_face == "center_crop":
                 name = _output_names(relative, 1, all_faces)[0]
-                _write_image(_centre_crop(image, size), output_dir / name)
+                _write_image(_centre_crop(image, size), output_dir / name,
+                             output_dir)
                 return relative, "no face: centre crop written"
             return relative, "no face: skipped"
         if not all_faces:
             faces = faces[:1]
+        reasons = [degenerate_landmarks(f.landmarks, image.shape)
+                   for f in faces]
+        faces = [f for f, why in zip(faces, reasons) if why is None]
+        if not faces:
+            return relative, f"{next(filter(None, reasons))}: skipped"
         stacked = np.stack([f.landmarks for f in faces])
         crops = warp(
             np.broadcast_to(image, (len(faces),) + image.shape),
@@ -510,7 +599,13 @@ def align_folder(
         names = _output_names(relative, len(faces), all_faces)
         # <name>_0 last: its presence says the image is done.
         for crop, name in reversed(list(zip(crops, names))):
-            _write_image(crop, output_dir / name)
+            _write_image(crop, output_dir / name, output_dir)
+        dropped = [why for why in reasons if why is not None]
+        if dropped:
+            return relative, (len(faces), (
+                f"{len(dropped)} of {len(reasons)} faces not written: "
+                f"{dropped[0]}"
+            ))
         return relative, len(faces)
 
     from ring_loss_tf.kanji import Progress
@@ -519,6 +614,10 @@ def align_folder(
     with open(no_face_path, "a", encoding="utf-8") as log, \
             concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
         for relative, outcome in pool.map(process, todo):
+            if isinstance(outcome, tuple):  # some faces were left out
+                outcome, note = outcome
+                log.write(f"{relative.as_posix()}\t{note}\n")
+                log.flush()
             if isinstance(outcome, int):
                 summary.aligned += 1
                 summary.faces_written += outcome
@@ -557,11 +656,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="smallest face MTCNN looks for, in pixels")
     parser.add_argument("--num_workers", type=int, default=2,
                         help="images processed at once")
+    parser.add_argument("--max_image_pixels", type=int,
+                        default=MAX_IMAGE_PIXELS,
+                        help="skip (and list) images of more pixels, width "
+                             "x height, read before decoding (default "
+                             "8192x8192)")
     args = parser.parse_args(argv)
     try:
         if args.num_workers < 1 or args.min_face_size < 1:
             raise ValueError(
                 "--num_workers and --min_face_size must be >= 1."
+            )
+        if args.max_image_pixels < 1:
+            raise ValueError(
+                f"--max_image_pixels={args.max_image_pixels}: must be >= 1 "
+                "(e.g. 67108864, 8192x8192)."
             )
         points = read_landmarks_file(args.landmarks) if args.landmarks \
             else None
@@ -570,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             landmarks=points, all_faces=args.all_faces,
             on_no_face=args.on_no_face, num_workers=args.num_workers,
             min_face_size=args.min_face_size,
+            max_pixels=args.max_image_pixels,
         )
     except (FileNotFoundError, ImportError, ValueError) as error:
         parser.error(str(error))

@@ -56,6 +56,9 @@ A_SOFTMAX_MARGINS = (1, 2, 3, 4)
 KANJI_CHANNELS = 1
 FACE_IMAGE_SIZE = (112, 96)
 FACE_CHANNELS = 3
+# ring_loss_tf.images.MAX_IMAGE_PIXELS, repeated: this module imports no
+# TensorFlow.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def setting(default, help, *, kind=None, resume="match"):
@@ -105,6 +108,12 @@ class DataConfig:
         "leave out corrupt or truncated ones (one warning). Without it such "
         "an image stops training with an error naming the file.",
         resume="free")
+    max_image_pixels: int = setting(
+        MAX_IMAGE_PIXELS,
+        "Pixel budget per training image: an image whose header says more "
+        "pixels (width x height) stops training with an error naming the "
+        "file, before it is decoded (a small compressed file can decode to "
+        "gigabytes). Default 8192x8192.", resume="free")
     cache_dir: str | None = setting(
         None,
         "Where the embedded character set is generated (default: the user "
@@ -475,9 +484,15 @@ class _Checks:
             bad("channels", "must be 1 or 3", "use 1 (grey) or 3 (RGB)")
         if s["augment"] is not None:
             _one_of("augment", s["augment"], AUGMENTATIONS, "augmentation")
-        for name in ("num_train_identities", "num_test_identities",
-                     "train_samples_per_identity"):
+        for name in ("num_test_identities", "train_samples_per_identity"):
             positive_integer(name, "see train.py --helpfull for the defaults")
+        positive_integer("max_image_pixels", "use e.g. 67108864 (8192x8192)")
+        if not _integer(s["num_train_identities"]) or (
+            s["num_train_identities"] < 2
+        ):
+            bad("num_train_identities",
+                "must be >= 2 (a classifier needs at least 2 identities)",
+                "use e.g. 1000")
         if not _integer(s["test_samples_per_identity"]) or (
             s["test_samples_per_identity"] < 2
         ):
@@ -628,6 +643,9 @@ def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
 
     Args:
         num_classes: the classes of the training data (None: keep).
+
+    Raises:
+        ConfigError: `num_classes` is 1 (named as the data_dir setting).
     """
     data, model = config.data, config.model
     head = registry.HEADS[model.head]
@@ -660,6 +678,15 @@ def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
         ),
     )
     if num_classes is not None:
+        if int(num_classes) < 2:
+            # Cross-entropy over one class is 0 whatever the embedding:
+            # such a run would train nothing, without a sign.
+            raise ConfigError(
+                "data_dir", data.data_dir,
+                f"holds {int(num_classes)} identity, and a classifier needs "
+                "at least 2 identities",
+                "add a folder per identity under <data_dir>/train",
+            )
         settings["num_classes"] = int(num_classes)
     return replace(config, **settings)
 

@@ -51,6 +51,7 @@ from ring_loss_tf import recordio
 from ring_loss_tf.images import AUGMENTATIONS
 from ring_loss_tf.images import CORRUPT_IMAGE_FIX
 from ring_loss_tf.images import IMAGE_EXTENSIONS
+from ring_loss_tf.images import MAX_IMAGE_PIXELS
 from ring_loss_tf.images import augment_batch
 from ring_loss_tf.images import decode_image
 from ring_loss_tf.images import decode_native
@@ -309,6 +310,7 @@ def training_dataset(
     start_step: int = 0,
     repeat: bool = True,
     in_memory: bool | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tf.data.Dataset:
     """The training input pipeline.
 
@@ -347,6 +349,9 @@ def training_dataset(
             batches as streaming, much faster. Default: when the decoded
             images fit in `IN_MEMORY_LIMIT_BYTES` (the default KanjiVG set
             takes 41 MB); a corrupt file then fails here, naming it.
+        max_pixels: an image whose header says more pixels (width x
+            height) fails, naming the file, before it is decoded (None: no
+            budget).
     """
     height, width = _check_size(image_size, channels)
     if augment not in AUGMENTATIONS:
@@ -422,7 +427,7 @@ def training_dataset(
         # Decoded once with the same ops; a batch is then one gather.
         pixels = tf.constant(
             load_images(source.paths, image_size=(height, width),
-                        channels=channels)
+                        channels=channels, max_pixels=max_pixels)
         )
         labels = tf.constant(source.labels, tf.int32)
 
@@ -444,7 +449,7 @@ def training_dataset(
         def element(position):
             index = shuffled_index(position, seed_tensor, num)
             (contents, name), label = load(index)
-            image = decode_image(contents, channels, name, expect)
+            image = decode_image(contents, channels, name, expect, max_pixels)
             return resize_image(image, (height, width)), label, position
 
         dataset = batches.map(batch_positions).unbatch().map(
@@ -546,27 +551,30 @@ def load_encoded_images(
     count: int,
     image_size: tuple[int, int] | None,
     channels: int | None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Decodes `count` encoded images into a uint8 (count, h, w, c) array.
 
     `items` yields (encoded bytes, name), the name being what an error
-    reports (a path, or "<file> image <i>"). `image_size` and `channels` are
-    as in `load_images`.
+    reports (a path, or "<file> image <i>"). `image_size`, `channels` and
+    `max_pixels` are as in `load_images`.
     """
     if count == 0:
         raise ValueError("No images to load.")
     if channels is None:
         first = next(iter(items.take(1)))
-        decoded = decode_native(first[0], first[1])
+        decoded = decode_native(first[0], first[1], max_pixels=max_pixels)
         channels = 1 if decoded.shape[-1] in (1, 2) else 3
     if image_size is None:
         first = next(iter(items.take(1)))
-        size = tuple(decode_image(first[0], channels, first[1]).shape[:2])
+        size = tuple(decode_image(
+            first[0], channels, first[1], max_pixels=max_pixels
+        ).shape[:2])
     else:
         size = _check_size(image_size, channels)
 
     def element(contents, name):
-        image = decode_image(contents, channels, name)
+        image = decode_image(contents, channels, name, max_pixels=max_pixels)
         if image_size is None:
             shape = tf.shape(image)
             same = tf.logical_and(
@@ -597,7 +605,7 @@ def load_encoded_images(
         # error does not say which file; find it, from the failed batch on.
         for contents, name in items.skip(start):
             try:
-                decode_native(contents, name)
+                decode_native(contents, name, max_pixels=max_pixels)
             except tf.errors.InvalidArgumentError as bad:
                 reason = bad.message.splitlines()[0].split("}}")[-1]
                 reason = re.sub(r"\s*\[Op:.*", "", reason).strip()
@@ -616,12 +624,15 @@ def load_images(
     *,
     image_size: tuple[int, int] | None,
     channels: int | None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Reads image files into a uint8 array (len(paths), h, w, channels).
 
     Uses the training pipeline's `decode_image` and `resize_image`.
     `image_size=None` keeps the files' size (they must agree); `channels=None`
-    takes the first image's (1 for grey, else 3). PNGs that need no resizing
+    takes the first image's (1 for grey, else 3); an image of more than
+    `max_pixels` pixels (its header read, not decoded) fails, naming the
+    file (None: no budget). PNGs that need no resizing
     and no colour conversion (grey to grey or RGB, RGB to RGB) are decoded
     with Pillow in threads, which gives the same pixels (PNG is lossless) at
     a fraction of the per-image cost of a tf.data pipeline.
@@ -633,25 +644,27 @@ def load_images(
     if image_size is not None and channels is not None and paths:
         height, width = _check_size(image_size, channels)
         out = np.empty((len(paths), height, width, channels), np.uint8)
-        done = _load_lossless(paths, out)
+        done = _load_lossless(paths, out, max_pixels)
         rest = [i for i, ok in enumerate(done) if not ok]
         if rest:
             out[rest] = _load_with_tensorflow(
-                [paths[i] for i in rest], image_size, channels
+                [paths[i] for i in rest], image_size, channels, max_pixels
             )
         return out
-    return _load_with_tensorflow(paths, image_size, channels)
+    return _load_with_tensorflow(paths, image_size, channels, max_pixels)
 
 
-def _load_with_tensorflow(paths, image_size, channels):
+def _load_with_tensorflow(paths, image_size, channels, max_pixels):
     names = tf.constant(paths)
     items = tf.data.Dataset.from_tensor_slices(names).map(
         lambda p: (tf.io.read_file(p), p)
     )
-    return load_encoded_images(items, len(paths), image_size, channels)
+    return load_encoded_images(
+        items, len(paths), image_size, channels, max_pixels
+    )
 
 
-def _load_lossless(paths, out) -> list[bool]:
+def _load_lossless(paths, out, max_pixels) -> list[bool]:
     """Fills out[i] from paths[i] with Pillow where that is exact."""
     from PIL import Image
 
@@ -664,6 +677,9 @@ def _load_lossless(paths, out) -> list[bool]:
         try:
             with Image.open(path) as image:
                 if image.format != "PNG" or image.size != (width, height):
+                    return False
+                # Over the budget: the TensorFlow path refuses it by name.
+                if max_pixels is not None and width * height > max_pixels:
                     return False
                 if image.mode not in ("L", "RGB") or (
                     image.mode == "RGB" and channels == 1

@@ -17,6 +17,7 @@ import os
 import pathlib
 import pickle
 import re
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -129,13 +130,14 @@ def parse_pairs_file(
     Header: "num_folds pairs_per_fold" (or one number: one fold); each fold
     has 2 x pairs_per_fold lines, "name n1 n2" for a genuine pair and
     "name1 n1 name2 n2" for an impostor pair, fields separated by tabs or
-    spaces.
+    spaces. A pair repeated (either way round) is kept, with one
+    `DataWarning` naming the lines: it counts twice in the accuracy.
 
     Raises:
         FileNotFoundError: `pairs_path` is not a file.
-        ValueError: an empty file, a bad header or pair line, or a pair
-            count other than the header's; the message names the file, the
-            line and the expected format.
+        ValueError: an empty file, a bad header or pair line, a pair of an
+            image with itself, or a pair count other than the header's; the
+            message names the file, the line and the expected format.
     """
     pairs_path = pathlib.Path(pairs_path)
     if not pairs_path.is_file():
@@ -164,6 +166,8 @@ def parse_pairs_file(
         ) from None
     num_folds, per_fold = numbers if len(numbers) == 2 else (1, numbers[0])
     pairs = []
+    first_line_of: dict[tuple, int] = {}
+    repeats = []
     for index, (number, fields) in enumerate(lines[1:]):
         try:
             if len(fields) == 3:
@@ -178,6 +182,18 @@ def parse_pairs_file(
                 f"'name1 n1 name2 n2' with integer n, found "
                 f"{' '.join(fields)!r} ({_PAIRS_FORMAT})."
             ) from None
+        ends = tuple(sorted([pair[:2], pair[2:]]))
+        if ends[0] == ends[1]:
+            raise ValueError(
+                f"{pairs_path} line {number}: {' '.join(fields)!r} pairs "
+                f"image {pair[1]} of {pair[0]!r} with itself, a match "
+                "whatever the model; name two different images "
+                f"({_PAIRS_FORMAT})."
+            )
+        if ends in first_line_of:
+            repeats.append((number, first_line_of[ends], fields))
+        else:
+            first_line_of[ends] = number
         pairs.append(pair + (index // (2 * per_fold),))
     expected = num_folds * 2 * per_fold
     if len(pairs) != expected:
@@ -185,6 +201,16 @@ def parse_pairs_file(
             f"{pairs_path}: the header (line {header_number}) promises "
             f"{num_folds} folds x 2 x {per_fold} = {expected} pairs, found "
             f"{len(pairs)} pair lines ({_PAIRS_FORMAT})."
+        )
+    if repeats:
+        number, first, fields = repeats[0]
+        warnings.warn(
+            f"{pairs_path}: {len(repeats)} pair line(s) repeat an earlier "
+            f"pair (first: line {number}, {' '.join(fields)!r}, is the pair "
+            f"of line {first}); each repeat counts again in the accuracy. "
+            "Replace the repeats with new pairs.",
+            data.DataWarning,
+            stacklevel=2,
         )
     return pairs
 

@@ -1,9 +1,11 @@
 """Image ops: encoded bytes to pixels, resizing, scaling and augmentation.
 
 Graph functions, each working eagerly and inside tf.data: the bytes check
-(`image_bytes_ok`), decoding (`decode_image`, `decode_native`, with a PGM
-decoder TensorFlow lacks), `to_channels`, `resize_image`, `normalize` and
-the stateless augmentation (`augment_batch`). The training pipeline
+(`image_bytes_ok`), the size from the header (`header_size`, checked
+against a pixel budget before decoding), decoding (`decode_image`,
+`decode_native`, with a PGM decoder TensorFlow lacks), `to_channels`,
+`resize_image`, `normalize` and the stateless augmentation
+(`augment_batch`). The training pipeline
 (`ring_loss_tf.data`) and evaluation (`ring_loss_tf.data.load_images`,
 `ring_loss_tf.eval_data`) both decode and resize with them, so both see the
 same pixels.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".gif")
@@ -22,6 +25,20 @@ CORRUPT_IMAGE_FIX = (
     "Remove or replace the file, or skip such files with skip_corrupt=True "
     "(--skip_corrupt)."
 )
+# The default pixel budget: a few kilobytes of PNG can hold 12000 x 12000
+# pixels, which decode and resize through gigabytes. 8192 x 8192 passes any
+# camera's photo up to 64 megapixels.
+MAX_IMAGE_PIXELS = 8192 * 8192
+TOO_LARGE_TEXT = "Image larger than the pixel budget"
+
+
+def too_large_message(max_pixels: int) -> str:
+    """The start of the budget error, up to "File:" (the file follows)."""
+    return (
+        f"{TOO_LARGE_TEXT} of {max_pixels} (max_image_pixels): decoding it "
+        "would take too much memory. Downscale the file, or raise the budget "
+        "(--max_image_pixels of train.py or of the aligner). File:"
+    )
 
 
 def is_image_file(name: str) -> bool:
@@ -132,6 +149,98 @@ def _pgm_complete(contents):
     return tf.logical_and(ok, tf.strings.length(contents) >= needed)
 
 
+def _header_integers(contents, start, count, size, big_endian):
+    """`count` unsigned integers of `size` bytes each from byte `start`,
+    as int64; bytes past the end of the file read as 0."""
+    length = tf.strings.length(contents)
+    raw = tf.io.decode_raw(
+        tf.strings.substr(contents, tf.minimum(start, length), count * size)
+        + tf.constant(b"\0" * (count * size)),
+        tf.uint8,
+    )[: count * size]
+    raw = tf.reshape(tf.cast(raw, tf.int64), [count, size])
+    powers = 256 ** np.arange(size, dtype=np.int64)
+    weights = tf.constant(powers[::-1] if big_endian else powers)
+    return tf.reduce_sum(raw * weights, axis=1)
+
+
+def _png_size(contents):
+    # IHDR, always the first chunk: width, height as big-endian uint32.
+    return _header_integers(contents, 16, 2, 4, big_endian=True)
+
+
+def _jpeg_size(contents):
+    # libjpeg reads the markers up to the frame header; no pixel is decoded.
+    return tf.cast(tf.io.extract_jpeg_shape(contents)[1::-1], tf.int64)
+
+
+def header_size(contents: tf.Tensor) -> tf.Tensor:
+    """(width, height) from an encoded image's header, without decoding.
+
+    PNG's IHDR, JPEG's frame header (`tf.io.extract_jpeg_shape`), BMP's
+    info header (a negative, top-down height counts by its size), GIF's
+    logical screen and PGM's text header. int64 `(2,)`; (0, 0) for other
+    bytes, whose decoding fails anyway.
+    """
+    contents = tf.convert_to_tensor(contents, tf.string)
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+    is_pgm = tf.equal(tf.strings.substr(contents, 0, 2), b"P5")
+
+    def pgm():
+        width, height, _, _, ok = _pgm_header(contents)
+        size = tf.cast(tf.stack([width, height]), tf.int64)
+        return tf.where(ok, size, tf.zeros_like(size))
+
+    def by_bytes():
+        signature = tf.strings.substr(contents, 0, 8)
+        is_png = tf.equal(signature, b"\x89PNG\r\n\x1a\n")
+        is_bmp = tf.equal(tf.strings.substr(contents, 0, 2), b"BM")
+        is_gif = tf.equal(tf.strings.substr(contents, 0, 4), b"GIF8")
+        bmp = _header_integers(contents, 18, 2, 4, big_endian=False)
+        bmp = tf.where(bmp >= 2**31, 2**32 - bmp, bmp)  # signed int32
+        gif = _header_integers(contents, 6, 2, 2, big_endian=False)
+        size = tf.where(is_bmp, bmp, tf.zeros_like(bmp))
+        size = tf.where(is_gif, gif, size)
+        return tf.where(is_png, _png_size(contents), size)
+
+    return tf.cond(
+        is_jpeg,
+        lambda: _jpeg_size(contents),
+        lambda: tf.cond(is_pgm, pgm, by_bytes),
+    )
+
+
+def _within_budget(contents, size, name, max_pixels):
+    """`contents`, once its header's `size` is known to fit `max_pixels`.
+
+    The message is built only for an image over the budget: a normal one
+    costs a comparison and a branch.
+    """
+    if max_pixels is None:
+        return contents
+    if not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(
+            "`max_pixels` must be None or a positive integer. "
+            f"Received: max_pixels={max_pixels!r}"
+        )
+    # Each side clipped so that the product cannot overflow int64.
+    size = tf.minimum(size, 2**31)
+    fits = size[0] * size[1] <= int(max_pixels)
+
+    def refuse():
+        where = tf.strings.join([
+            name, " (", tf.strings.as_string(size[0]), "x",
+            tf.strings.as_string(size[1]), " pixels)",
+        ])
+        check = tf.debugging.Assert(
+            fits, [too_large_message(int(max_pixels)), where], summarize=1
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(contents)
+
+    return tf.cond(fits, lambda: contents, refuse)
+
+
 def _decode_pgm(contents):
     """Binary PGM (P5, 8 or 16 bit) -> uint8 (height, width, 1)."""
     width, height, maxval, header, _ = _pgm_header(contents)
@@ -191,16 +300,19 @@ def decode_image(
     channels: int,
     name: tf.Tensor | str = "image",
     expect: str | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
     """Encoded PNG/JPEG/BMP/GIF/PGM bytes -> uint8 (h, w, channels).
 
     First checks the bytes with `image_bytes_ok` and fails with an
     InvalidArgumentError whose message names `name` (the file) if they look
-    corrupt or truncated. Then `to_channels`. `expect` ("png" or "jpeg"), the
-    format most files have, adds a fast path of a few ops for whole files of
-    that format; any other file takes the general path.
+    corrupt or truncated, or if the header's width x height
+    (`header_size`) exceeds `max_pixels` (None: no budget); both before
+    decoding. Then `to_channels`. `expect` ("png" or "jpeg"), the format
+    most files have, adds a fast path of a few ops for whole files of that
+    format; any other file takes the general path.
     """
-    image = decode_native(contents, name, expect)
+    image = decode_native(contents, name, expect, max_pixels)
     image = to_channels(image, channels)
     return tf.ensure_shape(image, [None, None, channels])
 
@@ -234,8 +346,8 @@ def _decode_jpeg(contents):
 
 
 _FAST_PATHS = {
-    "png": (_png_whole, lambda c: tf.io.decode_png(c, channels=0)),
-    "jpeg": (_jpeg_whole, _decode_jpeg),
+    "png": (_png_whole, _png_size, lambda c: tf.io.decode_png(c, channels=0)),
+    "jpeg": (_jpeg_whole, _jpeg_size, _decode_jpeg),
 }
 
 
@@ -243,6 +355,7 @@ def decode_native(
     contents: tf.Tensor,
     name: tf.Tensor | str = "image",
     expect: str | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
     """Like `decode_image`, keeping the file's channels (1 to 4)."""
     contents = tf.convert_to_tensor(contents, tf.string)
@@ -252,11 +365,13 @@ def decode_native(
                 f"`expect` must be None or one of {sorted(_FAST_PATHS)}. "
                 f"Received: expect={expect!r}"
             )
-        whole, decode = _FAST_PATHS[expect]
+        whole, size, decode = _FAST_PATHS[expect]
         image = tf.cond(
             whole(contents),
-            lambda: decode(contents),
-            lambda: decode_native(contents, name),
+            lambda: decode(_within_budget(
+                contents, size(contents), name, max_pixels
+            )),
+            lambda: decode_native(contents, name, max_pixels=max_pixels),
         )
         return tf.ensure_shape(image, [None, None, None])
     check = tf.debugging.Assert(
@@ -265,6 +380,9 @@ def decode_native(
         summarize=1,
     )
     with tf.control_dependencies([check]):
+        contents = _within_budget(
+            contents, header_size(contents), name, max_pixels
+        )
         is_pgm = tf.equal(tf.strings.substr(contents, 0, 2), b"P5")
         is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
 

@@ -42,9 +42,11 @@ from ring_loss_tf.errors import first_line
 
 EXPORT_DIR = "export"
 
-# tf.debugging.Assert's message: "[<text> File:] [b'<path>']" (or "<path>").
+# tf.debugging.Assert's message: "[<text> File:] [b'<path>']" (or "<path>"),
+# from a corrupt image or one over the pixel budget.
 _CORRUPT_ASSERTION = re.compile(
-    r"\[(Corrupt or truncated image file\..*?File:)\] \[b?['\"]?(.*?)['\"]?\]",
+    r"\[((?:Corrupt or truncated image file\.|Image larger than the pixel "
+    r"budget).*?File:)\] \[b?['\"]?(.*?)['\"]?\]",
     re.S,
 )
 
@@ -567,6 +569,7 @@ def train(
             seed=run.seed,
             input_context=input_context,
             start_step=start_step,
+            max_pixels=data_config.max_image_pixels,
         )
 
     try:

@@ -16,6 +16,7 @@ import os
 import pathlib
 import pickle
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,43 @@ def encode(array, fmt, **kwargs):
 def constant_png(value, size=(8, 8), mode="L"):
     shape = size if mode == "L" else size + (3,)
     return encode(np.full(shape, value, np.uint8), "PNG")
+
+
+def png_chunk(kind, payload):
+    """One PNG chunk: length, type, payload, CRC-32 of type and payload."""
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+
+
+def png_of_size(width, height, idat=None):
+    """A 1-bit grey PNG whose IHDR says width x height (PNG spec, by hand).
+
+    `idat`: the compressed data; default black rows, compressed a row at a
+    time, so a 12000 x 12000 file (17 KB) is made without holding its
+    pixels: a decompression bomb (144 MB of samples once decoded).
+    """
+    if idat is None:
+        compressor = zlib.compressobj(9)
+        row = bytes((width + 7) // 8 + 1)  # filter byte 0, then the bits
+        idat = b"".join(compressor.compress(row) for _ in range(height))
+        idat += compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
+
+
+def png_with_broken_chunk(array):
+    """`array` as a PNG whose data is split over two IDAT chunks, the
+    second with a type that is no chunk type (b"ID\\0T"): Pillow opens it and
+    raises SyntaxError ("broken PNG file") when it loads the pixels."""
+    contents = encode(array, "PNG")
+    start = contents.index(b"IDAT") - 4
+    length = struct.unpack(">I", contents[start:start + 4])[0]
+    data = contents[start + 8:start + 8 + length]
+    half = len(data) // 2
+    broken = png_chunk(b"ID\0T", data[half:])
+    return (contents[:start] + png_chunk(b"IDAT", data[:half]) + broken
+            + contents[start + 12 + length:])
 
 
 def pgm(array, maxval=255):

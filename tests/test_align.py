@@ -6,6 +6,7 @@ real photograph that matplotlib ships)."""
 import os
 import pathlib
 import re
+import stat
 
 import matplotlib
 import numpy as np
@@ -14,6 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 from ring_loss_tf import align
+from tests.data_files import png_of_size
+from tests.data_files import png_with_broken_chunk
 
 GRACE_HOPPER = (
     pathlib.Path(matplotlib.get_data_path()) / "sample_data"
@@ -321,6 +324,143 @@ def test_output_inside_the_input_is_refused(tmp_path):
             align.align_folder(tmp_path / "in", output, landmarks={},
                                progress=False)
     assert snapshot(tmp_path) == before
+
+
+def test_a_photo_pillow_cannot_read_is_listed_and_the_rest_aligned(
+        tmp_path):
+    source = tmp_path / "in"
+    write_photo(source / "a" / "ok.png")
+    noise = np.random.default_rng(1).integers(0, 256, (120, 100, 3), np.uint8)
+    broken = source / "a" / "broken.png"
+    broken.write_bytes(png_with_broken_chunk(noise))
+    with pytest.raises(SyntaxError, match="broken PNG file"):
+        with Image.open(broken) as image:
+            image.load()
+    points = {"a/ok.png": [SPHEREFACE], "a/broken.png": [SPHEREFACE]}
+    out = tmp_path / "out"
+    for run in range(2):  # the rerun finds both done, and does not stop
+        summary = align.align_folder(source, out, landmarks=points,
+                                     progress=False)
+        assert (summary.aligned, summary.no_face, summary.already_done) == (
+            (1, ["a/broken.png"], 0) if run == 0 else (0, [], 2))
+    assert (out / "no_face.txt").read_text() == (
+        "a/broken.png\tunreadable (SyntaxError), skipped\n")
+    assert (out / "a" / "ok.png").is_file()
+    assert not (out / "a" / "broken.png").exists()
+
+
+def test_an_output_folder_linked_into_the_input_is_refused(tmp_path, capsys):
+    source = tmp_path / "in"
+    write_photo(source / "ann" / "1.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ann").symlink_to(source, target_is_directory=True)
+    before = snapshot(source)
+    message = (
+        rf"^{re.escape(str(out / 'ann'))} is a symbolic link to "
+        rf"{re.escape(str(source.resolve()))}, outside --output="
+        rf"{re.escape(str(out))}; the aligner writes only inside its output "
+        r"folder: remove the link, or give another --output\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        align.align_folder(source, out, landmarks={"ann/1.png": [SPHEREFACE]},
+                           progress=False)
+    listing = tmp_path / "5pts.txt"
+    listing.write_text(
+        "ann/1.png " + " ".join(f"{v:.4f}" for v in SPHEREFACE.ravel()) + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        align.main([f"--input={source}", f"--output={out}",
+                    f"--landmarks={listing}"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message[1:], error), error
+    assert snapshot(source) == before  # nothing written through the link
+    assert not (out / "no_face.txt").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_crops_get_the_usual_file_mode(tmp_path, umask):
+    write_photo(tmp_path / "in" / "x.png")
+    previous = os.umask(umask)
+    try:
+        align.align_folder(tmp_path / "in", tmp_path / "out",
+                           landmarks={"x.png": [SPHEREFACE]}, progress=False)
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "out" / "x.png").stat().st_mode)
+    assert mode == 0o666 & ~umask, oct(mode)  # 0644 under umask 022
+
+
+def test_degenerate_landmarks_are_listed_not_written(tmp_path):
+    source = tmp_path / "in"
+    for name in ("same.png", "off.png", "good.png", "group.png"):
+        write_photo(source / name, size=(120, 100))
+    same = np.full((5, 2), [50.0, 60.0])  # one point five times
+    off = SPHEREFACE * 0.8 + 1000  # a face far outside the 100 x 120 photo
+    centre = off.mean(0)
+    points = {"same.png": [same], "off.png": [off], "good.png": [SPHEREFACE],
+              "group.png": [SPHEREFACE, same]}
+    out = tmp_path / "out"
+    summary = align.align_folder(source, out, landmarks=points,
+                                 all_faces=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "good_0.png", "group_0.png", "no_face.txt"]
+    assert (summary.aligned, summary.faces_written) == (2, 2)
+    assert sorted(summary.no_face) == ["off.png", "same.png"]
+    lines = sorted((out / "no_face.txt").read_text().splitlines())
+    assert lines == sorted([
+        "same.png\tdegenerate landmarks (spread 0 px, the points "
+        "coincide): skipped",
+        f"off.png\tdegenerate landmarks (centre ({centre[0]:.1f}, "
+        f"{centre[1]:.1f}) outside the 100x120 image): skipped",
+        "group.png\t1 of 2 faces not written: degenerate landmarks (spread "
+        "0 px, the points coincide)",
+    ])
+    with Image.open(out / "group_0.png") as crop:
+        np.testing.assert_array_equal(
+            np.asarray(crop),
+            align.align_face(np.asarray(Image.open(source / "group.png")),
+                             SPHEREFACE).numpy())
+    assert align.degenerate_landmarks(SPHEREFACE, (112, 96)) is None
+
+
+def test_images_over_the_pixel_budget_are_listed_before_decoding(
+        tmp_path, capsys):
+    source = tmp_path / "in"
+    write_photo(source / "ok.png", size=(120, 100))
+    bomb = png_of_size(12000, 12000)
+    assert len(bomb) < 20_000  # 17 KB; 144 million pixels decoded
+    (source / "bomb.png").write_bytes(bomb)
+    # Its header says 300 x 200; its data would not decode.
+    (source / "fake.png").write_bytes(png_of_size(300, 200, idat=b"junk"))
+    points = {name: [SPHEREFACE] for name in ("ok.png", "bomb.png",
+                                              "fake.png")}
+    out = tmp_path / "out"
+    summary = align.align_folder(source, out, landmarks=points,
+                                 progress=False)
+    assert (summary.aligned, sorted(summary.no_face)) == (
+        1, ["bomb.png", "fake.png"])
+    assert sorted((out / "no_face.txt").read_text().splitlines()) == [
+        "bomb.png\ttoo large (12000x12000 pixels, more than "
+        "--max_image_pixels=67108864), skipped",
+        "fake.png\tunreadable (OSError), skipped",
+    ]
+    # With a budget of 50000 pixels the fake is refused by its header alone.
+    listing = tmp_path / "5pts.txt"
+    listing.write_text("".join(
+        f"{name} " + " ".join(f"{v:.4f}" for v in SPHEREFACE.ravel()) + "\n"
+        for name in points))
+    assert align.main([f"--input={source}", f"--output={tmp_path / 'out2'}",
+                       f"--landmarks={listing}",
+                       "--max_image_pixels=50000"]) == 0
+    assert "fake.png\ttoo large (300x200 pixels, more than "\
+        "--max_image_pixels=50000), skipped" in (
+            tmp_path / "out2" / "no_face.txt").read_text()
+    with pytest.raises(SystemExit):
+        align.main([f"--input={source}", f"--output={tmp_path / 'out3'}",
+                    "--max_image_pixels=0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--max_image_pixels=0: must be >= 1 (e.g. 67108864, 8192x8192).")
 
 
 def test_mtcnn_aligns_a_real_photograph_onto_the_template(tmp_path):

@@ -29,6 +29,7 @@ from ring_loss_tf import config
 from ring_loss_tf import recordio
 from ring_loss_tf import training
 from ring_loss_tf.errors import ConfigError
+from ring_loss_tf.errors import TrainingDataError
 from tests.data_files import CallsAFunction
 from tests.data_files import constant_png
 from tests.data_files import make_folder
@@ -288,6 +289,23 @@ def _pairs_missing(tmp):
     return lambda: eval_data.read_lfw_pairs(tmp / "pairs.txt", lfw)
 
 
+def _faces(tmp, counts):
+    """DIR/faces/train: a folder per identity of 8 x 8 PNGs."""
+    return make_folder(tmp / "faces" / "train", counts)
+
+
+def _image_over_the_budget(tmp):
+    train = _faces(tmp, [2, 2])
+    (train / "id01" / "1.png").write_bytes(constant_png(9, size=(9, 8)))
+    return train_with(data_dir=str(tmp / "faces"), max_image_pixels=71,
+                      image_size=(32, 32), channels=1)(tmp)
+
+
+def _one_identity(tmp):
+    _faces(tmp, [3])
+    return train_with(data_dir=str(tmp / "faces"))(tmp)
+
+
 def _data_dir_without_train(tmp):
     (tmp / "faces").mkdir()
     return train_with(data_dir=str(tmp / "faces"))(tmp)
@@ -312,6 +330,13 @@ CASES = [
      InvalidArgument, CORRUPT + r"set/id01/2\.jpg"),
     ("corrupt image in an evaluation set", _corrupt_eval_image,
      InvalidArgument, CORRUPT + r"a\.png"),
+    ("training image over the pixel budget", _image_over_the_budget,
+     TrainingDataError, r"^Image larger than the pixel budget of 71 "
+                        r"\(max_image_pixels\): decoding it would take too "
+                        r"much memory\. Downscale the file, or raise the "
+                        r"budget \(--max_image_pixels of train\.py or of the "
+                        r"aligner\)\. File: {tmp}/faces/train/id01/1\.png "
+                        r"\(8x9 pixels\)$"),
     # Identity folders and roots.
     ("identity folders without images", empty_identities,
      ValueError, r"No images found in {tmp}/set: expected one sub-directory "
@@ -371,6 +396,11 @@ CASES = [
      pairs_case("1\t1\nPerson_0\t1\t22\nPerson_0\t1\tPerson_1\t1\n"),
      ValueError, r"line 2: no image 22 of 'Person_0': .*\(or the 22nd image "
                  r"of that folder\)\.$"),
+    ("pairs.txt pairs an image with itself",
+     pairs_case("1\t1\nPerson_0\t2\t2\nPerson_0\t1\tPerson_1\t1\n"),
+     ValueError, r"^{tmp}/pairs\.txt line 2: 'Person_0 2 2' pairs image 2 of "
+                 r"'Person_0' with itself, a match whatever the model; name "
+                 r"two different images \(format: "),
     ("pairs.txt identity name with a path",
      pairs_case("1\t1\nPerson_0\t1\t2\nPerson_0\t1\t../lfw/Person_1\t1\n"),
      ValueError, r"^{tmp}/pairs\.txt line 3: '\.\./lfw/Person_1' is not an "
@@ -520,6 +550,16 @@ CASES = [
      ConfigError, r"^data_dir='{tmp}/faces': has no train/ folder or "
                   r"train\.rec; put a folder of images per identity under "
                   r"<data_dir>/train$"),
+    ("train on one identity", _one_identity,
+     ConfigError, r"^data_dir='{tmp}/faces': holds 1 identity, and a "
+                  r"classifier needs at least 2 identities; add a folder per "
+                  r"identity under <data_dir>/train$"),
+    ("train --num_train_identities=1", train_with(num_train_identities=1),
+     ConfigError, r"^num_train_identities=1: must be >= 2 \(a classifier "
+                  r"needs at least 2 identities\); use e\.g\. 1000$"),
+    ("train --max_image_pixels=0", train_with(max_image_pixels=0),
+     ConfigError, r"^max_image_pixels=0: must be a positive integer; use "
+                  r"e\.g\. 67108864 \(8192x8192\)$"),
     ("train --model_dir=''", train_with(model_dir=""),
      ConfigError, r"^model_dir='': is empty; give a directory for "
                   r"checkpoints$"),

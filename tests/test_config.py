@@ -178,6 +178,24 @@ def test_resolve_fills_the_data_and_head_defaults(settings, expected):
         ), name
 
 
+def test_resolve_refuses_data_of_one_identity():
+    with pytest.raises(ConfigError, match=r"^data_dir='/faces': holds 1 "
+                       r"identity, and a classifier needs at least 2 "
+                       r"identities; add a folder per identity under "
+                       r"<data_dir>/train$"):
+        config_lib.resolve(config_lib.make(data_dir="/faces"), num_classes=1)
+    assert config_lib.resolve(config_lib.make(), num_classes=2).model \
+        .num_classes == 2
+
+
+def test_the_pixel_budget_default_is_the_image_ops_one():
+    # config imports no TensorFlow, so it repeats the number.
+    from ring_loss_tf import images
+
+    assert config_lib.TrainConfig().data.max_image_pixels == (
+        images.MAX_IMAGE_PIXELS) == 8192 * 8192
+
+
 def test_registry_defaults_are_the_ones_resolve_uses():
     for name, head in registry.HEADS.items():
         resolved = config_lib.resolve(config_lib.make(head=name)).model

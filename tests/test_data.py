@@ -92,6 +92,31 @@ def test_skip_corrupt_skips_and_counts_in_one_warning(tmp_path):
     assert got == [(0, 1), (0, 2), (1, 12), (1, 13)]
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_an_image_over_the_pixel_budget_is_refused_by_name(tmp_path,
+                                                           in_memory):
+    root = make_folder(tmp_path / "set", [3, 3])  # 8 x 8 images
+    (root / "id01" / "2.png").write_bytes(constant_png(5, size=(9, 8)))
+    source = data.open_training_source(root)
+    common = dict(batch_size=6, image_size=(8, 8), channels=1,
+                  augment="face", seed=3, repeat=False, in_memory=in_memory)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"(?s)Image larger than the pixel budget of 71 .*File:.*"
+              r"id01/2\.png \(8x9 pixels\)",
+    ):
+        list(data.training_dataset(source, max_pixels=71, **common))
+    # At the budget, and with the default one: the batches of no budget.
+    unlimited = list(data.training_dataset(source, max_pixels=None, **common))
+    for budget in (72, data.MAX_IMAGE_PIXELS):
+        batches = list(data.training_dataset(source, max_pixels=budget,
+                                             **common))
+        assert len(batches) == len(unlimited) == 1
+        for (a, la), (b, lb) in zip(batches, unlimited):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(la, lb)
+
+
 # --------------------------------------------------------------------------
 # The training pipeline
 

@@ -58,6 +58,10 @@ def test_read_lfw_pairs(tmp_path):
          r"promises 2 folds x 2 x 1 = 4 pairs, found 2"),
         ("1\t1\nPerson_0\t1\t9\nPerson_0\t1\tPerson_1\t1\n",
          r"pairs\.txt line 2: no image 9 of 'Person_0'"),
+        # An image with itself scores as a match whatever the model.
+        ("1\t1\nPerson_0\t1\tPerson_1\t1\n\nPerson_1\t2\tPerson_1\t2\n",
+         r"pairs\.txt line 4: 'Person_1 2 Person_1 2' pairs image 2 of "
+         r"'Person_1' with itself"),
     ],
 )
 def test_read_lfw_pairs_errors(tmp_path, text, message):
@@ -65,6 +69,32 @@ def test_read_lfw_pairs_errors(tmp_path, text, message):
     (tmp_path / "pairs.txt").write_text(text)
     with pytest.raises(ValueError, match=message):
         eval_data.read_lfw_pairs(tmp_path / "pairs.txt", lfw)
+
+
+def test_repeated_pairs_are_kept_with_one_warning_naming_the_lines(
+        tmp_path):
+    lfw = make_lfw(tmp_path / "lfw", [3, 2])
+    pairs_path = tmp_path / "pairs.txt"
+    pairs_path.write_text(
+        "2\t2\n"
+        "Person_0\t1\t2\n"
+        "Person_0\t1\tPerson_1\t1\n"
+        "Person_0\t2\t1\n"  # line 4: line 2's pair, the other way round
+        "Person_1\t1\tPerson_0\t2\n"
+        "Person_0\t1\t3\n"
+        "Person_1\t2\tPerson_0\t3\n"
+        "Person_0\t1\t2\n"  # line 8: line 2's again
+        "Person_1\t1\tPerson_0\t2\n"  # line 9: line 5's
+    )
+    with pytest.warns(data.DataWarning) as caught:
+        pairs = eval_data.read_lfw_pairs(pairs_path, lfw, channels=1)
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        f"{pairs_path}: 3 pair line(s) repeat an earlier pair (first: line "
+        "4, 'Person_0 2 1', is the pair of line 2); each repeat counts "
+        "again in the accuracy. Replace the repeats with new pairs."
+    )
+    assert len(pairs.issame) == 8  # kept: the folds stay as the file says
 
 
 def test_ordinal():

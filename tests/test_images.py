@@ -11,6 +11,7 @@ from PIL import Image
 from ring_loss_tf import images
 from tests.data_files import encode
 from tests.data_files import pgm
+from tests.data_files import png_of_size
 from tests.data_files import smooth_rgb
 
 RNG = np.random.default_rng(0)
@@ -201,3 +202,76 @@ def test_decode_fast_path_falls_back_for_other_formats():
         images.decode_image(png[:-30], 3, "cut", "png")
     with pytest.raises(ValueError, match="expect"):
         images.decode_image(png, 3, "x", "webp")
+
+
+def _sizes(contents_list):
+    """header_size of each, eagerly and inside tf.data (which must agree)."""
+    out = []
+    for contents in contents_list:
+        eager, in_data = run_both(images.header_size, tf.constant(contents))
+        np.testing.assert_array_equal(eager, in_data)
+        out.append(tuple(int(v) for v in eager))
+    return out
+
+
+def test_header_size_equals_pillows_size_for_every_format():
+    rgb = smooth_rgb(20, 24)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    files = [encode(rgb, "PNG"), encode(rgb, "JPEG"), encode(rgb, "BMP"),
+             encode(grey, "GIF"), pgm(grey[:7, :5]),
+             png_of_size(3000, 2000)]
+    # A top-down BMP stores its height negated.
+    bottom_up = encode(grey, "BMP")
+    top_down = bottom_up[:22] + (-20).to_bytes(4, "little", signed=True) + (
+        bottom_up[26:])
+    files.append(top_down)
+    expected = [Image.open(io.BytesIO(f)).size for f in files[:-1]]
+    assert _sizes(files) == expected + [(24, 20)]
+    # Not an image, or cut inside the header: (0, 0), left to the decoder.
+    assert _sizes([b"", b"hello", files[0][:16]]) == [(0, 0)] * 3
+
+
+def _budget_error(contents, max_pixels, expect=None):
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        images.decode_image(contents, 1, "dir/x.png", expect, max_pixels)
+    return caught.value.message
+
+
+@pytest.mark.parametrize("expect", [None, "png"])
+def test_pixel_budget_refuses_a_bomb_before_decoding_it(expect):
+    bomb = png_of_size(12000, 12000)
+    assert len(bomb) < 20_000  # 17 KB that decode to 144 million pixels
+    message = _budget_error(bomb, images.MAX_IMAGE_PIXELS, expect)
+    assert (
+        "Image larger than the pixel budget of 67108864 (max_image_pixels)"
+        in message and "--max_image_pixels" in message
+    ), message
+    assert "dir/x.png (12000x12000 pixels)" in message, message
+    # Before decoding: data the decoder would reject is never looked at.
+    garbage = png_of_size(30, 20, idat=b"not zlib data")
+    message = _budget_error(garbage, 599, expect)
+    assert "pixel budget of 599" in message and "(30x20 pixels)" in message
+    with pytest.raises(tf.errors.InvalidArgumentError) as within:
+        images.decode_image(garbage, 1, "dir/x.png", expect, 600)
+    assert "budget" not in within.value.message  # the decoder's own error
+
+
+def test_pixel_budget_is_width_times_height_in_tf_data_too():
+    rgb = smooth_rgb(20, 24)
+    for fmt, expect in (("PNG", "png"), ("JPEG", "jpeg"), ("BMP", None),
+                        ("GIF", None)):
+        contents = tf.constant(encode(rgb, fmt))
+        for budget, fits in ((480, True), (479, False)):  # 24 x 20 = 480
+            def decode(c):
+                return images.decode_image(c, 3, "f", expect, budget)
+
+            dataset = tf.data.Dataset.from_tensors(contents).map(decode)
+            if fits:
+                unlimited = images.decode_image(contents, 3, "f", expect, None)
+                np.testing.assert_array_equal(next(iter(dataset)), unlimited)
+            else:
+                with pytest.raises(tf.errors.InvalidArgumentError,
+                                   match=r"pixel budget of 479 .* File:"):
+                    next(iter(dataset))
+    with pytest.raises(ValueError, match=r"`max_pixels` must be None or a "):
+        images.decode_image(encode(rgb, "BMP"), 3, "f", None, 0)

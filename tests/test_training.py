@@ -16,12 +16,15 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
+from ring_loss_tf import data as data_lib
 from ring_loss_tf import layers
 from ring_loss_tf import trainer as trainer_lib
 from ring_loss_tf import training
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import NonFiniteLossError
 from ring_loss_tf.errors import TrainingInterrupted
+from tests.data_files import constant_png
+from tests.data_files import make_folder
 from tests.tiny_runs import GLOBAL_BATCH
 from tests.tiny_runs import assert_same_checkpoints
 from tests.tiny_runs import assert_same_state
@@ -123,6 +126,27 @@ def test_data_errors_become_one_line():
         "and TensorFlow does not say which file. Rerun with "
         "skip_corrupt=True (--skip_corrupt): it decodes every image once at "
         "the start and leaves out those that fail."
+    )
+
+
+def test_an_image_over_the_pixel_budget_becomes_one_line(tmp_path):
+    """The pipeline's own assertion, through `data_error`: the file, its
+    size and the fix."""
+    root = make_folder(tmp_path / "set", [2, 2])
+    big = root / "id01" / "1.png"
+    big.write_bytes(constant_png(7, size=(10, 12)))
+    dataset = data_lib.training_dataset(
+        data_lib.open_training_source(root), batch_size=4, image_size=(8, 8),
+        channels=1, augment="none", seed=0, repeat=False, in_memory=False,
+        max_pixels=64,
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        list(dataset)
+    assert str(training.data_error(caught.value)) == (
+        "Image larger than the pixel budget of 64 (max_image_pixels): "
+        "decoding it would take too much memory. Downscale the file, or "
+        "raise the budget (--max_image_pixels of train.py or of the "
+        f"aligner). File: {big} (12x10 pixels)"
     )
 
 
