@@ -374,11 +374,12 @@ class CosineClassifier(keras.layers.Layer):
 
     Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`,
     labels integer class ids (a float labels tensor is refused). A training
-    call refuses a label outside [0, num_classes) with a ValueError naming
-    it, eagerly and in `fit` on every backend; only inside an XLA-compiled
-    TensorFlow function, which drops assertions, is the row's logits NaN
-    instead (`layer_utils.check_label_range`). Inference does not read the
-    labels.
+    call refuses a label outside [0, num_classes) with a message naming it
+    and `num_classes`, eagerly and in `fit` on every backend (a ValueError;
+    in a compiled step the backend's runtime error carries it); only inside
+    an XLA-compiled TensorFlow function, which drops assertions, are that
+    row's logits NaN instead (`layer_utils.check_label_range`). Inference
+    does not read the labels.
     Output: float32 logits `(batch_size, num_classes)`; use them with sparse
     categorical cross-entropy from logits.
 
