@@ -39,6 +39,7 @@ _PUBLIC = {
     "no_margin": "heads",
     "BatchNorm": "layers",
     "CenterLoss": "layers",
+    "GroupedConv2D": "layers",
     "L2Constrained": "layers",
     "RingLoss": "layers",
     "center_loss": "layers",
@@ -71,4 +72,5 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_PUBLIC))
+    # The public names are module globals once the layers are imported.
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -553,6 +553,11 @@ class _Checks:
             bad("head_sharding",
                 f"the {s['head']} head is not a cosine head",
                 f"shard a margin head ({'/'.join(margin_heads)}), or omit it")
+        elif s["head_sharding"] and s["head"] not in registry.SHARDABLE_HEADS:
+            bad("head_sharding",
+                f"the sharded head is built only from a built-in margin "
+                f"head, not the registered head {s['head']!r}",
+                f"shard {'/'.join(registry.SHARDABLE_HEADS)}, or omit it")
         rate = s["head_sample_rate"]
         if not (_number(rate) and 0 < rate <= 1):
             bad("head_sample_rate", "must be in (0, 1]",

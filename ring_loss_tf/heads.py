@@ -72,11 +72,15 @@ import keras
 from keras import ops
 
 from ring_loss_tf.layer_utils import PACKAGE
+from ring_loss_tf.layer_utils import check_label_range
+from ring_loss_tf.layer_utils import check_labels_dtype
 from ring_loss_tf.layer_utils import check_num_classes
 from ring_loss_tf.layer_utils import check_positive
 from ring_loss_tf.layer_utils import embeddings_shape
 from ring_loss_tf.layer_utils import float32
 from ring_loss_tf.layer_utils import normalize
+from ring_loss_tf.layer_utils import plain_number
+from ring_loss_tf.layer_utils import poison_out_of_range
 from ring_loss_tf.layer_utils import replica_local_weight
 from ring_loss_tf.layer_utils import safe_norm
 from ring_loss_tf.layer_utils import with_labels
@@ -300,6 +304,7 @@ def arcface_logits(
 
 
 def _check_warmup(margin_warmup_steps):
+    margin_warmup_steps = plain_number(margin_warmup_steps)
     if (
         isinstance(margin_warmup_steps, bool)
         or not isinstance(margin_warmup_steps, int)
@@ -310,6 +315,7 @@ def _check_warmup(margin_warmup_steps):
             "before the margin starts; 0 starts with it). "
             f"Received: margin_warmup_steps={margin_warmup_steps!r}"
         )
+    return margin_warmup_steps
 
 
 def _check_margin_function(margin_function, margin_arguments):
@@ -366,7 +372,14 @@ class CosineClassifier(keras.layers.Layer):
             `{"scale": 30.0, "margin": 0.2}`; saved by `get_config`.
         margin_warmup_steps: W (default 0).
 
-    Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`.
+    Input: `[embeddings (batch_size, embedding_dim), labels (batch_size,)]`,
+    labels integer class ids (a float labels tensor is refused). A training
+    call refuses a label outside [0, num_classes) with a message naming it
+    and `num_classes`, eagerly and in `fit` on every backend (a ValueError;
+    in a compiled step the backend's runtime error carries it); only inside
+    an XLA-compiled TensorFlow function, which drops assertions, are that
+    row's logits NaN instead (`layer_utils.check_label_range`). Inference
+    does not read the labels.
     Output: float32 logits `(batch_size, num_classes)`; use them with sparse
     categorical cross-entropy from logits.
 
@@ -388,10 +401,14 @@ class CosineClassifier(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_num_classes(num_classes)
-        _check_warmup(margin_warmup_steps)
+        num_classes = check_num_classes(num_classes)
+        margin_warmup_steps = _check_warmup(margin_warmup_steps)
         margin_arguments = {} if margin_arguments is None else margin_arguments
         _check_margin_function(margin_function, margin_arguments)
+        margin_arguments = {
+            name: plain_number(value)
+            for name, value in margin_arguments.items()
+        }
         self.num_classes = num_classes
         self.margin_function = margin_function
         self.margin_arguments = dict(margin_arguments)
@@ -444,13 +461,18 @@ class CosineClassifier(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         embeddings, labels = with_labels(self, inputs)
+        labels = ops.convert_to_tensor(labels)
+        check_labels_dtype(self, labels)
         cos, norms = class_cosines(embeddings, self.kernel)
         if not training:
             margin = MARGINS[self.margin_function]
             arguments = self.margin_arguments_at(None)
             return margin(cos, norms, _no_targets(labels), **arguments)
+        # Only training reads the labels: inference may see other classes.
+        labels, in_range = check_label_range(self, labels, self.num_classes)
         t = self._count_training_call() if self.counts_steps else None
-        return self.training_logits(cos, norms, labels, t)
+        logits = self.training_logits(cos, norms, labels, t)
+        return poison_out_of_range(logits, in_range)
 
     def training_logits(self, cos, norms, labels, step):
         """The training logits of cosines at margin step `step`.
@@ -472,7 +494,8 @@ class CosineClassifier(keras.layers.Layer):
         return (input_shape[0][0], self.num_classes)
 
     def compute_output_spec(self, inputs, training=None):
-        embeddings = inputs[0]
+        embeddings, labels = with_labels(self, inputs)
+        check_labels_dtype(self, labels)
         return keras.KerasTensor(
             (embeddings.shape[0], self.num_classes), dtype="float32"
         )
@@ -547,20 +570,25 @@ class ASoftmax(CosineClassifier):
             margin_warmup_steps=margin_warmup_steps,
             **kwargs,
         )
+        margin = plain_number(margin)
         if isinstance(margin, bool) or margin not in A_SOFTMAX_MARGINS:
             raise ValueError(
                 f"`margin` must be one of {A_SOFTMAX_MARGINS} (SphereFace's "
                 f"integer angular margin). Received: margin={margin!r}"
             )
-        check_positive("lambda_base", lambda_base, allow_zero=True)
-        check_positive("lambda_gamma", lambda_gamma, allow_zero=True)
-        check_positive("lambda_power", lambda_power, allow_zero=True)
-        check_positive("lambda_min", lambda_min, allow_zero=True)
         self.margin = int(margin)
-        self.lambda_base = lambda_base
-        self.lambda_gamma = lambda_gamma
-        self.lambda_power = lambda_power
-        self.lambda_min = lambda_min
+        self.lambda_base = check_positive(
+            "lambda_base", lambda_base, allow_zero=True
+        )
+        self.lambda_gamma = check_positive(
+            "lambda_gamma", lambda_gamma, allow_zero=True
+        )
+        self.lambda_power = check_positive(
+            "lambda_power", lambda_power, allow_zero=True
+        )
+        self.lambda_min = check_positive(
+            "lambda_min", lambda_min, allow_zero=True
+        )
 
     @property
     def counts_steps(self):
@@ -614,10 +642,8 @@ class _ScaledMarginHead(CosineClassifier):
             margin_warmup_steps=margin_warmup_steps,
             **kwargs,
         )
-        check_positive("scale", scale)
-        check_positive("margin", margin, allow_zero=True)
-        self.scale = scale
-        self.margin = margin
+        self.scale = check_positive("scale", scale)
+        self.margin = check_positive("margin", margin, allow_zero=True)
 
     def margin_arguments_at(self, step):
         del step
@@ -678,10 +704,10 @@ class ArcFace(_ScaledMarginHead):
             num_classes, "arcface", scale, margin, margin_warmup_steps,
             **kwargs,
         )
-        if margin >= math.pi:
+        if self.margin >= math.pi:
             raise ValueError(
                 "`margin` is an angle in radians and must be below π "
-                f"(0.5 is usual). Received: margin={margin!r}"
+                f"(0.5 is usual). Received: margin={self.margin!r}"
             )
         self.easy_margin = bool(easy_margin)
 

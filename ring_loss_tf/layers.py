@@ -4,7 +4,8 @@ Each layer has a stateless function twin (`ring_loss` / `RingLoss`, ...):
 the layer owns the weights and the training-time state, the function holds
 the maths, so tests and benchmarks can call the formula directly. The
 classification heads (`ASoftmax`, `CosFace`, `ArcFace`) live in
-`ring_loss_tf.heads` and are importable from here too.
+`ring_loss_tf.heads`; users import every layer from the package
+(`ring_loss_tf.ASoftmax`, ...).
 
 Everything is written with `keras.ops` and computed in float32, also under a
 mixed-precision policy: norms lose too much in float16. Norms use
@@ -22,11 +23,13 @@ from ring_loss_tf.layer_utils import check_rank2
 from ring_loss_tf.layer_utils import embeddings_shape
 from ring_loss_tf.layer_utils import float32
 from ring_loss_tf.layer_utils import normalize
+from ring_loss_tf.layer_utils import plain_number
 from ring_loss_tf.layer_utils import replica_local_weight
 from ring_loss_tf.layer_utils import safe_norm
 from ring_loss_tf.layer_utils import with_labels
 
-# Users and the README import the heads from this module as well.
+# The package's own modules (models.py, trainer.py) name the heads
+# through this module.
 from ring_loss_tf.heads import ArcFace
 from ring_loss_tf.heads import ASoftmax
 from ring_loss_tf.heads import CosFace
@@ -127,6 +130,35 @@ def ring_loss(embeddings, radius, loss_weight):
     return loss_weight * 0.5 * ops.mean(ops.square(norms - radius))
 
 
+def _global_mean_norm(features):
+    """The mean norm of the global batch, also when replicas split it.
+
+    Under a TensorFlow distribution strategy each replica holds part of the
+    batch; R must start from the whole batch's mean norm, as on one device,
+    so the replicas' norm sums and row counts are all-reduced (one
+    two-number all-reduce per step while R may still be initialised here).
+    JAX's and Keras' data parallelism run on global arrays: a plain mean.
+    """
+    norms = safe_norm(features)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            count = tf.cast(tf.size(norms), norms.dtype)
+            totals = context.all_reduce(
+                "SUM", tf.stack([tf.reduce_sum(norms), count])
+            )
+            return totals[0] / totals[1]
+    return ops.mean(norms)
+
+
+def _numpy(variable):
+    """A weight's value as NumPy, also inside a TensorFlow strategy's scope,
+    where NumPy cannot read a mirrored variable itself."""
+    return ops.convert_to_numpy(ops.convert_to_tensor(variable))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class RingLoss(keras.layers.Layer):
     """Pulls embedding norms towards one learned radius R (Ring loss).
@@ -144,7 +176,8 @@ class RingLoss(keras.layers.Layer):
 
     R is the scalar trainable weight `radius`, float32 under every policy;
     exclude it from weight decay. With `radius_init="auto"` R starts at the
-    mean embedding norm of the first training batch the layer sees; the
+    mean embedding norm of the first training batch the layer sees (the
+    whole global batch when a distribution strategy splits it); the
     non-trainable weight `radius_initialized` records that this happened, so
     a reloaded or resumed model does not initialise R again. On JAX, whose
     training step cannot assign a trainable variable, the layer has one more
@@ -173,7 +206,10 @@ class RingLoss(keras.layers.Layer):
 
     def __init__(self, loss_weight=0.01, radius_init="auto", **kwargs):
         super().__init__(**kwargs)
-        check_positive("loss_weight", loss_weight, allow_zero=True)
+        loss_weight = check_positive(
+            "loss_weight", loss_weight, allow_zero=True
+        )
+        radius_init = plain_number(radius_init)
         if isinstance(radius_init, str):
             if radius_init != "auto":
                 raise ValueError(
@@ -236,7 +272,7 @@ class RingLoss(keras.layers.Layer):
             # First training batch: R takes the batch's mean norm, yet the
             # loss keeps its gradient with respect to the variable.
             pending = 1.0 - self.radius_initialized
-            batch_mean = ops.stop_gradient(ops.mean(safe_norm(features)))
+            batch_mean = ops.stop_gradient(_global_mean_norm(features))
             current = ops.convert_to_tensor(self.radius)
             radius = current + pending * (
                 batch_mean - ops.stop_gradient(current)
@@ -322,14 +358,13 @@ class RingLoss(keras.layers.Layer):
             self.radius.assign(ops.cast(mean_norm, self.radius.dtype))
             self.radius_initialized.assign(1.0)
         self._radius_init_done_outside = True
-        return float(ops.convert_to_numpy(self.radius))
+        return float(_numpy(self.radius))
 
     def is_radius_initialized(self):
         """True once R holds a value (set, initialised, or restored)."""
         if self.radius_init != "auto":
             return True
-        value = ops.convert_to_numpy(self.radius_initialized.value)
-        return float(value) >= 1
+        return float(_numpy(self.radius_initialized)) >= 1
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -369,8 +404,7 @@ class L2Constrained(keras.layers.Layer):
 
     def __init__(self, alpha=16.0, **kwargs):
         super().__init__(**kwargs)
-        check_positive("alpha", alpha)
-        self.alpha = alpha
+        self.alpha = check_positive("alpha", alpha)
 
     def build(self, input_shape):
         check_rank2(self, input_shape)
@@ -433,12 +467,11 @@ class CenterLoss(keras.layers.Layer):
 
     def __init__(self, num_classes, loss_weight=0.003, alpha=0.5, **kwargs):
         super().__init__(**kwargs)
-        check_num_classes(num_classes)
-        check_positive("loss_weight", loss_weight, allow_zero=True)
-        check_positive("alpha", alpha, allow_zero=True)
-        self.num_classes = num_classes
-        self.loss_weight = loss_weight
-        self.alpha = alpha
+        self.num_classes = check_num_classes(num_classes)
+        self.loss_weight = check_positive(
+            "loss_weight", loss_weight, allow_zero=True
+        )
+        self.alpha = check_positive("alpha", alpha, allow_zero=True)
 
     def build(self, input_shape):
         shape = embeddings_shape(self, input_shape)
@@ -512,13 +545,13 @@ class BatchNorm(keras.layers.Layer):
     def __init__(self, momentum=0.9, epsilon=1e-5, scale=True, center=True,
                  **kwargs):
         super().__init__(**kwargs)
+        momentum = plain_number(momentum)
         if not 0 <= momentum < 1:
             raise ValueError(
                 f"`momentum` must be in [0, 1). Received: momentum={momentum!r}"
             )
-        check_positive("epsilon", epsilon)
         self.momentum = momentum
-        self.epsilon = epsilon
+        self.epsilon = check_positive("epsilon", epsilon)
         self.scale = bool(scale)
         self.center = bool(center)
 

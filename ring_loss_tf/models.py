@@ -92,7 +92,8 @@ def _seeded_kernel(head, seed):
 def margin_layer(name, model, num_classes):
     """The margin head `name` ("asoftmax", "cosface", "arcface") as the
     run's `ModelConfig` sets it, not yet built: the replicated head calls
-    it, a sharded head (`sharded_head.ShardedHead`) takes its margin."""
+    it, a sharded head (`sharded_head.ShardedHead`) takes its margin.
+    `config.check` refuses sharding any other head."""
     if name == "asoftmax":
         return layers.ASoftmax(
             num_classes,

@@ -127,6 +127,12 @@ HEADS = {
 }
 
 
+# The margin heads a sharded head (`--head_sharding`) can take its margin
+# from: `models.margin_layer` builds these three; a head registered at run
+# time has no such builder yet.
+SHARDABLE_HEADS = ("asoftmax", "cosface", "arcface")
+
+
 def load(entry):
     """The function an entry names ("module:function"), or the entry itself
     when it is already a callable (a head or backbone added at run time)."""

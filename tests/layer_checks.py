@@ -20,6 +20,9 @@ def backend():
 ON_TF = backend() == "tensorflow"
 # How a function is run (`value_and_grads`): TensorFlow has three ways.
 MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
+# `fit` as each backend's users run it: XLA and not on TensorFlow, jitted on
+# JAX (its eager `fit` only runs slower), eager on PyTorch.
+FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(backend(), [False])
 # Under JAX and PyTorch (tests/test_backends.py runs the layer and head
 # modules under both) cases that only repeat a check on another size or
 # setting are trimmed: every formula, gradient, edge case and state check

@@ -277,6 +277,27 @@ def test_each_bad_setting_gets_one_line_naming_it_and_the_fix(
     assert "; " in str(info.value)  # a fix follows the problem
 
 
+def test_sharding_a_registered_margin_head_names_it_and_the_fix(
+    monkeypatch,
+):
+    """A head registered with `margin=True` may warm up its margin, but the
+    sharded head is built only from the three built-in margin heads."""
+    monkeypatch.setitem(registry.HEADS, "mymargin",
+                        registry.Head("mine:head", margin=True))
+    config_lib.check(config_lib.make(head="mymargin",
+                                     margin_warmup_steps=5))
+    with pytest.raises(ConfigError) as info:
+        config_lib.check(config_lib.make(head="mymargin", head_sharding=True))
+    assert str(info.value) == (
+        "head_sharding=True: the sharded head is built only from a built-in "
+        "margin head, not the registered head 'mymargin'; shard "
+        "asoftmax/cosface/arcface, or omit it"
+    )
+    assert info.value.setting == "head_sharding"
+    for head in ("asoftmax", "cosface", "arcface"):
+        config_lib.check(config_lib.make(head=head, head_sharding=True))
+
+
 def test_cross_setting_checks():
     def error(**settings):
         with pytest.raises(ConfigError) as info:

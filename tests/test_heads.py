@@ -7,7 +7,9 @@ head uses cos θ cos m − sin θ sin m; gradients are central finite
 differences of the float64 formulas.
 """
 
+import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from keras import ops
 import ring_loss_tf
 from ring_loss_tf import heads as hd
 from tests import layer_checks as lc
+from tests.layer_checks import FIT_JIT
 from tests.layer_checks import MODES
 from tests.layer_checks import cases
 from tests.layer_checks import random_case
@@ -320,7 +323,9 @@ def test_keras_file_keeps_the_margin_phase(tmp_path):
         ({"margin": 0}, "margin"),
         ({"margin": 2.5}, "margin"),
         ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": np.float64(10.5)}, r"Received: num_classes=10\.5$"),
         ({"lambda_min": -1.0}, "lambda_min"),
+        ({"lambda_min": np.float32(-1.0)}, r"Received: lambda_min=-1\.0$"),
     ],
 )
 def test_a_softmax_rejects_bad_arguments(kwargs, match):
@@ -718,3 +723,216 @@ def test_release_0_1_keras_file_loads_with_its_weights_and_outputs():
     # The training call counted on from the restored counters.
     assert int(lc.to_numpy(model.get_layer("asoftmax").iterations)) == 5
     assert int(lc.to_numpy(model.get_layer("cosface").iterations)) == 5
+
+
+# --------------------------------------------------------------------------
+# What Keras users pass: labels outside the classes, float labels, NumPy
+# scalars
+# --------------------------------------------------------------------------
+
+HEAD_CLASSES = [hd.ASoftmax, hd.CosFace, hd.ArcFace, hd.CosineClassifier]
+
+
+def _with_label(labels, row, label):
+    labels = labels.copy()
+    labels[row] = label
+    return labels
+
+
+@pytest.mark.parametrize("label", [7, -1])
+@pytest.mark.parametrize("cls", HEAD_CLASSES, ids=lambda c: c.__name__)
+def test_training_call_refuses_labels_outside_the_classes(cls, label):
+    x, _, labels = random_case(21)
+    head = cls(7)
+    bad = _with_label(labels, 2, label)
+    message = (
+        rf"{cls.__name__}: label {label} is outside \[0, num_classes=7\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        head([x, bad], training=True)
+    with pytest.raises(ValueError, match=message):
+        head([x, bad.astype(np.int64)], training=True)
+    # Inference does not read the labels: any class may appear there.
+    np.testing.assert_array_equal(
+        lc.to_numpy(head([x, bad], training=False)),
+        lc.to_numpy(head([x, labels], training=False)),
+    )
+
+
+def _compiled_modes():
+    """How a compiled training step runs the head, per backend."""
+    return {"tensorflow": ["function", "jit"], "jax": ["jit"]}.get(
+        lc.backend(), ["eager"]
+    )
+
+
+def _training_logits(head, x, labels, mode):
+    """The head's training logits in a compiled function (`mode`)."""
+    if lc.backend() == "tensorflow" and mode != "eager":
+        import tensorflow as tf
+
+        step = tf.function(
+            lambda x, y: head([x, y], training=True),
+            jit_compile=mode == "jit",
+        )
+        return lc.to_numpy(step(tf.constant(x), tf.constant(labels)))
+    if lc.backend() == "jax":
+        import jax
+
+        trainable = [v.value for v in head.trainable_weights]
+        state = [v.value for v in head.non_trainable_weights]
+
+        @jax.jit
+        def step(x, y):
+            return head.stateless_call(trainable, state, [x, y],
+                                       training=True)[0]
+
+        return np.asarray(step(x, labels))
+    return lc.to_numpy(head([x, labels], training=True))
+
+
+@pytest.mark.parametrize("mode", _compiled_modes())
+@pytest.mark.parametrize("label", [7, -1])
+def test_compiled_training_step_refuses_labels_outside_the_classes(
+    label, mode
+):
+    """A compiled step raises with the same message; XLA on TensorFlow,
+    which drops assertions, gives the row NaN logits instead."""
+    x, _, labels = random_case(22)
+    head = hd.CosFace(7, scale=8.0)
+    head([x, labels], training=False)  # built
+    good = _training_logits(head, x, labels, mode)
+    np.testing.assert_allclose(
+        good, np_cosface(x, lc.to_numpy(head.kernel), labels, 8.0, 0.35),
+        rtol=1e-5, atol=1e-5,
+    )
+    bad = _with_label(labels, 2, label)
+    if mode == "jit" and lc.backend() == "tensorflow":
+        logits = _training_logits(head, x, bad, mode)
+        assert np.all(np.isnan(logits[2]))
+        np.testing.assert_array_equal(np.delete(logits, 2, 0),
+                                      np.delete(good, 2, 0))
+        return
+    with pytest.raises(Exception) as error:
+        _training_logits(head, x, bad, mode)
+    text = str(error.value)
+    found = re.search(
+        r"CosFace: (label (-?\d+)|a label \(printed last\)) is outside "
+        r"\[0, num_classes=7\): labels are class ids 0 \.\. 6", text
+    )
+    assert found, text
+    # The label is named: in the text, or printed after it (TensorFlow).
+    assert found.group(2) == str(label) or f"[{label}]" in text, text
+
+
+def _model(head, embedding_dim=5, label_dtype="int32"):
+    embeddings = keras.Input((embedding_dim,))
+    labels = keras.Input((), dtype=label_dtype)
+    return keras.Model([embeddings, labels], head([embeddings, labels]))
+
+
+@pytest.mark.parametrize("jit", FIT_JIT)
+def test_fit_refuses_labels_outside_the_classes(jit):
+    x, _, labels = random_case(23, batch=8, classes=5)
+    model = _model(hd.ASoftmax(5, name="head"))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    bad = _with_label(labels, 3, 5)
+    if jit and lc.backend() == "tensorflow":
+        # No assertion survives XLA: the head's NaN logits make the loss NaN.
+        history = model.fit([x, bad], bad, batch_size=8, verbose=0)
+        assert np.isnan(history.history["loss"][0])
+        return
+    with pytest.raises(Exception) as error:
+        model.fit([x, bad], bad, batch_size=8, verbose=0)
+    assert re.search(
+        r"ASoftmax: (label 5|a label \(printed last\)) is outside "
+        r"\[0, num_classes=5\)", str(error.value)
+    ), str(error.value)
+
+
+@pytest.mark.parametrize("cls", HEAD_CLASSES, ids=lambda c: c.__name__)
+def test_heads_refuse_float_labels(cls):
+    message = (
+        r"takes integer class ids as labels; declare the labels input as "
+        r"keras.Input\(\(\), dtype=\"int32\"\).*"
+        r"Received: labels of dtype float32"
+    )
+    # A labels Input left at Keras' default dtype is refused when built.
+    with pytest.raises(ValueError, match=message):
+        _model(cls(7), label_dtype="float32")
+    x, _, labels = random_case(24)
+    head = cls(7)
+    for training in (True, False):
+        with pytest.raises(ValueError, match=message):
+            head([x, labels.astype(np.float32) + 0.7], training=training)
+
+
+NUMPY_SCALAR_HEADS = {
+    "ASoftmax": (hd.ASoftmax, dict(
+        num_classes=np.int64(10), margin=np.int64(2),
+        lambda_base=np.float32(100.0), lambda_gamma=np.float64(0.1),
+        lambda_power=np.float32(2.0), lambda_min=np.int32(1),
+        margin_warmup_steps=np.int64(3),
+    )),
+    "CosFace": (hd.CosFace, dict(
+        num_classes=np.int32(10), scale=np.float32(30.0),
+        margin=np.float64(0.2),
+    )),
+    "ArcFace": (hd.ArcFace, dict(
+        num_classes=np.uint8(10), scale=np.float64(30.0),
+        margin=np.float32(0.3), easy_margin=np.bool_(True),
+    )),
+    "CosineClassifier": (hd.CosineClassifier, dict(
+        num_classes=np.int64(10), margin_function="cosface",
+        margin_arguments={"scale": np.float32(8.0), "margin": np.float16(0.25)},
+    )),
+}
+
+
+def _plain(value):
+    """The Python number a NumPy scalar holds (independent of the layers)."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _assert_plain_numbers(config):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            _assert_plain_numbers(value)
+        else:
+            assert not isinstance(value, np.generic), (key, type(value))
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_SCALAR_HEADS))
+def test_heads_accept_numpy_scalars_and_save_python_numbers(name, tmp_path):
+    """`num_classes=y.max() + 1` (a NumPy integer) works, and the config
+    (and so the .keras file) holds the Python numbers."""
+    cls, arguments = NUMPY_SCALAR_HEADS[name]
+    head = cls(**arguments, name="head")
+    python = cls(**{k: _plain(v) for k, v in arguments.items()}, name="head")
+    config = head.get_config()
+    assert config == python.get_config()
+    _assert_plain_numbers(config)
+    json.dumps(config)  # no NumPy scalar left to fail JSON
+    for key, value in arguments.items():
+        assert config.get(key, value) == _plain(value), key
+    model = _model(head)
+    x, _, labels = random_case(25, classes=10)
+    expected = lc.to_numpy(model([x, labels], training=False))
+    loaded = lc.roundtrip_keras_file(model, str(tmp_path / "m.keras"))
+    _assert_plain_numbers(loaded.get_layer("head").get_config())
+    assert loaded.get_layer("head").get_config() == config
+    np.testing.assert_array_equal(
+        lc.to_numpy(loaded([x, labels], training=False)), expected
+    )

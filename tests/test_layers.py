@@ -18,17 +18,12 @@ from keras import ops
 import ring_loss_tf
 from ring_loss_tf import layers as rl
 from tests import layer_checks as lc
+from tests.layer_checks import FIT_JIT
 from tests.layer_checks import MODES
 from tests.layer_checks import ON_TF
 from tests.layer_checks import cases
 from tests.layer_checks import random_case
 from tests.layer_checks import rng
-
-# `fit` as each backend's users run it: XLA and not on TensorFlow, jitted on
-# JAX (its eager `fit` only runs slower), eager on PyTorch.
-FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(
-    lc.backend(), [False]
-)
 
 
 # --------------------------------------------------------------------------
@@ -604,6 +599,58 @@ def test_config_roundtrip(layer):
 
 
 @pytest.mark.parametrize(
+    "cls,arguments",
+    [
+        (ring_loss_tf.RingLoss, {"loss_weight": np.float32(0.01),
+                                 "radius_init": np.float64(2.5)}),
+        (ring_loss_tf.RingLoss, {"loss_weight": np.int64(0)}),
+        (ring_loss_tf.L2Constrained, {"alpha": np.float32(30.0)}),
+        (ring_loss_tf.CenterLoss, {"num_classes": np.int64(10),
+                                   "loss_weight": np.float16(0.5),
+                                   "alpha": np.float64(0.1)}),
+        (ring_loss_tf.BatchNorm, {"momentum": np.float32(0.99),
+                                  "epsilon": np.float64(1e-3)}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_layers_accept_numpy_scalars_and_keep_python_numbers(cls, arguments):
+    layer = cls(**arguments)
+    config = layer.get_config()
+    for key, value in arguments.items():
+        # The Python number the NumPy scalar holds, as a Python type.
+        expected = value.item()
+        assert config[key] == expected and type(config[key]) is type(
+            expected
+        ), key
+        assert type(getattr(layer, key)) is type(expected), key
+    assert lc.config_roundtrip(layer).get_config() == config
+
+
+def test_ring_loss_with_a_numpy_loss_weight_gives_the_loss():
+    x, _, _ = random_case(26)
+    weight = np.float32(0.05)
+    layer = ring_loss_tf.RingLoss(loss_weight=weight, radius_init=2.0)
+    layer(x)
+    np.testing.assert_allclose(
+        lc.to_numpy(layer.losses[0]), np_ring_loss(x, 2.0, float(weight)),
+        rtol=1e-5,
+    )
+
+
+def test_package_lists_each_public_name_once():
+    names = dir(ring_loss_tf)
+    assert len(names) == len(set(names))
+    assert len(ring_loss_tf.__all__) == len(set(ring_loss_tf.__all__))
+    # The README's layer table ("Using the layers in your own Keras model").
+    table = ["RingLoss", "ASoftmax", "L2Constrained", "CenterLoss",
+             "CosFace", "ArcFace", "BatchNorm", "GroupedConv2D"]
+    for name in table + ring_loss_tf.__all__:
+        assert name in ring_loss_tf.__all__ and name in names, name
+        assert getattr(ring_loss_tf, name) is not None
+    assert ring_loss_tf.GroupedConv2D is rl.GroupedConv2D
+
+
+@pytest.mark.parametrize(
     "policy", cases(["mixed_float16", "mixed_bfloat16"], ["mixed_float16"])
 )
 @pytest.mark.parametrize("head", ["asoftmax", "arcface", "centerloss"])
@@ -687,9 +734,93 @@ def _test_replica_step_updates_state_once_per_step():
     )
 
 
-# tf.distribute exists only on TensorFlow: the test is not defined elsewhere.
+def _two_replicas():
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+
+
+def _test_initialize_radius_inside_and_outside_the_strategy_scope():
+    """README: a custom loop calls initialize_radius; either place works."""
+    x, _, _ = random_case(27, batch=8)
+    mean_norm = np.linalg.norm(x.astype(np.float64), axis=1).mean()
+    strategy = _two_replicas()
+    for inside in (True, False):
+        with strategy.scope():
+            layer = ring_loss_tf.RingLoss()
+            layer.build(x.shape)  # mirrored weights, as in a model
+            if inside:
+                value = layer.initialize_radius(x)
+        if not inside:
+            value = layer.initialize_radius(x)
+        assert isinstance(value, float)
+        np.testing.assert_allclose(value, mean_norm, rtol=1e-6)
+        assert layer.is_radius_initialized()
+        # Every replica's copy holds R.
+        for copy in layer.radius.value.values:
+            np.testing.assert_allclose(copy.numpy(), mean_norm, rtol=1e-6)
+        # Initialised once: a later call leaves R.
+        with strategy.scope():
+            assert layer.initialize_radius(3 * x) == value
+
+
+def _test_fit_under_two_replicas_starts_radius_at_the_global_batch_mean():
+    """Two replicas, each holding half the batch, take one `fit` step as one
+    device does: R starts at the mean norm of the whole batch."""
+    import tensorflow as tf
+
+    x, y = toy_data(5, n=16)
+    x[8:] *= 4  # the replicas' halves have very different mean norms
+    keras.utils.set_random_seed(5)
+    initial = build_model("softmax").get_weights()
+    lr = 0.5
+
+    def one_step(strategy):
+        with strategy.scope():
+            model = build_model("softmax")
+            model.set_weights(initial)
+            model.compile(
+                optimizer=keras.optimizers.SGD(lr),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True
+                ),
+            )
+        embed = keras.Model(model.inputs[0], model.get_layer("embed").output)
+        norms = np.linalg.norm(
+            lc.to_numpy(embed(x)).astype(np.float64), axis=1
+        )
+        model.fit([x, y], y, batch_size=16, epochs=1, shuffle=False,
+                  verbose=0)
+        return model, norms.mean()
+
+    one, mean_norm = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    two, _ = one_step(_two_replicas())
+    # At R = the batch's mean norm ∂L_R/∂R = 0: the step leaves R there.
+    for model in (one, two):
+        np.testing.assert_allclose(
+            lc.to_numpy(model.get_layer("ring").radius), mean_norm,
+            rtol=1e-6,
+        )
+    for a, b in zip(one.weights, two.weights):
+        np.testing.assert_allclose(
+            lc.to_numpy(b), lc.to_numpy(a), rtol=1e-6, atol=1e-7,
+            err_msg=a.path,
+        )
+
+
+# tf.distribute exists only on TensorFlow: the tests are not defined
+# elsewhere.
 if ON_TF:
     test_replica_step_updates_state_once_per_step = (
         _test_replica_step_updates_state_once_per_step
+    )
+    test_initialize_radius_inside_and_outside_the_strategy_scope = (
+        _test_initialize_radius_inside_and_outside_the_strategy_scope
+    )
+    test_fit_under_two_replicas_starts_radius_at_the_global_batch_mean = (
+        _test_fit_under_two_replicas_starts_radius_at_the_global_batch_mean
     )
 

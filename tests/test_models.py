@@ -128,6 +128,25 @@ def test_a_head_added_through_the_registry(monkeypatch):
     np.testing.assert_allclose(logits.numpy(), 30.0 * cos, atol=1e-4)
 
 
+def test_a_registered_margin_head_is_not_sharded(monkeypatch):
+    """`build_models` refuses it with the flag's message, not a KeyError."""
+
+    def my_margin_head(features, labels, model, num_classes, seed):
+        head = heads.CosineClassifier(num_classes, margin_function="cosface",
+                                      name="my_margin")
+        return head([features, labels]), head
+
+    monkeypatch.setitem(registry.HEADS, "my_margin",
+                        registry.Head(my_margin_head, margin=True))
+    config = config_lib.replace(model_config(), head="my_margin",
+                                head_sharding=True)
+    with pytest.raises(ConfigError, match=r"^head_sharding=True: the sharded "
+                       r"head is built only from a built-in margin head, not "
+                       r"the registered head 'my_margin'; shard "
+                       r"asoftmax/cosface/arcface, or omit it$"):
+        models.build_models(config)
+
+
 def test_a_backbone_added_through_the_registry(monkeypatch):
     def tiny_net(input_shape, embedding_dim, *, seed=None,
                  embedding_block="fc"):
