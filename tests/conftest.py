@@ -18,3 +18,13 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
     tf.config.set_logical_device_configuration(
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
     )
+
+from tests.slow_set import is_slow  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if is_slow(item.path.name, item.name, item.originalname):
+            item.add_marker(pytest.mark.slow)

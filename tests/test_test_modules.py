@@ -108,3 +108,27 @@ def test_no_test_module_imports_another():
         "each test module without the others (tests/BUILD); move what they "
         "share into a helper module such as tests/data_files.py."
     )
+
+
+def test_each_slow_set_name_names_a_test_of_its_module():
+    """A renamed test would silently leave the slow set for the fast one
+    (or a typo never enter it): each name must be a test function of the
+    module it is listed under, with parameters that the module can give."""
+    from tests.slow_set import SLOW
+
+    missing = []
+    for module, names in SLOW.items():
+        source = (TESTS / module).read_text()
+        functions = {
+            node.name for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef)
+        }
+        for name in names:
+            function, _, parameters = name.partition("[")
+            if function not in functions or (
+                    parameters and parameters[:-1] not in source):
+                missing.append(f"{module}::{name}")
+    assert not missing, (
+        f"tests/slow_set.py names tests that do not exist: {missing}; "
+        "rename them there too"
+    )

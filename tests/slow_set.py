@@ -1,0 +1,60 @@
+"""The slow set: which tests `python -m pytest` leaves to `-m slow`.
+
+End-to-end runs that start worker processes, send signals, fill disks, or
+train in subprocesses for many steps. `python -m pytest` (the README's
+command, and each Bazel target) runs every other test; `python -m pytest
+-m slow` runs these; `.ci/run` runs both, so each runs once in CI. Picked by
+cost from `python -m pytest --durations=0` (README, "Development").
+tests/conftest.py marks them; test_test_modules.py checks that each name
+still names a test.
+"""
+
+SLOW = {
+    "test_backbones.py": [
+        "test_one_training_step_on_the_embedded_set[iresnet100]",
+        "test_one_training_step_on_the_embedded_set[iresnet50]",
+        "test_export_serves_without_the_package[iresnet50]",
+        "test_export_serves_without_the_package[mobilefacenet]",
+    ],
+    "test_backends.py": [
+        "test_keras_files_load_across_backends",
+        "test_layer_module_passes_under_backend",
+    ],
+    "test_faults.py": [
+        "test_a_worker_that_dies_stops_the_other_and_a_restart_resumes",
+        "test_sigkill_three_times_then_resume_equals_uninterrupted",
+        "test_no_room_for_a_checkpoint_keeps_the_previous_one",
+        "test_no_room_for_an_export_keeps_the_previous_one",
+        "test_signal_checkpoints_the_current_step_and_says_how_to_resume",
+        "test_signal_to_one_worker_stops_both_at_the_same_step",
+        "test_resume_with_another_model_names_it_and_overwrites_nothing",
+    ],
+    "test_ijb.py": ["test_evaluate_py_ijb_dir"],
+    "test_quiet.py": [
+        "test_entry_points_print_only_the_project_lines",
+        "test_importing_the_package_elsewhere_changes_no_logging",
+    ],
+    "test_sharded_head.py": [
+        "test_two_workers_hold_and_resume_their_own_shards",
+        "test_train_with_sampling_and_steps_per_loop",
+        "test_resume_on_other_replica_count_reshards",
+    ],
+    "test_train_cli.py": [
+        "test_asoftmax_default_warmup_keeps_features_from_collapsing",
+        "test_release_0_1_run_exports_and_evaluates_on_its_embedded_set",
+        "test_corrupt_training_image_one_line_then_skip_corrupt",
+    ],
+    "test_trainer.py": [
+        "test_a_preempted_worker_stops_both_at_one_step_and_resume_is_exact",
+        "test_two_worker_processes_equal_one_process",
+        "test_two_workers_decode_only_their_half_and_equal_one_process",
+        "test_workers_that_restore_different_steps_stop",
+    ],
+}
+
+
+def is_slow(module, name, function):
+    """Whether test `name` (with its parameters; `function` without them)
+    of test module file `module` is in the slow set."""
+    names = SLOW.get(module, ())
+    return name in names or function in names
