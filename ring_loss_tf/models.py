@@ -265,31 +265,32 @@ def restore_checkpoint(checkpoint, path, model_dir, *, partial=False,
 
     Raises:
         ValueError: one line (`checkpoint_error`) instead of TensorFlow's
-            errors, which list every variable: the files of `path` are
-            damaged, or its variables do not fit the objects.
+            errors, which list every variable: the files of `path` cannot
+            be read (damaged, missing), or its variables do not fit the
+            objects.
     """
     try:
         status = checkpoint.restore(path)
         if partial:
             status = status.expect_partial()
         status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.DataLossError) as error:
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise checkpoint_error(path, model_dir, error, fix) from None
 
 
 def checkpoint_error(latest, model_dir, error, fix=None) -> ValueError:
     """One line for a checkpoint `latest` of `model_dir` that cannot be
-    restored: its bytes are damaged (`tf.errors.DataLossError`), or its
-    variables do not fit the model the settings build (TensorFlow's
-    AssertionError or ValueError)."""
-    if isinstance(error, tf.errors.DataLossError):
+    restored: its files cannot be read (a `tf.errors.OpError`: damaged
+    bytes fail their checksum, a file is missing), or its variables do not
+    fit the model the settings build (TensorFlow's AssertionError or
+    ValueError)."""
+    if isinstance(error, tf.errors.OpError):
         index = pathlib.Path(model_dir) / "checkpoint"
         return ValueError(
-            f"Checkpoint {latest} cannot be read, its files are damaged "
-            f"({first_line(error)}); the checkpoints in {model_dir} are "
-            "unchanged. "
-            "To resume from an earlier checkpoint there, name it in the "
-            f"model_checkpoint_path line of {index}; or use a new model_dir."
+            f"Checkpoint {latest} cannot be read ({first_line(error)}); the "
+            f"checkpoints in {model_dir} are unchanged. To resume from an "
+            "earlier checkpoint there, name it in the model_checkpoint_path "
+            f"line of {index}; or use a new model_dir."
         )
     config_path = pathlib.Path(model_dir) / config_lib.CONFIG_FILE
     missing = "" if config_path.is_file() else f"; {config_path} is missing"
