@@ -29,10 +29,17 @@ On face data:
 export/ is used); the model's own layers are not needed to load it.
 --compare=other_run,... evaluates more models on the same data and overlays
 their curves in the plots.
+
+A SavedModel is a program: evaluating one runs the operations its author
+put in it, so evaluate models from sources you trust. Before loading, the
+graph is read and a model holding operations that read or write files, use
+the network or call Python (WriteFile, PyFunc, ...) is refused with one
+line naming the operation; --trust_saved_model loads it anyway.
 """
 
 import os
 import pathlib
+import re
 import sys
 
 from absl import app
@@ -44,6 +51,13 @@ flags.DEFINE_string(
     "model",
     None,
     "SavedModel directory, or a training --model_dir holding export/.",
+)
+flags.DEFINE_boolean(
+    "trust_saved_model",
+    False,
+    "Load --model and --compare even if their graph holds operations that "
+    "read or write files, use the network or call Python (refused by "
+    "default: a SavedModel is a program, and evaluating it runs them).",
 )
 flags.DEFINE_list(
     "compare",
@@ -338,6 +352,31 @@ def _trained_kanji_options(model):
     return {}
 
 
+# The image checks' messages: an assertion "[<text> File:] [b'<path>']", or
+# "<text> File: <name> (<reason>)" from the decoder.
+_CORRUPT_IMAGE = re.compile(
+    r"Corrupt or truncated image file\..*?File:\]?\s*"
+    r"(?:\[b?['\"]?(?P<quoted>.*?)['\"]?\]|(?P<name>.*))$"
+)
+
+
+def _image_error(error):
+    """One line for TensorFlow's error while reading an evaluation set."""
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    line = re.sub(r"\s*\[Op:.*", "", line).strip()
+    match = _CORRUPT_IMAGE.search(line)
+    if match:
+        name = match.group("quoted") or match.group("name")
+        return (
+            f"Corrupt or truncated image file: {name.strip()}. Remove or "
+            "replace it: an evaluation set is read whole (there is no "
+            "--skip_corrupt here)."
+        )
+    return f"Could not read the evaluation images: {line}"
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]} (flags are --name=value).")
@@ -347,6 +386,9 @@ def main(argv):
 
     quiet.absl_warnings_only()
     quiet.import_tensorflow()
+    import tensorflow as tf
+
+    from ring_loss_tf import eval_data
     from ring_loss_tf import evaluation
     from ring_loss_tf import evaluation_report
 
@@ -364,6 +406,7 @@ def main(argv):
                 output_key=FLAGS.output_key,
                 input_normalization=FLAGS.input_normalization,
                 batch_size=FLAGS.batch_size,
+                trust_saved_model=FLAGS.trust_saved_model,
             )
         except (FileNotFoundError, ValueError) as error:
             _fail(str(error))
@@ -380,9 +423,12 @@ def main(argv):
                 templates=templates,
                 detector_score=FLAGS.detector_score,
             )
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError,
+                eval_data.UnsafePickleError) as error:
             # Our readers' messages name the file, line and fix.
             _fail(str(error))
+        except tf.errors.OpError as error:  # decoding, named by our checks
+            _fail(_image_error(error))
         reports.append(report)
         reports[-1].model["path"] = str(model)
     print(evaluation_report.format_table(reports))

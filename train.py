@@ -151,6 +151,14 @@ def main(argv):
     except export.ExportError as error:
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:
+        # A path the run could not read or write (a symbolic link loop, a
+        # directory made read-only since the flags were checked).
+        where = f": {error.filename}" if error.filename else ""
+        print(f"train.py: error: {error.strerror or error}{where}; fix or "
+              "remove that path and rerun (the checkpoints already in "
+              f"{FLAGS.model_dir} are intact).", file=sys.stderr)
+        sys.exit(1)
 
 
 def _command_line():

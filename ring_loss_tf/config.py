@@ -38,6 +38,7 @@ import math
 import os
 import pathlib
 
+from ring_loss_tf import cluster
 from ring_loss_tf import registry
 from ring_loss_tf.errors import ConfigError
 
@@ -382,8 +383,20 @@ def flat(config: TrainConfig) -> dict:
 # Parsing flag text
 # --------------------------------------------------------------------------
 
+# Face and character networks take 32 to 224 pixels a side; a side of
+# thousands would need gigabytes per image before the first step. The same
+# for the embedding: a head holds embedding_dim x num_classes weights.
+MAX_IMAGE_SIDE = 1024
+MAX_EMBEDDING_DIM = 8192
+# keras.utils.set_random_seed hands the seed to NumPy, which takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
 _IMAGE_SIZE_PROBLEM = "must be SIZE or HEIGHT,WIDTH, each >= 8"
 _IMAGE_SIZE_FIX = "use e.g. 32 or 112,96"
+_SIDE_TOO_LARGE = (
+    f"a side of more than {MAX_IMAGE_SIDE} pixels (the limit) would need "
+    "gigabytes per batch"
+)
+_SIDE_FIX = "use e.g. 112 or 224"
 _RADIUS_PROBLEM = "must be auto or a positive number"
 _RADIUS_FIX = "use auto (mean norm of the first batch) or e.g. 20"
 
@@ -401,6 +414,8 @@ def parse_image_size(text: str | None):
     if len(parts) != 2 or min(parts) < 8:
         raise ConfigError("image_size", text, _IMAGE_SIZE_PROBLEM,
                           _IMAGE_SIZE_FIX)
+    if max(parts) > MAX_IMAGE_SIDE:
+        raise ConfigError("image_size", text, _SIDE_TOO_LARGE, _SIDE_FIX)
     return tuple(parts)
 
 
@@ -427,6 +442,18 @@ def _number(value):
 
 def _integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _writable(path):
+    """Whether `path`, or the nearest existing directory above it (where it
+    would be created), can be written."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def _one_of(name, value, choices, what):
@@ -458,6 +485,11 @@ class _Checks:
                        else f"must be a finite number >= {minimum}")
             self.bad(name, problem, fix)
 
+    def seed(self, name, fix):
+        value = self.s[name]
+        if not _integer(value) or not 0 <= value <= MAX_SEED:
+            self.bad(name, "must be an integer in 0 .. 2**32 - 1", fix)
+
     def data(self):
         s, bad = self.s, self.bad
         positive_integer = self.positive_integer
@@ -480,6 +512,8 @@ class _Checks:
             and all(_integer(v) and v >= 8 for v in size)
         ):
             bad("image_size", _IMAGE_SIZE_PROBLEM, _IMAGE_SIZE_FIX)
+        if size is not None and max(size) > MAX_IMAGE_SIDE:
+            bad("image_size", _SIDE_TOO_LARGE, _SIDE_FIX)
         if s["channels"] is not None and s["channels"] not in (1, 3):
             bad("channels", "must be 1 or 3", "use 1 (grey) or 3 (RGB)")
         if s["augment"] is not None:
@@ -500,8 +534,10 @@ class _Checks:
                 "must be >= 2 (genuine pairs need two images)", "use e.g. 10")
         if not _integer(s["kanji_image_size"]) or s["kanji_image_size"] < 8:
             bad("kanji_image_size", "must be an integer >= 8", "use e.g. 32")
-        if s["kanji_seed"] is not None and not _integer(s["kanji_seed"]):
-            bad("kanji_seed", "must be an integer", "use e.g. 0, or omit it")
+        if s["kanji_image_size"] > MAX_IMAGE_SIDE:
+            bad("kanji_image_size", _SIDE_TOO_LARGE, "use e.g. 32")
+        if s["kanji_seed"] is not None:
+            self.seed("kanji_seed", "use e.g. 0, or omit it")
         positive_integer("pairs_per_fold", "use e.g. 1000")
 
     def model(self):
@@ -512,6 +548,11 @@ class _Checks:
         _one_of("head", s["head"], tuple(registry.HEADS), "head")
         if s["embedding_dim"] is not None:
             positive_integer("embedding_dim", "use e.g. 128 or 512")
+            if s["embedding_dim"] > MAX_EMBEDDING_DIM:
+                bad("embedding_dim",
+                    f"is more than {MAX_EMBEDDING_DIM} (the limit; the head "
+                    "holds embedding_dim x num_classes weights)",
+                    "use e.g. 128 or 512")
         if s["embedding_block"] is not None:
             _one_of("embedding_block", s["embedding_block"],
                     registry.EMBEDDING_BLOCKS, "embedding block")
@@ -597,6 +638,16 @@ class _Checks:
         if os.path.exists(model_dir) and not os.path.isdir(model_dir):
             bad("model_dir", "is a file, not a directory",
                 "give a new or existing directory for checkpoints")
+        try:
+            chief = cluster.is_chief_task()
+        except ValueError:  # a bad TF_CONFIG: training says so
+            chief = True
+        # Only the chief writes there (the other workers read it).
+        if chief and not _writable(model_dir):
+            bad("model_dir", "is not writable (read-only directory or file "
+                "system)", "give a directory you can write to, or change "
+                "its permissions")
+        self.seed("seed", "use e.g. 0")
         positive_integer("log_every", "use e.g. 50")
         positive_integer("checkpoint_every", "use e.g. 500")
         positive_integer("steps_per_loop", "use e.g. 1, or 10")

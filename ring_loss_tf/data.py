@@ -79,6 +79,18 @@ def _missing_dir_error(path, what="Data directory"):
     )
 
 
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """`entry.is_dir()` / `is_file()`, a link that cannot be followed (a
+    loop) named in one line."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        raise ValueError(
+            f"{entry.path}: cannot be read ({error.strerror or error}); "
+            "remove it or make the link point to an image or folder."
+        ) from None
+
+
 def list_image_folder(
     root: str | os.PathLike,
 ) -> tuple[list[str], np.ndarray, list[str]]:
@@ -95,11 +107,11 @@ def list_image_folder(
         raise _missing_dir_error(root)
     paths, labels, class_names, empty = [], [], [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_dir() or entry.name.startswith("."):
+        if entry.name.startswith(".") or not _is(entry, "dir"):
             continue
         files = sorted(
             f.name for f in os.scandir(entry.path)
-            if is_image_file(f.name) and f.is_file()
+            if is_image_file(f.name) and _is(f, "file")
         )
         if not files:
             empty.append(entry.name)
@@ -575,18 +587,8 @@ def load_encoded_images(
 
     def element(contents, name):
         image = decode_image(contents, channels, name, max_pixels=max_pixels)
-        if image_size is None:
-            shape = tf.shape(image)
-            same = tf.logical_and(
-                tf.equal(shape[0], size[0]), tf.equal(shape[1], size[1])
-            )
-            check = tf.debugging.Assert(
-                same,
-                [f"Images differ in size (first was {size[0]}x{size[1]}); "
-                 "pass image_size. File:", name, "has shape", shape],
-            )
-            with tf.control_dependencies([check]):
-                image = tf.identity(image)
+        # Without image_size: the first image's (a model of any input size
+        # takes one batch of one size).
         return tf.cast(resize_image(image, size), tf.uint8)
 
     dataset = items.map(
@@ -629,10 +631,10 @@ def load_images(
     """Reads image files into a uint8 array (len(paths), h, w, channels).
 
     Uses the training pipeline's `decode_image` and `resize_image`.
-    `image_size=None` keeps the files' size (they must agree); `channels=None`
-    takes the first image's (1 for grey, else 3); an image of more than
-    `max_pixels` pixels (its header read, not decoded) fails, naming the
-    file (None: no budget). PNGs that need no resizing
+    `image_size=None` keeps the first file's size and resizes the others
+    to it; `channels=None` takes the first image's (1 for grey, else 3); an
+    image of more than `max_pixels` pixels (its header read, not decoded)
+    fails, naming the file (None: no budget). PNGs that need no resizing
     and no colour conversion (grey to grey or RGB, RGB to RGB) are decoded
     with Pillow in threads, which gives the same pixels (PNG is lossless) at
     a fraction of the per-image cost of a tf.data pipeline.

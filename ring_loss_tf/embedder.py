@@ -15,6 +15,14 @@ load it). `Embedder` adapts uint8 images to the model's declared input:
 
 and, with `flip=True`, returns f(x) + f(mirror(x)) (horizontal flip).
 `ring_loss_tf.evaluation` runs the protocols on what it returns.
+
+A SavedModel is a program, not data: its functions run whatever operations
+they hold when called, and TensorFlow's own security guidance says to load
+only models from sources you trust. `load_embedder` therefore reads the
+graph of a SavedModel directory from its saved_model.pb first, before any of
+it is loaded, and refuses a model whose graph holds an operation of
+`UNSAFE_OPS` (file, network, debugging and Python-callback operations; see
+`check_saved_model`) unless called with `trust_saved_model=True`.
 """
 
 from __future__ import annotations
@@ -59,6 +67,222 @@ def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
         f"{path} is neither a SavedModel directory (no saved_model.pb) nor "
         f"a training model_dir (no {EXPORT_SUBDIR}/saved_model.pb)."
     )
+
+
+# --------------------------------------------------------------------------
+# What a SavedModel may hold: inspected before loading, so nothing of it runs
+# --------------------------------------------------------------------------
+
+# Operations of TensorFlow's own registry that reach outside the model: the
+# file system, the network, Python, or log files. An embedding model needs
+# none of them (ours hold image decoding, arithmetic and variables). Ops a
+# SavedModel names but this process has not registered fail to load, so a
+# model cannot bring kernels of its own (e.g. one that starts a process).
+_FILE_OPS = (
+    # read, list or write files directly
+    "ReadFile", "WriteFile", "MatchingFiles", "FileSystemSetConfiguration",
+    "ImmutableConst",  # memory-maps a file
+    # readers and datasets over files or databases
+    "WholeFileReader", "WholeFileReaderV2", "TextLineReader",
+    "TextLineReaderV2", "FixedLengthRecordReader", "FixedLengthRecordReaderV2",
+    "TFRecordReader", "TFRecordReaderV2", "LMDBReader", "RecordInput",
+    "MatchingFilesDataset", "ExperimentalMatchingFilesDataset",
+    "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset",
+    "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2", "CSVDataset",
+    "CSVDatasetV2", "ExperimentalCSVDataset", "LMDBDataset",
+    "ExperimentalLMDBDataset", "SqlDataset", "ExperimentalSqlDataset",
+    "DatasetToTFRecord", "ExperimentalDatasetToTFRecord",
+    "SaveDataset", "SaveDatasetV2", "LoadDataset", "DistributedSave",
+    "SnapshotDataset", "SnapshotDatasetV2", "SnapshotDatasetReader",
+    "SnapshotChunkDataset", "SnapshotNestedDatasetReader",
+    "ListSnapshotChunksDataset",
+    "CacheDataset", "CacheDatasetV2",  # a cache file when given a name
+    # ops with a file-name attribute or input
+    "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+    "FixedUnigramCandidateSampler", "LoadAndRemapMatrix",
+    "GenerateVocabRemapping",
+    "DecodeProtoV2", "EncodeProto",  # descriptor_source may be a file
+    "PrintV2",  # output_stream may be "file://<path>"
+)
+_CHECKPOINT_OPS = (
+    "Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
+    "DTensorRestoreV2", "MergeV2Checkpoints",
+)
+_LOG_OPS = (
+    # summary (event) files and the debugger's dumps and URLs
+    "CreateSummaryFileWriter", "CreateSummaryDbWriter", "SummaryWriter",
+    "WriteSummary", "WriteRawProtoSummary", "WriteScalarSummary",
+    "WriteHistogramSummary", "WriteImageSummary", "WriteAudioSummary",
+    "WriteGraphSummary", "ImportEvent", "FlushSummaryWriter",
+    "CloseSummaryWriter", "StatsAggregatorSetSummaryWriter",
+    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount",
+    "DebugNumericSummary", "DebugNumericSummaryV2",
+)
+_NETWORK_OPS = (
+    "RpcServer", "RpcServerRegister", "RpcServerStart", "RpcClient",
+    "RpcCall", "RpcCheckStatus", "RpcGetValue", "DeleteRpcFutureResource",
+    "RemoteCall", "DataServiceDataset", "DataServiceDatasetV2",
+    "DataServiceDatasetV3", "DataServiceDatasetV4", "RegisterDataset",
+    "RegisterDatasetV2",
+)
+_PYTHON_OPS = ("PyFunc", "PyFuncStateless", "EagerPyFunc")
+UNSAFE_OPS = {
+    **{op: "reads or writes files" for op in _FILE_OPS},
+    **{op: "reads or writes checkpoint files" for op in _CHECKPOINT_OPS},
+    **{op: "writes log or debug files" for op in _LOG_OPS},
+    **{op: "uses the network" for op in _NETWORK_OPS},
+    **{op: "calls Python code" for op in _PYTHON_OPS},
+}
+
+
+class UnsafeModelError(ValueError):
+    """A SavedModel holds an operation of `UNSAFE_OPS`."""
+
+
+def _read_saved_model(path: pathlib.Path):
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        if (path / "saved_model.pb").is_file():
+            proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        else:
+            text_format.Parse(
+                (path / "saved_model.pbtxt").read_text(), proto
+            )
+    except Exception as error:  # not a SavedModel proto at all
+        raise ValueError(
+            f"Could not load the SavedModel {path}: its saved_model.pb is "
+            f"not a SavedModel ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]})."
+        ) from None
+    return proto
+
+
+def _called_functions(attrs):
+    """Names of the functions an op's attributes name (a call, a loop or
+    branch body, a dataset's map function), nested attributes included."""
+    names = []
+    stack = list(attrs.values())
+    while stack:
+        value = stack.pop()
+        kind = value.WhichOneof("value")
+        if kind == "func":
+            names.append(value.func.name)
+            stack.extend(value.func.attr.values())
+        elif kind == "list":
+            for func in value.list.func:
+                names.append(func.name)
+                stack.extend(func.attr.values())
+    return names
+
+
+def _node_name(tensor_name: str) -> str:
+    return tensor_name.lstrip("^").split(":")[0]
+
+
+def saved_model_ops(path) -> list[tuple[str, str]]:
+    """(op, where) of each operation a SavedModel may run, read from its
+    saved_model.pb without loading it.
+
+    Every node of every meta graph and every function of its library
+    (functions called from functions included) is listed, except the
+    checkpoint operations (`SaveV2`, `RestoreV2`, ...) of the functions only
+    its saver runs: every SavedModel has them (TensorFlow Serving restores
+    the variables with them; `tf.saved_model.load` restores them itself and
+    never calls them).
+    """
+    path = pathlib.Path(path)
+    proto = _read_saved_model(path)
+    found = []
+    for meta_graph in proto.meta_graphs:
+        graph = meta_graph.graph_def
+        functions = {f.signature.name: f for f in graph.library.function}
+        nodes = {n.name: n for n in graph.node}
+
+        def reach(start_nodes, start_functions):
+            """Nodes and functions `start_*` run (their inputs, calls)."""
+            seen_nodes, seen_functions = set(), set()
+            node_stack, function_stack = list(start_nodes), list(
+                start_functions)
+            while node_stack or function_stack:
+                if node_stack:
+                    name = node_stack.pop()
+                    if name in seen_nodes or name not in nodes:
+                        continue
+                    seen_nodes.add(name)
+                    node = nodes[name]
+                    node_stack.extend(_node_name(i) for i in node.input)
+                    function_stack.extend(_called_functions(node.attr))
+                else:
+                    name = function_stack.pop()
+                    if name in seen_functions or name not in functions:
+                        continue
+                    seen_functions.add(name)
+                    for node in functions[name].node_def:
+                        function_stack.extend(_called_functions(node.attr))
+            return seen_nodes, seen_functions
+
+        saver = meta_graph.saver_def
+        saver_roots = [
+            _node_name(t) for t in (saver.save_tensor_name,
+                                    saver.restore_op_name) if t
+        ]
+        saver_nodes, saver_functions = reach(saver_roots, [])
+        # What a caller can run besides the saver: every other node, the
+        # signatures' tensors, every other function and those the object
+        # graph restores as callables.
+        signature_nodes = [
+            _node_name(info.name)
+            for signature in meta_graph.signature_def.values()
+            for info in (*signature.inputs.values(),
+                         *signature.outputs.values())
+        ]
+        other_nodes, other_functions = reach(
+            [n for n in nodes if n not in saver_nodes] + signature_nodes,
+            [f for f in functions if f not in saver_functions]
+            + list(meta_graph.object_graph_def.concrete_functions),
+        )
+        only_saver_nodes = saver_nodes - other_nodes
+        only_saver_functions = saver_functions - other_functions
+
+        def keep(op, saver_only):
+            return not (saver_only and op in _CHECKPOINT_OPS)
+
+        for node in graph.node:
+            if keep(node.op, node.name in only_saver_nodes):
+                found.append((node.op, f"node {node.name!r}"))
+        for name, function in functions.items():
+            for node in function.node_def:
+                if keep(node.op, name in only_saver_functions):
+                    found.append(
+                        (node.op, f"function {name!r}, node {node.name!r}")
+                    )
+    return found
+
+
+def check_saved_model(path) -> None:
+    """Refuses a SavedModel whose graph holds an operation of `UNSAFE_OPS`.
+
+    Reads saved_model.pb only (`saved_model_ops`): nothing of the model is
+    loaded or run.
+
+    Raises:
+        UnsafeModelError: one line naming the operation, where it is, and
+            the flag that loads the model anyway.
+        ValueError: saved_model.pb is not a SavedModel.
+    """
+    path = pathlib.Path(path)
+    for op, where in saved_model_ops(path):
+        if op in UNSAFE_OPS:
+            raise UnsafeModelError(
+                f"Refusing to load the SavedModel {path}: its graph holds a "
+                f"{op} operation ({where}), which {UNSAFE_OPS[op]}; a "
+                "SavedModel is a program and would run it. If you trust "
+                "where the model comes from, pass --trust_saved_model "
+                "(trust_saved_model=True)."
+            )
 
 
 def _model_name(path: pathlib.Path) -> str:
@@ -303,10 +527,31 @@ class Embedder:
         return np.concatenate(outputs)
 
 
-def load_embedder(model, *, name: str | None = None, **kwargs) -> Embedder:
-    """An `Embedder` from a keras.Model, a SavedModel dir or a model_dir."""
+def load_embedder(
+    model,
+    *,
+    name: str | None = None,
+    trust_saved_model: bool = False,
+    **kwargs,
+) -> Embedder:
+    """An `Embedder` from a keras.Model, a SavedModel dir or a model_dir.
+
+    A SavedModel is a program: loading and calling it runs the operations
+    its author put in it. Unless `trust_saved_model`, its graph is read
+    first and a model holding file, network, debugging or Python-callback
+    operations is refused (`check_saved_model`). Load only models from
+    sources you trust.
+
+    Raises:
+        FileNotFoundError: no SavedModel at `model`.
+        UnsafeModelError: the SavedModel holds an operation of
+            `UNSAFE_OPS` (and not `trust_saved_model`).
+        ValueError: it cannot be loaded, or is not an embedding model.
+    """
     if isinstance(model, (str, os.PathLike)):
         path = resolve_model_path(model)
+        if not trust_saved_model:
+            check_saved_model(path)
         try:
             loaded = tf.saved_model.load(str(path))
         except Exception as error:  # a broken or foreign directory

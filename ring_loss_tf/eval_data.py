@@ -235,8 +235,8 @@ def read_lfw_pairs(
             not a file.
         ValueError: as `parse_pairs_file`, or a pair names an image that is
             not there (file and line named).
-        tf.errors.InvalidArgumentError: an image does not decode, or images
-            differ in size without `image_size` (the file named).
+        tf.errors.InvalidArgumentError: an image does not decode (the file
+            named).
     """
     lfw_dir = pathlib.Path(lfw_dir)
     if not lfw_dir.is_dir():

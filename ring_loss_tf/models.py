@@ -26,6 +26,7 @@ from ring_loss_tf import config as config_lib
 from ring_loss_tf import layers
 from ring_loss_tf import registry
 from ring_loss_tf import sharded_head
+from ring_loss_tf.errors import first_line
 
 
 @dataclasses.dataclass
@@ -234,7 +235,8 @@ def load_training_models(model_dir: str | os.PathLike) -> Models:
 
     Raises:
         FileNotFoundError: no config.json or no checkpoint in `model_dir`.
-        ValueError: config.json is not one a run writes.
+        ValueError: config.json is not one a run writes, or the checkpoint
+            does not fit it or is damaged (`checkpoint_error`).
     """
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / config_lib.CONFIG_FILE
@@ -250,6 +252,53 @@ def load_training_models(model_dir: str | os.PathLike) -> Models:
             "saves one every --checkpoint_every steps and at the end)."
         )
     models = build_models(config_lib.load(model_dir))
-    status = tf.train.Checkpoint(model=models.train_model).restore(latest)
-    status.expect_partial().assert_existing_objects_matched()
+    restore_checkpoint(
+        tf.train.Checkpoint(model=models.train_model), latest, model_dir,
+        partial=True,
+        fix=f"Restore the config.json of the run that wrote it in {model_dir}",
+    )
     return models
+
+
+def restore_checkpoint(checkpoint, path, model_dir, *, partial=False,
+                       fix=None):
+    """`checkpoint.restore(path)`, every object of `checkpoint` given a value.
+
+    Raises:
+        ValueError: one line (`checkpoint_error`) instead of TensorFlow's
+            errors, which list every variable: the files of `path` cannot
+            be read (damaged, missing), or its variables do not fit the
+            objects.
+    """
+    try:
+        status = checkpoint.restore(path)
+        if partial:
+            status = status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise checkpoint_error(path, model_dir, error, fix) from None
+
+
+def checkpoint_error(latest, model_dir, error, fix=None) -> ValueError:
+    """One line for a checkpoint `latest` of `model_dir` that cannot be
+    restored: its files cannot be read (a `tf.errors.OpError`: damaged
+    bytes fail their checksum, a file is missing), or its variables do not
+    fit the model the settings build (TensorFlow's AssertionError or
+    ValueError)."""
+    if isinstance(error, tf.errors.OpError):
+        index = pathlib.Path(model_dir) / "checkpoint"
+        return ValueError(
+            f"Checkpoint {latest} cannot be read ({first_line(error)}); the "
+            f"checkpoints in {model_dir} are unchanged. To resume from an "
+            "earlier checkpoint there, name it in the model_checkpoint_path "
+            f"line of {index}; or use a new model_dir."
+        )
+    config_path = pathlib.Path(model_dir) / config_lib.CONFIG_FILE
+    missing = "" if config_path.is_file() else f"; {config_path} is missing"
+    return ValueError(
+        f"Checkpoint {latest} does not fit the model these settings build "
+        "(another backbone, head, embedding size or class count"
+        f"{missing}); the checkpoints in {model_dir} are unchanged. "
+        + (fix or "Give the settings of the run that wrote it, or use a new "
+           "model_dir") + "."
+    )

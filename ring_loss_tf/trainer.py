@@ -520,6 +520,8 @@ class Trainer:
 
         Raises:
             WorkersDisagreeError: the workers restored different steps.
+            ValueError: the latest checkpoint is damaged or does not fit
+                the model (`models.restore_checkpoint`).
         """
         items = {
             "model": self.models.train_model,
@@ -556,12 +558,15 @@ class Trainer:
             not self.models.head.layout_matches(latest)
         ):
             others = {k: v for k, v in items.items() if k != "head"}
-            tf.train.Checkpoint(**others).restore(
-                latest
-            ).expect_partial().assert_existing_objects_matched()
+            models_lib.restore_checkpoint(
+                tf.train.Checkpoint(**others), latest, self.model_dir,
+                partial=True,
+            )
             self.models.head.restore_resharded(latest)
         elif latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            models_lib.restore_checkpoint(
+                self.checkpoint, latest, self.model_dir
+            )
         self._check_workers_agree_on_the_step(latest)
         return latest
 

@@ -338,12 +338,20 @@ def _nan_message(trainer, step, stats):
 # --------------------------------------------------------------------------
 
 
-def check_resume_config(config, model_dir=None):
+def check_resume_config(config, model_dir=None, save=True):
     """Saves `config` in its model_dir, or checks it against a saved one.
 
     A model_dir with a checkpoint must hold a run of the same settings
     (those `config.FIELDS` marks "match"): resuming with another model or
     optimisation would silently train something else.
+
+    Args:
+        save: write config.json now if it is to be written; `train` passes
+            False and writes it once the checkpoint is restored, so a run
+            that fails to start leaves its model_dir as it found it.
+
+    Returns:
+        Whether config.json is (or, without `save`, is to be) written.
 
     Raises:
         ValueError: `model_dir` holds a checkpoint of another run.
@@ -364,8 +372,10 @@ def check_resume_config(config, model_dir=None):
                 f"{', '.join(different)}. Use a new model_dir, or the "
                 "settings of that run to resume it."
             )
-        return
-    config_lib.save(config, model_dir)
+        return False
+    if save:
+        config_lib.save(config, model_dir)
+    return True
 
 
 def _mixed_precision_policy(enabled):
@@ -549,9 +559,15 @@ def train(
             config,
             jit=trainer_lib.jit_by_default(strategy, backbone.xla_on_cpu),
         )
+    if config.optim.batch_size > source.num_examples:
+        n = source.num_examples
+        raise config_lib.ConfigError(
+            "batch_size", config.optim.batch_size,
+            f"larger than the training set ({n} images)",
+            f"use a batch of at most {n}",
+        )
     total_steps = config_lib.steps_of(config, source.num_examples)
-    if chief:
-        check_resume_config(config)
+    write_config = chief and check_resume_config(config, save=False)
     trainer = _build_trainer(config, strategy, total_steps)
     restored = trainer.attach_checkpoint(
         max_to_keep=run.max_to_keep, scratch_dir=run.worker_scratch_dir,
@@ -576,6 +592,8 @@ def train(
         iterator = iter(trainer.distribute_dataset(worker_pipeline))
     except tf.errors.InvalidArgumentError as error:  # in-memory decoding
         raise data_error(error, trainer) from None
+    if write_config:  # the run starts: its settings go beside it
+        config_lib.save(config, run.model_dir)
     if chief:
         print_fn(_start_line(config, trainer, restored, source, total_steps))
     writer = None

@@ -8,7 +8,9 @@ pairs.txt, insightface .bin), evaluation's model and distractor inputs, and
 the flag checks of train.py (through `training.train` of a `TrainConfig`,
 which train.py calls and whose `ConfigError` it prints as `--flag=value:
 problem; fix`) and of
-evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow).
+evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow),
+and evaluate.py end to end (its `main`, in-process) on corrupt images,
+`.bin` files and SavedModels crafted to run code.
 
 Files are built with the writers of tests/data_files.py, which follow the
 published formats independently of the readers.
@@ -16,9 +18,11 @@ published formats independently of the readers.
 
 import contextlib
 import importlib
+import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -32,18 +36,24 @@ from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import TrainingDataError
 from tests.data_files import CallsAFunction
 from tests.data_files import constant_png
+from tests.data_files import encode
 from tests.data_files import make_folder
 from tests.data_files import make_lfw
 from tests.data_files import pack
 from tests.data_files import write_bin
 from tests.data_files import write_rec
 from tests.data_files import write_record
+from tests import saved_models
 
 CORRUPT = (
     r"Corrupt or truncated image file\. Remove or replace the file, or skip "
     r"such files with skip_corrupt=True \(--skip_corrupt\)\. File:.*"
 )
 PAIRS_OK = "1\t1\nPerson_0\t1\t2\nPerson_0\t1\tPerson_1\t1\n"
+# Two folds: what the 10-fold protocol needs at least.
+PAIRS_2_FOLDS = PAIRS_OK.replace("1\t1\n", "2\t1\n", 1) + (
+    "Person_1\t1\t2\nPerson_1\t1\tPerson_0\t2\n"
+)
 
 
 # --------------------------------------------------------------------------
@@ -163,6 +173,98 @@ def evaluate_with(**values):
         return run
 
     return setup
+
+
+def evaluate_main(**values):
+    """evaluate.py's main with its flags set to `values` ("{tmp}..." paths
+    under the test's directory); --model defaults to a plain SavedModel."""
+
+    def setup(tmp):
+        resolved = {
+            k: (str(tmp / v[5:]) if isinstance(v, str) and v.startswith("{tmp}")
+                else [str(tmp / p[5:]) for p in v] if k == "bin" else v)
+            for k, v in values.items()
+        }
+        if "model" not in resolved:
+            resolved["model"] = str(
+                saved_models.save_plain(tmp / "plain_model")
+            )
+        resolved.setdefault("output_dir", str(tmp / "out"))
+        resolved.setdefault("plots", False)
+
+        def run():
+            with _evaluate_flags(resolved) as module:
+                module.main(["evaluate.py"])
+
+        return run
+
+    return setup
+
+
+def _evaluate_corrupt_lfw_image(tmp):
+    make_lfw(tmp / "lfw", [2, 2])
+    (tmp / "lfw" / "Person_0" / "Person_0_0002.png").write_bytes(b"garbage")
+    (tmp / "pairs.txt").write_text(PAIRS_OK)
+    return evaluate_main(lfw_dir="{tmp}lfw", pairs="{tmp}pairs.txt")(tmp)
+
+
+def _evaluate_bin_with_corrupt_image(tmp):
+    png = constant_png(10, (4, 4))
+    bad = png[:45] + bytes([png[45] ^ 0xFF]) + png[46:]
+    write_bin(tmp / "mid.bin", [png, bad], [True], 2)
+    return evaluate_main(bin=["{tmp}mid.bin"])(tmp)
+
+
+def _evaluate_malicious_bin(tmp):
+    witness = tmp / "created_by_the_pickle"
+    write_bin(tmp / "evil.bin", [CallsAFunction(str(witness))], [True], 2)
+    run = evaluate_main(bin=["{tmp}evil.bin"])(tmp)
+
+    def call():
+        try:
+            run()
+        finally:
+            assert not witness.exists(), "the pickle ran code"
+
+    return call
+
+
+def _evaluate_model_that_writes_a_file(tmp):
+    witness = tmp / "written_by_the_model"
+    saved_models.save_crafted(tmp / "model", "write_file", witness)
+    make_lfw(tmp / "lfw", [2, 2])
+    (tmp / "pairs.txt").write_text(PAIRS_OK)
+    run = evaluate_main(model="{tmp}model", lfw_dir="{tmp}lfw",
+                        pairs="{tmp}pairs.txt")(tmp)
+
+    def call():
+        try:
+            run()
+        finally:
+            assert not witness.exists(), "the model ran"
+
+    return call
+
+
+def _symlink_loop(tmp):
+    make_folder(tmp / "set", [2, 2])
+    (tmp / "set" / "id01" / "loop.png").symlink_to("loop.png")
+    return lambda: data.open_training_source(tmp / "set")
+
+
+def _batch_larger_than_the_data(tmp):
+    make_folder(tmp / "faces" / "train", [2, 2])
+    run = train_with(data_dir=str(tmp / "faces"), batch_size=50_000_000,
+                     image_size=(8, 8), channels=1)(tmp)
+
+    def call():
+        try:
+            run()
+        finally:
+            # Refused before anything is written.
+            assert not (tmp / "run").exists()
+
+    return call
 
 
 def _bad_idx_line(tmp):
@@ -337,6 +439,10 @@ CASES = [
                         r"budget \(--max_image_pixels of train\.py or of the "
                         r"aligner\)\. File: {tmp}/faces/train/id01/1\.png "
                         r"\(8x9 pixels\)$"),
+    ("symbolic link loop in an identity folder", _symlink_loop,
+     ValueError, r"^{tmp}/set/id01/loop\.png: cannot be read \(Too many "
+                 r"levels of symbolic links\); remove it or make the link "
+                 r"point to an image or folder\.$"),
     # Identity folders and roots.
     ("identity folders without images", empty_identities,
      ValueError, r"No images found in {tmp}/set: expected one sub-directory "
@@ -563,6 +669,24 @@ CASES = [
     ("train --model_dir=''", train_with(model_dir=""),
      ConfigError, r"^model_dir='': is empty; give a directory for "
                   r"checkpoints$"),
+    ("train --seed=-5", train_with(seed=-5),
+     ConfigError, r"^seed=-5: must be an integer in 0 \.\. 2\*\*32 - 1; "
+                  r"use e\.g\. 0$"),
+    ("train --seed=10**23", train_with(seed=10**23),
+     ConfigError, r"^seed=100000000000000000000000: must be an integer in "
+                  r"0 \.\. 2\*\*32 - 1; use e\.g\. 0$"),
+    ("train --image_size=20000", train_with(image_size=(20000, 20000)),
+     ConfigError, r"^image_size=\(20000, 20000\): a side of more than 1024 "
+                  r"pixels \(the limit\) would need gigabytes per batch; use "
+                  r"e\.g\. 112 or 224$"),
+    ("train --embedding_dim=10**9", train_with(embedding_dim=10**9),
+     ConfigError, r"^embedding_dim=1000000000: is more than 8192 \(the "
+                  r"limit; the head holds embedding_dim x num_classes "
+                  r"weights\); use e\.g\. 128 or 512$"),
+    ("train --batch_size larger than the training set",
+     _batch_larger_than_the_data,
+     ConfigError, r"^batch_size=50000000: larger than the training set \(4 "
+                  r"images\); use a batch of at most 4$"),
     # evaluate.py flags
     ("evaluate without --model", evaluate_with(model=""),
      SystemExit, r"^evaluate\.py: --model is required: a SavedModel "
@@ -585,6 +709,29 @@ CASES = [
     ("evaluate --max_rank=0", evaluate_with(max_rank=0),
      SystemExit, r"^evaluate\.py: --max_rank and --batch_size must be "
                  r">= 1\.$"),
+    # evaluate.py on bad data and models, end to end
+    ("evaluate.py: corrupt image in --lfw_dir", _evaluate_corrupt_lfw_image,
+     SystemExit, r"^evaluate\.py: Corrupt or truncated image file: "
+                 r"{tmp}/lfw/Person_0/Person_0_0002\.png\. Remove or "
+                 r"replace it: an evaluation set is read whole \(there is "
+                 r"no --skip_corrupt here\)\.$"),
+    ("evaluate.py: .bin with a corrupt image",
+     _evaluate_bin_with_corrupt_image,
+     SystemExit, r"^evaluate\.py: Corrupt or truncated image file: "
+                 r"{tmp}/mid\.bin image 1 \(.+\)\. Remove or replace it: "
+                 r"an evaluation set is read whole"),
+    ("evaluate.py: .bin that would run code", _evaluate_malicious_bin,
+     SystemExit, r"^evaluate\.py: {tmp}/evil\.bin: refusing to load global "
+                 r"posix\.mkdir: a \.bin may hold only bytes, lists, tuples, "
+                 r"bools and numpy arrays$"),
+    ("evaluate.py: SavedModel that writes a file",
+     _evaluate_model_that_writes_a_file,
+     SystemExit, r"^evaluate\.py: Refusing to load the SavedModel "
+                 r"{tmp}/model: its graph holds a WriteFile operation "
+                 r"\(function '.+', node '.+'\), which reads or writes "
+                 r"files; a SavedModel is a program and would run it\. If "
+                 r"you trust where the model comes from, pass "
+                 r"--trust_saved_model \(trust_saved_model=True\)\.$"),
 ]
 
 
@@ -630,3 +777,29 @@ def test_config_error_names_the_flag(tmp_path, setup, pattern):
         setup(tmp_path)()
     assert caught.value.setting == re.match(r"\^(\w+)=", pattern).group(1)
     assert caught.value.setting in config.FIELDS
+
+
+def test_evaluate_resizes_images_of_mixed_sizes(tmp_path):
+    """A model of any input size gets one batch of one size: the first
+    image's; the others are resized to it instead of stopping."""
+    lfw = make_lfw(tmp_path / "lfw", [2, 2])  # 6×5 images
+    (lfw / "Person_0" / "Person_0_0002.png").write_bytes(
+        encode(np.full((40, 30, 3), 2, np.uint8), "PNG"))
+    (tmp_path / "pairs.txt").write_text(PAIRS_2_FOLDS)
+    evaluate_main(lfw_dir="{tmp}lfw", pairs="{tmp}pairs.txt")(tmp_path)()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (model,) = results["models"]
+    pairs = model["verification"]["pairs"]
+    assert (pairs["num_genuine"], pairs["num_impostor"]) == (2, 2)
+    assert pairs["num_images"] == 4
+
+
+def test_evaluate_trust_saved_model_loads_a_refused_model(tmp_path):
+    witness = tmp_path / "written_by_the_model"
+    saved_models.save_crafted(tmp_path / "model", "write_file", witness)
+    make_lfw(tmp_path / "lfw", [2, 2])
+    (tmp_path / "pairs.txt").write_text(PAIRS_2_FOLDS)
+    evaluate_main(model="{tmp}model", lfw_dir="{tmp}lfw",
+                  pairs="{tmp}pairs.txt", trust_saved_model=True)(tmp_path)()
+    assert witness.read_text() == "written by the model"
+    assert (tmp_path / "out" / "results.json").is_file()

@@ -2,8 +2,12 @@
 
 The tiny model of tests/eval_world.py (with a layer class defined only
 there) is exported; every embedding is checked against the Keras model
-called directly on images normalised in the test.
+called directly on images normalised in the test. SavedModels crafted to
+hold an operation that reaches outside the model (tests/saved_models.py)
+must be refused before anything of them is loaded.
 """
+
+import re
 
 import keras
 import numpy as np
@@ -14,6 +18,7 @@ from PIL import Image
 from ring_loss_tf import images
 from ring_loss_tf import embedder
 from tests import eval_world
+from tests import saved_models
 
 SIZE = eval_world.SIZE
 
@@ -112,3 +117,97 @@ def test_large_images_are_embedded_in_calls_of_bounded_pixels():
     got, _ = emb.embed_with_plain(pixels, flip=False)
     want = model((pixels.astype(np.float64) - 127.5) / 128.0).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# A SavedModel is a program: what load_embedder agrees to load
+
+
+def _all_ops(path):
+    """Every op name in saved_model.pb, read here from the proto."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in proto.meta_graphs:
+        ops.update(n.op for n in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(n.op for n in function.node_def)
+    return ops
+
+
+@pytest.mark.parametrize("kind", saved_models.KINDS)
+def test_a_model_with_an_outside_operation_is_refused_before_loading(
+    tmp_path, monkeypatch, kind
+):
+    witness = tmp_path / "witness"
+    if kind in ("read_file_in_loop", "restore_v2"):
+        witness.write_text("a file the model would read")
+    path = saved_models.save_crafted(tmp_path / "model", kind, witness)
+    op = saved_models.OPS[kind]
+    assert op in _all_ops(path)  # the crafted model holds it
+    before = witness.exists()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embedder.tf.saved_model, "load", no_load)
+        with pytest.raises(
+            embedder.UnsafeModelError,
+            match=rf"^Refusing to load the SavedModel "
+                  rf"{re.escape(str(tmp_path))}/model: its "
+                  rf"graph holds a {op} operation \(function '[^']+', node "
+                  rf"'[^']+'\), which .*; a SavedModel is a program and "
+                  r"would run it\. If you trust where the model comes from, "
+                  r"pass --trust_saved_model \(trust_saved_model=True\)\.$",
+        ) as caught:
+            embedder.load_embedder(path)
+    assert "\n" not in str(caught.value)
+    assert witness.exists() == before
+    if kind == "write_file":
+        # Trusted, it loads and runs what it holds: the check is what
+        # stopped it.
+        trusted = embedder.load_embedder(path, trust_saved_model=True)
+        images = np.full((1, 4, 4, 3), 10, np.uint8)
+        np.testing.assert_allclose(trusted(images), [[10.0, 10.0, 10.0]])
+        assert witness.read_text() == "written by the model"
+
+
+def test_plain_models_load_and_their_saver_ops_are_exempt(world, tmp_path):
+    path = saved_models.save_plain(tmp_path / "plain")
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3))
+    images = images.astype(np.uint8)
+    got = embedder.load_embedder(path)(images)
+    np.testing.assert_allclose(got, images.mean(axis=(1, 2)), rtol=1e-6)
+    for model in (path, world["root"] / "run" / "export",
+                  world["root"] / "uint8_model"):
+        # Every SavedModel has a saver that writes and reads checkpoints
+        # (for TF Serving); the check leaves those functions alone.
+        assert {"SaveV2", "RestoreV2"} <= _all_ops(model)
+        listed = {op for op, _ in embedder.saved_model_ops(model)}
+        assert not listed & {"SaveV2", "RestoreV2", "MergeV2Checkpoints"}
+        embedder.check_saved_model(model)
+
+
+def test_a_saved_model_pb_that_is_not_one_is_one_line(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "saved_model.pb").write_bytes(b"\xff\xfe not a proto")
+    with pytest.raises(ValueError, match=r"^Could not load the SavedModel "
+                       r".*/m: its saved_model\.pb is not a SavedModel"):
+        embedder.load_embedder(tmp_path / "m")
+
+
+def test_every_unsafe_op_is_a_tensorflow_op():
+    # A misspelt name would leave its operation unchecked.
+    from tensorflow.python.framework import op_def_registry
+    from tensorflow.python.ops import script_ops  # noqa: F401 (PyFunc)
+
+    try:  # the RPC ops register when their module is imported
+        from tensorflow.distribute.experimental import rpc  # noqa: F401
+    except ImportError:
+        pass
+    missing = [op for op in embedder.UNSAFE_OPS
+               if op_def_registry.get(op) is None]
+    assert missing == []

@@ -182,10 +182,15 @@ def test_read_image_folder_and_load_images(tmp_path):
     assert grey.shape == (2, 6, 5, 1)
     assert data.load_images(paths[:1], image_size=None, channels=None).shape \
         == (1, 12, 10, 3)  # channels of the first image
-    (root / "b" / "2.png").write_bytes(encode(rgb[:5], "PNG"))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"(?s)differ in size.*b/2\.png"):
-        eval_data.read_image_folder(root)
+    # Another size: resized to the first image's (a model that takes any
+    # size still takes one batch of one size); a constant image stays
+    # constant.
+    (root / "b" / "2.png").write_bytes(
+        encode(np.full((5, 7, 3), 77, np.uint8), "PNG"))
+    mixed, _, _ = eval_data.read_image_folder(root)
+    assert mixed.shape == (3, 12, 10, 3)
+    np.testing.assert_array_equal(mixed[2], 77)
+    np.testing.assert_array_equal(mixed[0], images[0])
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ definition ((x − 127.5) / 128, `tf.image.resize(..., antialias=True)`, the
 """
 
 import io
+import json
 import pathlib
 import re
 import shutil
@@ -23,9 +24,12 @@ from PIL import Image
 
 from ring_loss_tf import backbones
 from ring_loss_tf import config as config_lib
+from ring_loss_tf import embedder
 from ring_loss_tf import export
 from ring_loss_tf import kanji
+from ring_loss_tf import layers
 from ring_loss_tf import models as models_lib
+from ring_loss_tf import registry
 from ring_loss_tf import training
 from tests import hidden_package
 from tests.tiny_runs import batches
@@ -638,3 +642,70 @@ def test_export_refuses_existing_dir_and_round_trips(tmp_path):
         built.embedding_model(images).numpy(),
         atol=1e-5,
     )
+
+
+# --------------------------------------------------------------------------
+# Our exports pass the check evaluate.py makes before loading a SavedModel
+# (no file, network or Python-callback operation in any function).
+
+
+@pytest.mark.parametrize("name", list(registry.BACKBONES))
+def test_every_backbone_export_passes_the_saved_model_check(tmp_path, name):
+    model = registry.load(registry.BACKBONES[name])(
+        input_shape=(24, 20, 3), embedding_dim=16, seed=0
+    )
+    images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3))
+    x = (images.astype(np.float32) - 127.5) / 128.0
+    # Moving statistics of these images, as after training: a new
+    # iResNet-100's inference-mode embeddings overflow to NaN.
+    norms = [l for l in model.layers if isinstance(l, layers.BatchNorm)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(x, training=True)
+    path = export.export_saved_model(model, tmp_path / name)
+    embedder.check_saved_model(path)
+    # It holds the decoding and the saver, so the check had work to do.
+    ops = {op for op, _ in embedder.saved_model_ops(path)}
+    assert "ReadVariableOp" in ops, sorted(ops)
+    assert any(op.startswith("Decode") for op in ops), sorted(ops)
+    loaded = embedder.load_embedder(path)
+    np.testing.assert_allclose(loaded(images.astype(np.uint8)),
+                               model(x, training=False), rtol=1e-4, atol=1e-4)
+
+
+def test_a_trained_runs_export_passes_the_saved_model_check(
+    trained, tmp_path, capsys
+):
+    output = tmp_path / "exported"
+    assert export.main([f"--model_dir={trained}", f"--output={output}"]) == 0
+    embedder.check_saved_model(output)
+    embedder.load_embedder(output)
+
+
+def test_export_with_config_json_of_another_head_is_one_line(
+    tmp_path, capsys
+):
+    model_dir, _ = _training_dir(tmp_path)
+    config_path = model_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["model"]["head"] = "cosface"
+    saved["model"]["embedding_block"] = "bn"
+    config_path.write_text(json.dumps(saved))
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        export.main([f"--model_dir={model_dir}",
+                     f"--output={tmp_path / 'out'}"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r".*error: Checkpoint .*/run/ckpt-7 does not fit the model these "
+        r"settings build \(another backbone, head, embedding size or class "
+        r"count\); the checkpoints in .*/run are unchanged\. Restore the "
+        r"config\.json "
+        r"of the run that wrote it in .*/run\.", lines[-1]
+    ), lines
+    # argparse's usage (wrapped), then the one error line.
+    assert lines[0].startswith("usage:"), lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert not (tmp_path / "out").exists()

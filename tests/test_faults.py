@@ -10,15 +10,20 @@ subprocess, on the tiny embedded set of `kill_resume.tiny_flags`:
   to resume, exit status 128 + the signal number; resuming ends where an
   uninterrupted run ends;
 - resuming with another head, backbone or class count: one line naming
-  the mismatch, every file in model_dir unchanged;
+  the mismatch, every file in model_dir unchanged (also when config.json
+  is missing: nothing is written before the checkpoint is restored);
+- a checkpoint with damaged bytes: one line, nothing changed, and the
+  earlier checkpoint the message points to resumes;
 - no room to write (`RLIMIT_FSIZE`, what `ulimit -f` sets): one line
   saying so, the previous checkpoint and export unchanged.
 """
 
 import hashlib
+import json
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +319,80 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     first = chief_out.splitlines()[0]
     assert first.startswith(f"Resuming from {latest}:"), first
     assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-150")
+
+
+def _copy_run(model_dir, target):
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def test_a_failed_resume_writes_nothing_in_the_run_directory(
+    finished, tmp_path
+):
+    """config.json deleted, then resumed with another head: refused in one
+    line, and no new config.json is left to refuse the right command."""
+    workdir, reference_dir = finished
+    model_dir = _copy_run(reference_dir, tmp_path / "run")
+    (model_dir / "config.json").unlink()
+    before = _digests(model_dir)
+    result = kill_resume.run_train(
+        kill_resume.tiny_flags(workdir, model_dir, steps=20)
+        + ["--head=cosface"]
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (message,) = _error_lines(result.stderr)
+    assert re.fullmatch(
+        rf"train\.py: error: Checkpoint {re.escape(str(model_dir))}/ckpt-12 "
+        r"does not fit the model these settings build \(another backbone, "
+        r"head, embedding size or class count; "
+        rf"{re.escape(str(model_dir))}/config\.json is missing\); the "
+        rf"checkpoints in {re.escape(str(model_dir))} are unchanged\. Give "
+        r"the settings of the run that wrote it, or use a new model_dir\.",
+        message,
+    ), message
+    assert _digests(model_dir) == before  # no config.json either
+    # The original command still resumes, and writes config.json once the
+    # run starts.
+    resumed = kill_resume.run_train(
+        kill_resume.tiny_flags(workdir, model_dir, steps=13)
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {model_dir}/ckpt-12" in resumed.stdout
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["model"]["head"] == "asoftmax"
+
+
+def test_a_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(
+    finished, tmp_path
+):
+    workdir, reference_dir = finished
+    model_dir = _copy_run(reference_dir, tmp_path / "run")
+    data = model_dir / "ckpt-12.data-00000-of-00001"
+    damaged = bytearray(data.read_bytes())
+    for offset in range(len(damaged) // 4, len(damaged), len(damaged) // 4):
+        damaged[offset] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    before = _digests(model_dir)
+    flags = kill_resume.tiny_flags(workdir, model_dir, steps=13)
+    result = kill_resume.run_train(flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (message,) = _error_lines(result.stderr)
+    index = model_dir / "checkpoint"
+    assert re.fullmatch(
+        rf"train\.py: error: Checkpoint {re.escape(str(model_dir))}/ckpt-12 "
+        r"cannot be read \(.*Checksum does not match.*\); the checkpoints in "
+        rf"{re.escape(str(model_dir))} are unchanged\. To resume from an "
+        r"earlier checkpoint there, name it in the model_checkpoint_path "
+        r"line of "
+        rf"{re.escape(str(index))}; or use a new model_dir\.",
+        message,
+    ), message
+    assert _digests(model_dir) == before
+    # The fix the message gives.
+    text = index.read_text()
+    assert 'model_checkpoint_path: "ckpt-12"' in text
+    index.write_text(text.replace('model_checkpoint_path: "ckpt-12"',
+                                  'model_checkpoint_path: "ckpt-11"', 1))
+    resumed = kill_resume.run_train(flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {model_dir}/ckpt-11" in resumed.stdout

@@ -90,6 +90,19 @@ def _run(args, cwd, timeout=600):
         (["--stop_at_step=0"],
          r"--stop_at_step=0: must be a positive integer; use e\.g\. 1000, or "
          r"omit it$"),
+        (["--seed=-5"],
+         r"--seed=-5: must be an integer in 0 \.\. 2\*\*32 - 1; use e\.g\. "
+         r"0$"),
+        (["--seed=100000000000000000000000"],
+         r"--seed=100000000000000000000000: must be an integer in 0 \.\. "
+         r"2\*\*32 - 1; use e\.g\. 0$"),
+        (["--image_size=20000"],
+         r"--image_size=20000: a side of more than 1024 pixels \(the limit\) "
+         r"would need gigabytes per batch; use e\.g\. 112 or 224$"),
+        (["--embedding_dim=1000000000"],
+         r"--embedding_dim=1000000000: is more than 8192 \(the limit; the "
+         r"head holds embedding_dim x num_classes weights\); use e\.g\. 128 "
+         r"or 512$"),
     ],
 )
 def test_flag_errors_stop_with_one_line(tmp_path, args, pattern):
@@ -99,6 +112,45 @@ def test_flag_errors_stop_with_one_line(tmp_path, args, pattern):
     assert len(lines) == 1, result.stderr
     assert re.search(r"^train\.py: error: " + pattern, lines[0]), lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def _without_root_override():
+    # root writes through permission bits. Dropping that capability from
+    # the bounding set before exec makes train.py see a read-only directory
+    # as any other user does.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_model_dir_is_refused_at_the_flag_check(tmp_path):
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    (directory / "kept").write_text("kept")
+    directory.chmod(0o555)
+    try:
+        for model_dir in (directory, directory / "new_run"):
+            result = subprocess.run(
+                [sys.executable, str(REPO / "train.py"),
+                 f"--model_dir={model_dir}"],
+                cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                capture_output=True, text=True, timeout=120,
+                preexec_fn=(_without_root_override if os.geteuid() == 0
+                            else None),
+            )
+            assert result.returncode == 2, result.stderr[-2000:]
+            lines = [l for l in result.stderr.splitlines() if l.strip()]
+            assert lines == [
+                f"train.py: error: --model_dir={model_dir}: is not writable "
+                "(read-only directory or file system); give a directory you "
+                "can write to, or change its permissions"
+            ], result.stderr[-2000:]
+        assert [p.name for p in directory.iterdir()] == ["kept"]
+    finally:
+        directory.chmod(0o755)
 
 
 def test_data_dir_without_train_folder(tmp_path):
