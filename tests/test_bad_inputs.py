@@ -400,7 +400,7 @@ def _image_over_the_budget(tmp):
     train = _faces(tmp, [2, 2])
     (train / "id01" / "1.png").write_bytes(constant_png(9, size=(9, 8)))
     return train_with(data_dir=str(tmp / "faces"), max_image_pixels=71,
-                      image_size=(32, 32), channels=1)(tmp)
+                      image_size=(32, 32), channels=1, batch_size=2)(tmp)
 
 
 def _one_identity(tmp):
