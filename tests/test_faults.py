@@ -314,3 +314,49 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     first = chief_out.splitlines()[0]
     assert first.startswith(f"Resuming from {latest}:"), first
     assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-150")
+
+
+def test_a_worker_that_fails_at_start_stops_the_other_with_one_line(
+    tmp_path
+):
+    """The non-chief fails as it starts (its --worker_scratch_dir is a
+    file): it says so in one line, and the chief stops with the one-line
+    lost-worker message, not TensorFlow's traceback."""
+    model_dir = tmp_path / "run"
+    scratch = tmp_path / "not_a_directory"
+    scratch.write_text("")
+    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=4)
+    chief_config, other_config = cluster.loopback_tf_configs(2)
+    environment = kill_resume.environment()
+    chief = kill_resume.start_train(
+        flags, env=dict(environment, TF_CONFIG=chief_config)
+    )
+    other = kill_resume.start_train(
+        flags + [f"--worker_scratch_dir={scratch}"],
+        env=dict(environment, TF_CONFIG=other_config),
+    )
+    try:
+        _, other_err = other.communicate(timeout=300)
+        _, chief_err = chief.communicate(timeout=120)
+    finally:
+        for p in (chief, other):
+            if p.poll() is None:
+                p.kill()
+    assert other.returncode == 2, other_err[-3000:]
+    (other_line,) = _error_lines(other_err)
+    assert other_line == (
+        f"train.py: error: --worker_scratch_dir={scratch}: cannot make a "
+        f"directory there ([Errno 17] File exists: '{scratch}'); give a "
+        "writable directory, or omit it to use the system's temporary "
+        "directory"
+    ), other_line
+    assert chief.returncode == 1, chief_err[-3000:]
+    (chief_line,) = _error_lines(chief_err)
+    assert re.fullmatch(
+        r"train\.py: Lost contact with another worker while starting"
+        r"(, before step 1)? \(.*\); the chief's checkpoints are intact\. "
+        r"Start every worker again with the same command and TF_CONFIG to "
+        r"resume from the latest checkpoint\.",
+        chief_line,
+    ), chief_line
+    assert "Traceback" not in chief_err, chief_err[-3000:]
