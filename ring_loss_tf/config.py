@@ -105,9 +105,10 @@ class DataConfig:
         "set, face otherwise).", kind="str")
     skip_corrupt: bool = setting(
         False,
-        "Image folders: decode every training image once at the start and "
-        "leave out corrupt or truncated ones (one warning). Without it such "
-        "an image stops training with an error naming the file.",
+        "Decode every training image (file, or .rec record) once at the "
+        "start and leave out corrupt, truncated or unreadable ones (one "
+        "warning). Without it such an image stops training with an error "
+        "naming the file or record.",
         resume="free")
     max_image_pixels: int = setting(
         MAX_IMAGE_PIXELS,

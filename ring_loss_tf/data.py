@@ -36,7 +36,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import math
+import io
 import os
 import pathlib
 import re
@@ -204,13 +204,17 @@ def open_training_source(
         path: `root/<identity>/*.jpg`; or a `.rec` file with its `.idx`
             beside it; or a directory holding `train.rec` (as insightface
             distributes MS1M, Glint360K, WebFace).
-        skip_corrupt: (folders) decode every image once now and leave out
-            those that fail, counted in one warning. Without it a corrupt or
-            truncated image stops training with an error naming the file.
+        skip_corrupt: decode every image (file, or `.rec` record) once now
+            and leave out those that fail (a record that cannot even be
+            read too), counted in one warning. Without it a corrupt or
+            truncated image stops training with an error naming the file
+            or the record.
 
     RecordIO labels are each image record's own label; the class count comes
-    from insightface's header record 0 when present, otherwise from reading
-    every record's header once.
+    from insightface's header record 0 when present (each label is then
+    checked against it as its record is read), otherwise from reading and
+    checking every record's header once (a warning says if some classes
+    below the largest label have no image).
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -226,7 +230,7 @@ def open_training_source(
     elif (path / "train.rec").is_file():
         rec = path / "train.rec"
     if rec is not None:
-        return _open_recordio(rec)
+        return _open_recordio(rec, skip_corrupt)
     paths, labels, class_names = list_image_folder(path)
     skipped = 0
     if skip_corrupt:
@@ -262,7 +266,9 @@ def open_training_source(
     )
 
 
-def _open_recordio(rec: pathlib.Path) -> TrainingSource:
+def _open_recordio(
+    rec: pathlib.Path, skip_corrupt: bool = False
+) -> TrainingSource:
     reader = recordio.RecordIOReader(rec)
     keys, num_classes = recordio.image_records(reader)
     if len(keys) == 0:
@@ -270,18 +276,45 @@ def _open_recordio(rec: pathlib.Path) -> TrainingSource:
             f"No image records in {rec}: its index lists no records. "
             "Re-create the .rec and .idx with MXNet's im2rec."
         )
-    if num_classes is None:
-        num_classes = 0
-        for k in keys:
-            label = recordio.first_label(reader.read_header(int(k)))
-            if not (math.isfinite(label) and 0 <= label < 2**31):
+    skipped = 0
+    if skip_corrupt:
+        bad = find_corrupt_records(reader, keys)
+        if bad:
+            skipped = len(bad)
+            keep = ~np.isin(keys, [k for k, _ in bad])
+            keys = keys[keep]
+            first = f"record {bad[0][0]}: {bad[0][1]}"
+            if len(keys) == 0:
                 raise ValueError(
-                    f"{rec} record {int(k)}: class label {label} is not an "
-                    "integer in 0 .. 2**31 - 1. The file is not an "
-                    "insightface image .rec, or it is corrupt: re-create it "
-                    "with MXNet's im2rec."
+                    f"Every image record in {rec} is unreadable or corrupt: "
+                    f"all {skipped} failed (first: {first}). Copy the .rec "
+                    "and .idx again, or re-create them with MXNet's im2rec."
                 )
-            num_classes = max(num_classes, int(label) + 1)
+            warnings.warn(
+                f"Skipped {skipped} unreadable or corrupt record(s) in {rec} "
+                f"(first: {first}).",
+                DataWarning,
+                stacklevel=3,
+            )
+    if num_classes is None:
+        # No header record: every label is read now, checked, and counted.
+        labels = np.asarray([
+            recordio.class_label(
+                reader.read_header(int(k)), None, f"{rec} record {int(k)}"
+            )
+            for k in keys
+        ], np.int64)
+        num_classes = int(labels.max()) + 1
+        empty = num_classes - len(np.unique(labels))
+        if empty:
+            warnings.warn(
+                f"{rec}: labels run up to {num_classes - 1}, but {empty} of "
+                f"those {num_classes} classes have no image (the head still "
+                f"has {num_classes} outputs). Check the labels, or "
+                "re-create the .rec with MXNet's im2rec.",
+                DataWarning,
+                stacklevel=3,
+            )
     return TrainingSource(
         kind="recordio",
         path=rec,
@@ -290,7 +323,36 @@ def _open_recordio(rec: pathlib.Path) -> TrainingSource:
         class_names=[str(k) for k in range(num_classes)],
         keys=keys,
         reader=reader,
+        num_skipped=skipped,
     )
+
+
+def find_corrupt_records(
+    reader: recordio.RecordIOReader, keys: np.ndarray
+) -> list[tuple[int, str]]:
+    """(key, reason) of each image record that cannot be read or decoded.
+
+    Reads every record (threads, one per core) and decodes its image with
+    Pillow, as `find_corrupt_images` does for files; used by
+    `skip_corrupt=True` on RecordIO sets. A bad class label is not skipped
+    here: the pipeline stops on it, naming the record.
+    """
+    from PIL import Image
+
+    def check(key):
+        key = int(key)
+        try:
+            _, payload = reader.read_image(key)
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+            ok = bool(image_bytes_ok(payload).numpy())
+            return None if ok else (key, "truncated image")
+        except Exception as error:  # framing errors, Pillow's many types
+            return (key, f"{type(error).__name__}: {error}")
+
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [r for r in pool.map(check, keys, chunksize=64) if r]
 
 
 def _check_size(image_size, channels):
@@ -530,19 +592,36 @@ def _folder_loader(source):
     return load
 
 
+# Starts the ValueError a RecordIO read raises inside tf.data, so that the
+# training loop finds our one-line message in TensorFlow's error text.
+RECORD_ERROR = "Unreadable training record: "
+
+
 def _recordio_loader(source):
     reader = source.reader
     keys = source.keys
     path = str(source.path)
+    num_classes = source.num_classes
 
     def read(index):
         key = int(keys[int(index)])
-        header, payload = reader.read_image(key)
-        return np.float32(recordio.first_label(header)), payload, key
+        try:
+            header, payload = reader.read_image(key)
+            label = recordio.class_label(
+                header, num_classes, f"{path} record {key}"
+            )
+        except (ValueError, KeyError) as error:
+            text = str(error).strip("'\"")
+            if not text.startswith(f"{path} record "):
+                text = f"{path} record {key}: " + text.removeprefix(
+                    f"{path}: "
+                )
+            raise ValueError(RECORD_ERROR + text) from None
+        return np.int64(label), payload, key
 
     def load(index):
         label, payload, key = tf.py_function(
-            read, [index], [tf.float32, tf.string, tf.int64]
+            read, [index], [tf.int64, tf.string, tf.int64]
         )
         label = tf.ensure_shape(label, [])
         payload = tf.ensure_shape(payload, [])

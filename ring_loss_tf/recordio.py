@@ -105,6 +105,40 @@ def first_label(header: IRHeader) -> float:
     return float(header.label)
 
 
+def class_label(
+    header: IRHeader, num_classes: int | None, where: str
+) -> int:
+    """The class of an image record, checked: an integer in
+    0 .. num_classes - 1 (0 .. 2**31 - 1 when the count is unknown).
+
+    Args:
+        header: the record's IRHeader.
+        num_classes: the class count insightface's header record 0 says,
+            or None.
+        where: names the record in errors, e.g. "train.rec record 5".
+
+    Raises:
+        ValueError: a NaN, infinite, negative, fractional or too large
+            label; the message starts with `where`.
+    """
+    label = first_label(header)
+    limit = 2**31 if num_classes is None else num_classes
+    if math.isfinite(label) and label.is_integer() and 0 <= label < limit:
+        return int(label)
+    if num_classes is None:
+        expected = "0 .. 2**31 - 1"
+    else:
+        expected = (
+            f"0 .. {num_classes - 1}: the set has {num_classes} classes "
+            "(its header record 0 says how many)"
+        )
+    raise ValueError(
+        f"{where}: class label {label} is not an integer in {expected}. "
+        "The file is not an insightface image .rec, or it is corrupt: "
+        "re-create it with MXNet's im2rec."
+    )
+
+
 class RecordIOReader:
     """Random access to the records of a `.rec` file, thread-safe.
 

@@ -337,6 +337,28 @@ def _all_reduce_in(optimizer, dtype):
     optimizer._all_reduce_sum_gradients = reduce_in_dtype
 
 
+def _scratch_directory(scratch_dir):
+    """A new directory for a worker's checkpoint copies, in `scratch_dir`
+    (made if missing; None: the system's temporary directory).
+
+    Raises:
+        ConfigError: it cannot be made there (a file, no permission, ...).
+    """
+    try:
+        if scratch_dir is not None:
+            os.makedirs(scratch_dir, exist_ok=True)
+        return pathlib.Path(
+            tempfile.mkdtemp(prefix="ring_loss_tf-worker-", dir=scratch_dir)
+        )
+    except OSError as error:
+        raise ConfigError(
+            "worker_scratch_dir", scratch_dir,
+            f"cannot make a directory there ({first_line(error)})",
+            "give a writable directory, or omit it to use the system's "
+            "temporary directory",
+        ) from None
+
+
 # What `_forward_backward_fn` reports for each step, in this order.
 STAT_NAMES = (
     "loss", "cross_entropy", "ring_loss", "weight_decay", "feature_norm"
@@ -540,10 +562,7 @@ class Trainer:
             # Its checkpoints hold shards no other worker has: kept.
             directory = self.model_dir / self._task_index()
         elif not self.is_chief:
-            self._worker_dir = pathlib.Path(
-                tempfile.mkdtemp(prefix="ring_loss_tf-worker-",
-                                 dir=scratch_dir)
-            )
+            self._worker_dir = _scratch_directory(scratch_dir)
             directory = self._worker_dir
         if self.is_chief:
             remove_unfinished_checkpoints(directory)

@@ -15,10 +15,12 @@ into a `TrainConfig` and calls `train`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import pathlib
 import re
 import time
+import traceback
 
 import keras
 import numpy as np
@@ -55,8 +57,18 @@ def data_error(error, trainer=None):
     """A `TrainingDataError` from tf.data's InvalidArgumentError."""
     text = getattr(error, "message", None) or str(error)
     match = _CORRUPT_ASSERTION.search(text)
+    record = re.search(re.escape(data.RECORD_ERROR) + r"([^\n]*)", text)
     if match:
         message = f"{match.group(1)} {match.group(2)}"
+    elif record:
+        # The reader's message names the .rec and the record or offset.
+        message = record.group(1).strip()
+        if "class label" not in message:
+            message += (
+                " Copy the .rec and .idx again, or rerun with "
+                "skip_corrupt=True (--skip_corrupt): it reads every record "
+                "once at the start and leaves out those that fail."
+            )
     else:
         message = (
             "A training image could not be decoded "
@@ -441,29 +453,66 @@ def _peer_error(error):
 
 
 @contextlib.contextmanager
-def _lost_workers(trainer):
+def _lost_workers(trainer, starting=False, model_dir=None):
     """A collective that fails because a peer died or cannot be reached
-    (TensorFlow's heartbeats notice within seconds) as one message."""
+    (TensorFlow's heartbeats notice within seconds) as one message.
+
+    `trainer`: the `Trainer`, or a callable returning it (None while it is
+    being built); `starting`: the workers are still building the model,
+    restoring and starting their input, before the first step.
+    """
     try:
         yield
     except (tf.errors.UnavailableError, tf.errors.AbortedError,
             tf.errors.DeadlineExceededError) as error:
-        if trainer.num_workers <= 1:
+        current = trainer() if callable(trainer) else trainer
+        if current is not None:
+            num_workers, chief = current.num_workers, current.is_chief
+            directory = current.model_dir
+        else:
+            num_workers = len(cluster.tf_config_workers())
+            chief = cluster.is_chief_task()
+            directory = model_dir
+        if num_workers <= 1:
             raise
-        directory = trainer.model_dir
         latest = tf.train.latest_checkpoint(str(directory)) if (
             directory is not None) else None
         kept = (
             f"the checkpoints in {directory} are intact (latest: {latest}; "
-            "the steps after it are lost)" if latest and trainer.is_chief
+            "the steps after it are lost)" if latest and chief
             else "the chief's checkpoints are intact"
         )
+        if starting:
+            when = "while starting"
+            if current is not None:
+                when += f", before step {int(current.step.numpy()) + 1}"
+        else:
+            when = f"at step {int(current.step.numpy()) + 1}"
         raise WorkerLostError(
-            f"Lost contact with another worker at step "
-            f"{int(trainer.step.numpy()) + 1} ({_peer_error(error)}); "
-            f"{kept}. Start every worker again with the same command and "
-            "TF_CONFIG to resume from the latest checkpoint."
+            f"Lost contact with another worker {when} "
+            f"({_peer_error(error)}); {kept}. Start every worker again with "
+            "the same command and TF_CONFIG to resume from the latest "
+            "checkpoint."
         ) from None
+
+
+def _forget_frames(error):
+    """Clears the locals of the finished frames an exception's traceback
+    (and those of its context and cause) keeps alive.
+
+    A traceback holds the frames of `run_loop` and of the iterator's
+    `__next__`, and so the input iterator. Left to the interpreter's
+    shutdown (train.py exits with the error in hand), the iterator is
+    destroyed only then: its destructor waits for the pipeline's threads,
+    and a thread inside a `tf.py_function` (the RecordIO reader) can no
+    longer take the GIL of a finalising interpreter, so the process never
+    exits. Dropped here, it is destroyed while those threads can finish.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _start_line(config, trainer, restored, source, total_steps):
@@ -534,7 +583,9 @@ def train(
             the current step was checkpointed.
         CheckpointWriteError: a checkpoint could not be written; the
             earlier ones are intact.
-        TrainingDataError: a training image could not be decoded.
+        TrainingDataError: a training image could not be decoded, or a
+            RecordIO record read or its label is bad (names the record).
+        WorkerLostError: a worker was lost, during start-up or training.
         ValueError: `model_dir` holds a checkpoint of another run.
     """
     config_lib.check(config)
@@ -568,12 +619,8 @@ def train(
         )
     total_steps = config_lib.steps_of(config, source.num_examples)
     write_config = chief and check_resume_config(config, save=False)
-    trainer = _build_trainer(config, strategy, total_steps)
-    restored = trainer.attach_checkpoint(
-        max_to_keep=run.max_to_keep, scratch_dir=run.worker_scratch_dir,
-    )
+    trainer = None
     data_config = config.data
-    start_step = int(trainer.step.numpy())
 
     def worker_pipeline(input_context):
         return data.training_dataset(
@@ -588,10 +635,19 @@ def train(
             max_pixels=data_config.max_image_pixels,
         )
 
-    try:
-        iterator = iter(trainer.distribute_dataset(worker_pipeline))
-    except tf.errors.InvalidArgumentError as error:  # in-memory decoding
-        raise data_error(error, trainer) from None
+    # Building the model and restoring hold collectives too (variables are
+    # broadcast from the chief, the workers compare their steps).
+    with _lost_workers(lambda: trainer, starting=True,
+                       model_dir=run.model_dir):
+        trainer = _build_trainer(config, strategy, total_steps)
+        restored = trainer.attach_checkpoint(
+            max_to_keep=run.max_to_keep, scratch_dir=run.worker_scratch_dir,
+        )
+        start_step = int(trainer.step.numpy())
+        try:
+            iterator = iter(trainer.distribute_dataset(worker_pipeline))
+        except tf.errors.InvalidArgumentError as error:  # in-memory decoding
+            raise data_error(error, trainer) from None
     if write_config:  # the run starts: its settings go beside it
         config_lib.save(config, run.model_dir)
     if chief:
@@ -619,7 +675,14 @@ def train(
                 stop_requested=stopper,
                 steps_per_loop=run.steps_per_loop,
             )
+    except BaseException as error:
+        _forget_frames(error)
+        raise
     finally:
+        # The input pipeline goes first, while its threads can still run
+        # (`_forget_frames`); the collection also breaks its cycles.
+        iterator = None
+        gc.collect()
         trainer.close()
         if writer is not None:
             writer.close()

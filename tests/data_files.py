@@ -161,6 +161,35 @@ def write_rec(directory, images_per_class, header=True, vector_label=False):
     return directory, records
 
 
+def damage_rec(directory, key, how):
+    """Damages record `key` of directory/train.rec (offsets from its
+    train.idx) as a bad copy or a bad writer would: "truncated": the file
+    ends 10 bytes into its data; "length": its length field says 2**29 - 1
+    bytes, past the end of the file; "unending": it is the first part
+    (cflag 1) of a multi-part record whose later parts (every record after
+    it, cflag 2) never end."""
+    rec = pathlib.Path(directory) / "train.rec"
+    lines = (pathlib.Path(directory) / "train.idx").read_text().split("\n")
+    offsets = dict(tuple(int(v) for v in line.split()) for line in lines
+                   if line.strip())
+    start = offsets[key]
+    contents = bytearray(rec.read_bytes())
+    if how == "truncated":
+        del contents[start + 8 + 10:]
+    elif how == "length":
+        struct.pack_into("<I", contents, start + 4, (1 << 29) - 1)
+    elif how == "unending":
+        for offset in sorted(o for o in offsets.values() if o >= start):
+            lrecord = struct.unpack_from("<I", contents, offset + 4)[0]
+            flag = 1 if offset == start else 2
+            struct.pack_into("<I", contents, offset + 4,
+                             flag << 29 | lrecord & ((1 << 29) - 1))
+    else:
+        raise ValueError(f"unknown damage {how!r}")
+    rec.write_bytes(bytes(contents))
+    return rec
+
+
 # --------------------------------------------------------------------------
 # LFW trees
 

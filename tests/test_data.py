@@ -2,6 +2,8 @@
 folders and on RecordIO files (the reader itself: tests/test_recordio.py)."""
 
 import pathlib
+import re
+import struct
 import warnings
 
 import numpy as np
@@ -11,6 +13,7 @@ from PIL import Image
 
 from ring_loss_tf import data
 from tests.data_files import constant_png
+from tests.data_files import damage_rec
 from tests.data_files import encode
 from tests.data_files import make_folder
 from tests.data_files import pack
@@ -419,3 +422,116 @@ def test_shuffled_index_is_a_permutation_per_epoch():
     assert not np.array_equal(epochs[0], np.arange(n))
     other_seed = data.shuffled_index(positions[:n], 6, n).numpy()
     assert not np.array_equal(other_seed, epochs[0])
+
+
+def _set_label(directory, key, label):
+    """Overwrites the IRHeader label of record `key` (a flag-0 record) in
+    directory/train.rec, at its offset from train.idx."""
+    idx = (directory / "train.idx").read_text().split()
+    offset = dict(zip(map(int, idx[::2]), map(int, idx[1::2])))[key]
+    rec = directory / "train.rec"
+    contents = bytearray(rec.read_bytes())
+    # 8 bytes of framing, then IRHeader (uint32 flag, float32 label, ...).
+    assert struct.unpack_from("<I", contents, offset + 8)[0] == 0
+    struct.pack_into("<f", contents, offset + 12, label)
+    rec.write_bytes(bytes(contents))
+
+
+@pytest.mark.parametrize("label, shown", [
+    (float("nan"), "nan"), (-1.0, "-1.0"), (5.5, "5.5"), (3.0, "3.0"),
+    (1e6, "1000000.0"),
+])
+def test_recordio_labels_are_checked_against_the_header(tmp_path, label,
+                                                        shown):
+    """With insightface's header record (here: 3 classes) each image
+    record's label must be an integer below the count it claims; it is
+    checked as the record is read (no extra pass over a large set)."""
+    directory, _ = write_rec(tmp_path / "rec", [2, 2, 2])
+    _set_label(directory, 3, label)
+    source = data.open_training_source(directory)
+    assert (source.num_classes, source.num_examples) == (3, 6)
+    dataset = data.training_dataset(
+        source, batch_size=2, image_size=(8, 8), channels=1,
+        augment="none", seed=0, repeat=False,
+    )
+    rec = re.escape(str(directory / "train.rec"))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"Unreadable training record: {rec} record 3: class label "
+              rf"{re.escape(shown)} is not an integer in 0 \.\. 2: the set "
+              r"has 3 classes \(its header record 0 says how many\)\. The "
+              r"file is not an insightface image \.rec, or it is corrupt: "
+              r"re-create it with MXNet's im2rec\.",
+    ):
+        list(dataset)
+    # Untouched, the same set reads every label as written.
+    _set_label(directory, 3, 1.0)
+    assert sorted(labels_and_values(data.training_dataset(
+        data.open_training_source(directory), batch_size=2, image_size=(8, 8),
+        channels=1, augment="none", seed=0, repeat=False,
+    ))) == sorted((c, 20 * c + i + 1) for c in range(3) for i in range(2))
+
+
+def test_recordio_labels_without_header(tmp_path):
+    """Without a header record every label is read at the start: a
+    fractional one stops there, and a far too large one warns that most
+    of the classes it makes have no image."""
+    directory, _ = write_rec(tmp_path / "rec", [2, 2], header=False)
+    _set_label(directory, 1, 0.5)
+    with pytest.raises(ValueError, match=re.escape(
+        f"{directory / 'train.rec'} record 1: class label 0.5 is not an "
+        "integer in 0 .. 2**31 - 1."
+    )):
+        data.open_training_source(directory)
+    _set_label(directory, 1, 1e6)
+    with pytest.warns(data.DataWarning, match=re.escape(
+        f"{directory / 'train.rec'}: labels run up to 1000000, but 999998 "
+        "of those 1000001 classes have no image"
+    )):
+        source = data.open_training_source(directory)
+    assert source.num_classes == 1000001
+
+
+@pytest.mark.parametrize("damage, key", [
+    ("truncated", 6), ("length", 2), ("unending", 6),
+])
+def test_recordio_skip_corrupt_leaves_out_unreadable_records(
+    tmp_path, damage, key
+):
+    """skip_corrupt reads every record once: one that cannot be read
+    (cut short, a length past the end, parts that never end) or whose
+    image does not decode is left out, with one warning naming it."""
+    directory, _ = write_rec(tmp_path / "rec", [3, 3])
+    rec = damage_rec(directory, key, damage)
+    with pytest.warns(data.DataWarning, match=re.escape(
+        f"Skipped 1 unreadable or corrupt record(s) in {rec} (first: "
+        f"record {key}: ValueError: {rec}: truncated RecordIO file"
+    )):
+        source = data.open_training_source(directory, skip_corrupt=True)
+    assert (source.num_classes, source.num_examples) == (2, 5)
+    assert key not in source.keys.tolist()
+    got = labels_and_values(data.training_dataset(
+        source, batch_size=5, image_size=(8, 8), channels=1, augment="none",
+        seed=0, repeat=False,
+    ))
+    # Record k holds image i = k - 1 - 3c of class c (grey 20c + i + 1).
+    expected = [(c, 20 * c + i + 1) for c in range(2) for i in range(3)
+                if 1 + 3 * c + i != key]
+    assert sorted(got) == expected
+
+
+def test_recordio_skip_corrupt_leaves_out_undecodable_images(tmp_path):
+    directory = tmp_path / "rec"
+    directory.mkdir()
+    with open(directory / "train.rec", "wb") as file:
+        write_record(file, pack(0.0, constant_png(5)))
+        second = file.tell()
+        write_record(file, pack(1.0, constant_png(6)[:20]))
+        third = file.tell()
+        write_record(file, pack(1.0, constant_png(7)))
+    (directory / "train.idx").write_text(
+        f"0\t0\n1\t{second}\n2\t{third}\n")
+    with pytest.warns(data.DataWarning,
+                      match=r"Skipped 1 .*\(first: record 1: "):
+        source = data.open_training_source(directory, skip_corrupt=True)
+    assert source.keys.tolist() == [0, 2]

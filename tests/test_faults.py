@@ -396,3 +396,49 @@ def test_a_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes(
     resumed = kill_resume.run_train(flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {model_dir}/ckpt-11" in resumed.stdout
+
+
+def test_a_worker_that_fails_at_start_stops_the_other_with_one_line(
+    tmp_path
+):
+    """The non-chief fails as it starts (its --worker_scratch_dir is a
+    file): it says so in one line, and the chief stops with the one-line
+    lost-worker message, not TensorFlow's traceback."""
+    model_dir = tmp_path / "run"
+    scratch = tmp_path / "not_a_directory"
+    scratch.write_text("")
+    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=4)
+    chief_config, other_config = cluster.loopback_tf_configs(2)
+    environment = kill_resume.environment()
+    chief = kill_resume.start_train(
+        flags, env=dict(environment, TF_CONFIG=chief_config)
+    )
+    other = kill_resume.start_train(
+        flags + [f"--worker_scratch_dir={scratch}"],
+        env=dict(environment, TF_CONFIG=other_config),
+    )
+    try:
+        _, other_err = other.communicate(timeout=300)
+        _, chief_err = chief.communicate(timeout=120)
+    finally:
+        for p in (chief, other):
+            if p.poll() is None:
+                p.kill()
+    assert other.returncode == 2, other_err[-3000:]
+    (other_line,) = _error_lines(other_err)
+    assert other_line == (
+        f"train.py: error: --worker_scratch_dir={scratch}: cannot make a "
+        f"directory there ([Errno 17] File exists: '{scratch}'); give a "
+        "writable directory, or omit it to use the system's temporary "
+        "directory"
+    ), other_line
+    assert chief.returncode == 1, chief_err[-3000:]
+    (chief_line,) = _error_lines(chief_err)
+    assert re.fullmatch(
+        r"train\.py: Lost contact with another worker while starting"
+        r"(, before step 1)? \(.*\); the chief's checkpoints are intact\. "
+        r"Start every worker again with the same command and TF_CONFIG to "
+        r"resume from the latest checkpoint\.",
+        chief_line,
+    ), chief_line
+    assert "Traceback" not in chief_err, chief_err[-3000:]

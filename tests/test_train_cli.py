@@ -15,10 +15,15 @@ import shutil
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+
+from tests.data_files import damage_rec
+from tests.data_files import write_rec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -437,6 +442,67 @@ def test_corrupt_training_image_one_line_then_skip_corrupt(tmp_path):
     assert f"Skipped 1 corrupt or truncated image(s) in {tmp_path / 'faces'}"\
         in skipped.stderr, skipped.stderr[-3000:]
     assert "2 classes, 7 images" in skipped.stdout, skipped.stdout
+
+
+@pytest.mark.parametrize("damage, key", [
+    ("truncated", 50), ("length", 50), ("unending", 50),
+])
+def test_unreadable_rec_record_exits_at_once_with_one_line(
+    tmp_path, damage, key
+):
+    """A .rec record that cannot be read (cut short, a length past the end
+    of the file, a multi-part record that never ends) stops train.py with
+    one line naming the record and a fix that works for .rec sets, and
+    the process exits within seconds of it: it used to hang, destroying
+    the input pipeline while a thread of its RecordIO reader waited for
+    the interpreter it was shutting down."""
+    # Enough records that several reads are in flight when one fails.
+    directory, _ = write_rec(tmp_path / "faces", [40] * 10)
+    rec = damage_rec(directory, key, damage)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"),
+         f"--model_dir={tmp_path / 'run'}", f"--data_dir={directory}",
+         "--image_size=16", "--channels=1", "--batch_size=32", "--steps=30",
+         "--warmup_steps=0", "--noevaluate", "--noexport", "--nojit",
+         "--log_every=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    watchdog = threading.Timer(600, process.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("train.py:"):
+                printed = time.monotonic()
+                break
+        else:
+            pytest.fail("no error line:\n" + "".join(lines)[-3000:])
+        rest = process.communicate(timeout=60)[1]
+        exited = time.monotonic() - printed
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+    assert exited < 30, exited
+    assert process.returncode == 2, "".join(lines)[-3000:] + rest
+    errors = [l for l in rest.splitlines() if l.startswith("train.py:")]
+    assert errors == [], rest
+    # Cut short or never ending, every record from `key` on is unreadable.
+    match = re.fullmatch(
+        rf"train\.py: error: {re.escape(str(rec))} record (\d+): truncated "
+        r"RecordIO file: wanted \d+ bytes at offset \d+, the file has \d+ "
+        r"bytes\. Copy the \.rec and \.idx again, or rerun with "
+        r"skip_corrupt=True \(--skip_corrupt\): it reads every record once "
+        r"at the start and leaves out those that fail\.( The last "
+        r"checkpoint \S+ is intact\.)?\n",
+        lines[-1],
+    )
+    assert match, lines[-1]
+    bad = int(match.group(1))
+    assert bad == key if damage == "length" else bad >= key
 
 
 _LAST_STEP = re.compile(r"^step (\d+)/\1 .* ce ([\d.]+) .*\|F\| ([\d.]+)",
