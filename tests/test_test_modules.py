@@ -113,7 +113,8 @@ def test_no_test_module_imports_another():
 def test_each_slow_set_name_names_a_test_of_its_module():
     """A renamed test would silently leave the slow set for the fast one
     (or a typo never enter it): each name must be a test function of the
-    module it is listed under, with parameters that the module can give."""
+    module it is listed under. (Parameter ids are pytest's to make; a
+    wrong one leaves that case in the fast set, where it still runs.)"""
     from tests.slow_set import SLOW
 
     missing = []
@@ -124,9 +125,7 @@ def test_each_slow_set_name_names_a_test_of_its_module():
             if isinstance(node, ast.FunctionDef)
         }
         for name in names:
-            function, _, parameters = name.partition("[")
-            if function not in functions or (
-                    parameters and parameters[:-1] not in source):
+            if name.partition("[")[0] not in functions:
                 missing.append(f"{module}::{name}")
     assert not missing, (
         f"tests/slow_set.py names tests that do not exist: {missing}; "
