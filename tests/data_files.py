@@ -150,6 +150,15 @@ def write_rec(directory, images_per_class, header=True, vector_label=False):
         b = a + len(images_per_class)
         identity = [pack([float(s), float(e)], b"") for s, e in ranges]
         records = [pack([float(a), float(b)], b"")] + records + identity
+    write_records(directory, records)
+    return directory, records
+
+
+def write_records(directory, records):
+    """directory/train.rec holding `records` (packed payloads) as keys
+    0, 1, ..., and its train.idx."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     offsets = []
     with open(directory / "train.rec", "wb") as file:
         for payload in records:
@@ -158,7 +167,7 @@ def write_rec(directory, images_per_class, header=True, vector_label=False):
     with open(directory / "train.idx", "w") as file:
         for key, offset in enumerate(offsets):
             file.write(f"{key}\t{offset}\n")
-    return directory, records
+    return directory
 
 
 def damage_rec(directory, key, how):

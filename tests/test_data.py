@@ -19,7 +19,7 @@ from tests.data_files import make_folder
 from tests.data_files import pack
 from tests.data_files import smooth_rgb
 from tests.data_files import write_rec
-from tests.data_files import write_record
+from tests.data_files import write_records
 
 RNG = np.random.default_rng(0)
 
@@ -364,13 +364,9 @@ def test_recordio_iterator_checkpoint_restores_the_next_batches(tmp_path):
 
 
 def test_recordio_corrupt_image_names_the_record(tmp_path):
-    directory = tmp_path / "rec"
-    directory.mkdir()
-    with open(directory / "train.rec", "wb") as file:
-        write_record(file, pack(0.0, constant_png(5)))
-        second = file.tell()
-        write_record(file, pack(1.0, constant_png(6)[:20]))
-    (directory / "train.idx").write_text(f"0\t0\n1\t{second}\n")
+    directory = write_records(tmp_path / "rec", [
+        pack(0.0, constant_png(5)), pack(1.0, constant_png(6)[:20]),
+    ])
     source = data.open_training_source(directory)
     dataset = data.training_dataset(
         source, batch_size=2, image_size=(8, 8), channels=1, augment="none",
@@ -521,16 +517,10 @@ def test_recordio_skip_corrupt_leaves_out_unreadable_records(
 
 
 def test_recordio_skip_corrupt_leaves_out_undecodable_images(tmp_path):
-    directory = tmp_path / "rec"
-    directory.mkdir()
-    with open(directory / "train.rec", "wb") as file:
-        write_record(file, pack(0.0, constant_png(5)))
-        second = file.tell()
-        write_record(file, pack(1.0, constant_png(6)[:20]))
-        third = file.tell()
-        write_record(file, pack(1.0, constant_png(7)))
-    (directory / "train.idx").write_text(
-        f"0\t0\n1\t{second}\n2\t{third}\n")
+    directory = write_records(tmp_path / "rec", [
+        pack(0.0, constant_png(5)), pack(1.0, constant_png(6)[:20]),
+        pack(1.0, constant_png(7)),
+    ])
     with pytest.warns(data.DataWarning,
                       match=r"Skipped 1 .*\(first: record 1: "):
         source = data.open_training_source(directory, skip_corrupt=True)
