@@ -247,14 +247,14 @@ def _cached(loader):
 
 def _template_plan():
     """{name: TemplateProtocol} of --ijb_dir and --embedded_templates."""
-    from ring_loss_tf import ijb
+    from ring_loss_tf.evaluation import ijb
 
     protocols = {}
     for path in FLAGS.ijb_dir:
         protocol = ijb.read_protocol(path)
         protocols[protocol.name] = protocol
     if FLAGS.embedded_templates:
-        from ring_loss_tf import kanji_templates
+        from ring_loss_tf.data import kanji_templates
 
         options = _kanji_options()
         root = kanji_templates.prepare(**{
@@ -282,12 +282,12 @@ def _kanji_options():
 
 def _data_plan():
     """(verification sets {name: loader}, identification dict or None)."""
-    from ring_loss_tf import eval_data
+    from ring_loss_tf.data import eval_sets
 
     sets, ident = {}, None
     if FLAGS.lfw_dir:
         sets[pathlib.Path(FLAGS.pairs).stem] = (
-            lambda size, channels: eval_data.read_lfw_pairs(
+            lambda size, channels: eval_sets.read_lfw_pairs(
                 FLAGS.pairs,
                 FLAGS.lfw_dir,
                 image_size=size,
@@ -296,7 +296,7 @@ def _data_plan():
         )
     for path in FLAGS.bin:
         name = pathlib.Path(path).stem
-        sets[name] = lambda size, channels, path=path: eval_data.read_bin(
+        sets[name] = lambda size, channels, path=path: eval_sets.read_bin(
             path, image_size=size, channels=channels
         )
     if FLAGS.gallery:
@@ -307,11 +307,11 @@ def _data_plan():
         }
     if sets or ident or FLAGS.ijb_dir:
         return {k: _cached(v) for k, v in sets.items()}, ident
-    from ring_loss_tf import kanji
+    from ring_loss_tf.data import kanji
 
     root = kanji.prepare(**_kanji_options())
     print(f"No data flag: the embedded test split at {root}")
-    sets["kanji-test"] = lambda size, channels: eval_data.read_lfw_pairs(
+    sets["kanji-test"] = lambda size, channels: eval_sets.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
     )
     ident = {
@@ -388,10 +388,9 @@ def main(argv):
     quiet.import_tensorflow()
     import tensorflow as tf
 
-    from ring_loss_tf import eval_data
-    from ring_loss_tf import evaluation
-    from ring_loss_tf import evaluation_report
-
+    from ring_loss_tf.data import eval_sets
+    from ring_loss_tf.evaluation import protocols as protocols_lib
+    from ring_loss_tf.evaluation import report as report_lib
     sets, ident = _data_plan()
     try:
         templates = _template_plan()
@@ -400,7 +399,7 @@ def main(argv):
     reports = []
     for model in [FLAGS.model] + list(FLAGS.compare):
         try:
-            embedder = evaluation.load_embedder(
+            embedder = protocols_lib.load_embedder(
                 model,
                 signature=FLAGS.signature,
                 output_key=FLAGS.output_key,
@@ -411,7 +410,7 @@ def main(argv):
         except (FileNotFoundError, ValueError) as error:
             _fail(str(error))
         try:
-            report = evaluation.evaluate_model(
+            report = protocols_lib.evaluate_model(
                 embedder,
                 verification_sets=sets,
                 identification=ident,
@@ -424,16 +423,16 @@ def main(argv):
                 detector_score=FLAGS.detector_score,
             )
         except (FileNotFoundError, ValueError,
-                eval_data.UnsafePickleError) as error:
+                eval_sets.UnsafePickleError) as error:
             # Our readers' messages name the file, line and fix.
             _fail(str(error))
         except tf.errors.OpError as error:  # decoding, named by our checks
             _fail(_image_error(error))
         reports.append(report)
         reports[-1].model["path"] = str(model)
-    print(evaluation_report.format_table(reports))
+    print(report_lib.format_table(reports))
     command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    written = evaluation_report.write_outputs(
+    written = report_lib.write_outputs(
         reports,
         FLAGS.output_dir,
         plots=FLAGS.plots,

@@ -117,10 +117,10 @@ def main(argv):
         )
     from ring_loss_tf import errors
     from ring_loss_tf import export
-    from ring_loss_tf import training
+    from ring_loss_tf.training import loop
 
     try:
-        training.train(
+        loop.train(
             config,
             stop_on_signals=True,
             print_fn=lambda line: print(line, flush=True),

@@ -42,7 +42,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from ring_loss_tf import backbones  # noqa: E402
+from ring_loss_tf.models import backbones  # noqa: E402
 from ring_loss_tf import layers  # noqa: E402
 from ring_loss_tf import registry  # noqa: E402
 

@@ -14,7 +14,7 @@
    output fits in memory), measured interleaved in the same run.
 3. Embedding: images/s of an exported SavedModel (the untrained small_cnn
    backbone by default, or --model) on the embedded KanjiVG test split
-   (generated on first use), through `evaluation.Embedder`.
+   (generated on first use), through `protocols.Embedder`.
 
 Each figure is the median of --repeats runs (≥ 5); ratios are of figures of
 the same run. The machine is shared and noisy: compare ratios, not times.
@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ring_loss_tf import metrics  # noqa: E402
+from ring_loss_tf.evaluation import metrics  # noqa: E402
 
 
 def median_time(fn, repeats):
@@ -169,24 +169,24 @@ def bench_identification(args):
 def bench_embedding(args):
     import tensorflow as tf  # noqa: F401
 
-    from ring_loss_tf import backbones
-    from ring_loss_tf import data
-    from ring_loss_tf import eval_data
-    from ring_loss_tf import evaluation
-    from ring_loss_tf import kanji
+    from ring_loss_tf.models import backbones
+    from ring_loss_tf.data import pipeline
+    from ring_loss_tf.data import eval_sets
+    from ring_loss_tf.evaluation import protocols
+    from ring_loss_tf.data import kanji
 
     root = kanji.prepare(cache_dir=args.cache_dir)
-    paths, _, _ = eval_data.read_image_folder(root / "test", load=False)
+    paths, _, _ = eval_sets.read_image_folder(root / "test", load=False)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model
         if model_path is None:
             model = backbones.small_cnn(seed=0)
             model_path = os.path.join(tmp, "export")
             model.export(model_path, verbose=False)
-        embedder = evaluation.load_embedder(
+        embedder = protocols.load_embedder(
             model_path, batch_size=args.batch_size
         )
-        images = data.load_images(
+        images = pipeline.load_images(
             paths,
             image_size=embedder.image_size,
             channels=embedder.channels,

@@ -6,7 +6,7 @@
 Measures, in one process, round after round (so machine drift hits every
 variant alike), the median over `--repeats` rounds of:
 
-- kanji pipeline: `data.training_dataset` on the embedded default set
+- kanji pipeline: `pipeline.training_dataset` on the embedded default set
   (`kanji.prepare()` defaults, 32x32 grey, augment="characters"), images/s
   over `--batches` batches of a fresh iterator after 5 warm-up batches,
   in memory (the default for this set) and streaming from the PNGs;
@@ -41,8 +41,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ring_loss_tf import data  # noqa: E402
-from ring_loss_tf import kanji  # noqa: E402
+from ring_loss_tf.data import pipeline  # noqa: E402
+from ring_loss_tf.data import kanji  # noqa: E402
 
 
 def make_jpeg_folder(root, identities=200, per_identity=20, size=(112, 96)):
@@ -80,7 +80,7 @@ def pipeline_rate(dataset, batches, batch_size, warmup=5):
 
 def build_step(input_shape, num_classes, batch_size):
     try:
-        from ring_loss_tf import backbones
+        from ring_loss_tf.models import backbones
 
         backbone = backbones.small_cnn(input_shape=input_shape, seed=0)
         name = "backbones.small_cnn"
@@ -175,22 +175,22 @@ def main():
           f"{settings['generation_seconds']} s with "
           f"{settings['num_workers']} workers)", flush=True)
 
-    kanji_source = data.open_training_source(root / "train")
+    kanji_source = pipeline.open_training_source(root / "train")
     start = time.perf_counter()
-    kanji_dataset = data.training_dataset(
+    kanji_dataset = pipeline.training_dataset(
         kanji_source, batch_size=args.batch_size, image_size=(32, 32),
         channels=1, augment="characters", seed=0,
     )  # in memory by default: 41 MB decoded
     print(f"kanji pipeline built (decoded into memory) in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
-    kanji_stream = data.training_dataset(
+    kanji_stream = pipeline.training_dataset(
         kanji_source, batch_size=args.batch_size, image_size=(32, 32),
         channels=1, augment="characters", seed=0, in_memory=False,
     )
     with tempfile.TemporaryDirectory() as folder:
         make_jpeg_folder(folder)
-        jpeg_source = data.open_training_source(folder)
-        jpeg_dataset = data.training_dataset(
+        jpeg_source = pipeline.open_training_source(folder)
+        jpeg_dataset = pipeline.training_dataset(
             jpeg_source, batch_size=args.batch_size, image_size=(112, 96),
             channels=3, augment="face", seed=0,
         )

@@ -40,7 +40,7 @@ def build(head, ring):
     import keras
 
     import ring_loss_tf
-    from ring_loss_tf import backbones
+    from ring_loss_tf.models import backbones
 
     backbone = backbones.small_cnn(input_shape=(32, 32, 1), seed=0)
     images = keras.Input((32, 32, 1))

@@ -58,11 +58,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from ring_loss_tf import backbones  # noqa: E402
+from ring_loss_tf.models import backbones  # noqa: E402
 from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf import layers  # noqa: E402
-from ring_loss_tf import models as models_lib  # noqa: E402
-from ring_loss_tf import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.models import assembly as models_lib  # noqa: E402
+from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
 
 NETWORKS = {
     "small_cnn": dict(backbone="small_cnn", widths=(16, 32, 64),

@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from ring_loss_tf import recordio  # noqa: E402
+from ring_loss_tf.data import recordio  # noqa: E402
 
 
 def write_index(directory: pathlib.Path, records: int) -> pathlib.Path:

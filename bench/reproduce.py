@@ -227,25 +227,25 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
 
     Returns (JSON-ready dict, {"full": norms, "1/k": norms} arrays).
     """
-    from ring_loss_tf import data
-    from ring_loss_tf import eval_data
-    from ring_loss_tf import evaluation
-    from ring_loss_tf import metrics
+    from ring_loss_tf.data import pipeline
+    from ring_loss_tf.data import eval_sets
+    from ring_loss_tf.evaluation import protocols
+    from ring_loss_tf.evaluation import metrics
 
-    embedder = evaluation.load_embedder(embedding_model, name="model")
+    embedder = protocols.load_embedder(embedding_model, name="model")
     size, channels = embedder.image_size, embedder.channels
-    paths, labels, _ = eval_data.read_image_folder(root / "test", load=False)
-    images = data.load_images(paths, image_size=size, channels=channels)
+    paths, labels, _ = eval_sets.read_image_folder(root / "test", load=False)
+    images = pipeline.load_images(paths, image_size=size, channels=channels)
     full = embedder(images)
     norms = {"full": np.linalg.norm(full, axis=1)}
     out = {"image_size": list(images.shape[1:3])}
-    out["all_pairs"] = evaluation.all_pairs_tar(full, labels, fars=FARS)
+    out["all_pairs"] = protocols.all_pairs_tar(full, labels, fars=FARS)
     out["norms"] = metrics.norm_statistics(full)
-    pairs = eval_data.read_lfw_pairs(
+    pairs = eval_sets.read_lfw_pairs(
         root / "pairs.txt", root / "test", image_size=size, channels=channels
     )
-    left, right = evaluation.pair_indices(pairs, paths)
-    r = evaluation.verify_embedded(full[left], full[right], pairs,
+    left, right = protocols.pair_indices(pairs, paths)
+    r = protocols.verify_embedded(full[left], full[right], pairs,
                                    fars=(1e-3,))
     out["ten_fold"] = {
         "accuracy_mean": r.accuracy_mean,
@@ -254,21 +254,21 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
     }
     out["low_res"] = {}
     for factor in low_res:
-        low = embedder(evaluation.downsample(images, factor))
+        low = embedder(protocols.downsample(images, factor))
         low_norm = np.linalg.norm(low, axis=1)
         norms[f"1/{factor:g}"] = low_norm
         out["low_res"][f"{factor:g}"] = {
             # Probe side (the right image of each pair) degraded.
-            "ten_fold_accuracy": evaluation.verify_embedded(
+            "ten_fold_accuracy": protocols.verify_embedded(
                 full[left], low[right], pairs, fars=(1e-3,)
             ).accuracy_mean,
-            "all_pairs": evaluation.all_pairs_tar(
+            "all_pairs": protocols.all_pairs_tar(
                 full, labels, others=low, fars=(1e-3, 1e-4)
             ),
-            "norm_ratio": evaluation.norm_ratio(full, low),
+            "norm_ratio": protocols.norm_ratio(full, low),
             "norm_cv": float(np.std(low_norm) / np.mean(low_norm)),
         }
-    ident = evaluation.identify_copies(
+    ident = protocols.identify_copies(
         full, labels, paths, root / "identification", max_rank=10
     )
     out["identification"] = {
@@ -283,16 +283,16 @@ def evaluate_run(embedding_model, root: pathlib.Path, low_res) -> tuple:
 
 def curve_point(embedding_model, root: pathlib.Path) -> dict:
     """All-pairs TAR at FAR 1e-3 and 1e-4 of the test images."""
-    from ring_loss_tf import data
-    from ring_loss_tf import eval_data
-    from ring_loss_tf import evaluation
+    from ring_loss_tf.data import pipeline
+    from ring_loss_tf.data import eval_sets
+    from ring_loss_tf.evaluation import protocols
 
-    embedder = evaluation.load_embedder(embedding_model, name="model")
-    paths, labels, _ = eval_data.read_image_folder(root / "test", load=False)
-    images = data.load_images(
+    embedder = protocols.load_embedder(embedding_model, name="model")
+    paths, labels, _ = eval_sets.read_image_folder(root / "test", load=False)
+    images = pipeline.load_images(
         paths, image_size=embedder.image_size, channels=embedder.channels
     )
-    measured = evaluation.all_pairs_tar(
+    measured = protocols.all_pairs_tar(
         embedder(images), labels, fars=(1e-3, 1e-4)
     )
     return measured["tar_at_far"]
@@ -306,8 +306,8 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
     (a checkpoint, then the same run resumes) to measure `curve_point`.
     """
     from ring_loss_tf import config as config_lib
-    from ring_loss_tf import kanji
-    from ring_loss_tf import training
+    from ring_loss_tf.data import kanji
+    from ring_loss_tf.training import loop
     from ring_loss_tf.errors import NonFiniteLossError
 
     import keras
@@ -333,7 +333,7 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
     curve_seconds = 0.0
     try:
         for stop in stops:
-            result = training.train(
+            result = loop.train(
                 config_lib.replace(
                     config, stop_at_step=stop if stop < steps else None
                 ),

@@ -13,7 +13,7 @@ configurations are interleaved, so a slow spell of a shared machine hits all
 of them; the table gives medians and the ratios of the medians, measured in
 this one run.
 
-Loop (--loop): the training loop of train.py (`training.run_loop`, one
+Loop (--loop): the training loop of train.py (`loop.run_loop`, one
 replica, no XLA unless --loop_jit, ring, a prefetched synthetic `tf.data`
 input through `distribute_dataset`) at --loop_batch_size (default 64,
 where per-step overhead shows), in three forms, interleaved: the
@@ -52,9 +52,9 @@ tf.config.set_logical_device_configuration(
 import numpy as np  # noqa: E402
 
 from ring_loss_tf import config as config_lib  # noqa: E402
-from ring_loss_tf import models  # noqa: E402
-from ring_loss_tf import trainer as trainer_lib  # noqa: E402
-from ring_loss_tf import training  # noqa: E402
+from ring_loss_tf.models import assembly  # noqa: E402
+from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.training import loop  # noqa: E402
 
 CONFIGS = {
     # name: (devices, jit, lambda_ring)
@@ -77,7 +77,7 @@ def _trainer(devices, jit, lambda_ring, batch_size, num_classes):
     )
     return trainer_lib.Trainer(
         trainer_lib.build_strategy(devices),
-        lambda: models.build_models(config),
+        lambda: assembly.build_models(config),
         global_batch_size=batch_size,
         learning_rate=0.01,
         jit=jit,
@@ -137,7 +137,7 @@ def _loop_rate(trainer, iterator, steps, args, form):
             stats, _ = trainer.train_step(*next(iterator))
             dict(stats)
     else:
-        training.run_loop(
+        loop.run_loop(
             trainer, iterator, start_step + steps,
             checkpoint_every=10**9, log_every=args.log_every,
             print_fn=lambda _: None,

@@ -12,7 +12,8 @@ Makes synthetic face-sized JPEGs (112x96 RGB, smooth random colour,
 quality 90; 64 identities x 20 by default) in a temporary directory (there
 is no face data here), then:
 
-- per-image decode cost: `data.training_dataset` (streaming, augment="face")
+- per-image decode cost: `pipeline.training_dataset` (streaming,
+  augment="face")
   iterated in this process with tf.data's private thread pool and intra-op
   parallelism at 1: process CPU ms per image (decode + resize + augment +
   batching), median of `--repeats`. Wall ms is printed beside it.
@@ -20,7 +21,7 @@ is no face data here), then:
   without TF_CONFIG, so `MirroredStrategy` on the CPU; W >= 2: a TF_CONFIG
   cluster, `MultiWorkerMirroredStrategy`, one CPU replica per worker), each
   worker builds the `Trainer` and its pipeline as `training.train` does
-  (`trainer.distribute_dataset(lambda ctx: data.training_dataset(...,
+  (`trainer.distribute_dataset(lambda ctx: pipeline_lib.training_dataset(...,
   input_context=ctx, in_memory=False))`) and, in `--repeats` rounds
   (all workers in step, a collective between phases):
   - counts the images it receives per step (the sum of its local
@@ -62,9 +63,9 @@ import tensorflow as tf  # noqa: E402
 from bench.input import make_jpeg_folder  # noqa: E402
 from ring_loss_tf import cluster  # noqa: E402
 from ring_loss_tf import config as config_lib  # noqa: E402
-from ring_loss_tf import data  # noqa: E402
-from ring_loss_tf import models  # noqa: E402
-from ring_loss_tf import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.data import pipeline as pipeline_lib  # noqa: E402
+from ring_loss_tf.models import assembly  # noqa: E402
+from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
 
 IMAGE_SIZE = (112, 96)
 CHANNELS = 3
@@ -145,19 +146,19 @@ def worker(settings):
     """Runs in each worker process; prints one `RESULT {json}` line."""
     batch_size = settings["batch_size"]
     strategy = trainer_lib.build_strategy()
-    source = data.open_training_source(settings["folder"])
+    source = pipeline_lib.open_training_source(settings["folder"])
     config = config_lib.make(
         backbone=settings["backbone"], image_size=IMAGE_SIZE,
         channels=CHANNELS, augment="face", lambda_ring=0.01, seed=0,
         num_classes=source.num_classes,
     )
     trainer = trainer_lib.Trainer(
-        strategy, lambda: models.build_models(config),
+        strategy, lambda: assembly.build_models(config),
         global_batch_size=batch_size, learning_rate=0.01,
     )
 
     def worker_pipeline(input_context):
-        return data.training_dataset(
+        return pipeline_lib.training_dataset(
             source, batch_size=batch_size, image_size=IMAGE_SIZE,
             channels=CHANNELS, augment="face", seed=0,
             input_context=input_context, in_memory=False,
@@ -254,7 +255,7 @@ def run_workers(num_workers, settings, timeout):
 
 def decode_cost(source, batch_size, batches, warmup=3):
     """(CPU ms, wall ms) per image of the streaming pipeline on one thread."""
-    dataset = data.training_dataset(
+    dataset = pipeline_lib.training_dataset(
         source, batch_size=batch_size, image_size=IMAGE_SIZE,
         channels=CHANNELS, augment="face", seed=0, in_memory=False,
     )
@@ -336,7 +337,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="worker-input-") as folder:
         make_jpeg_folder(folder, args.identities, args.per_identity,
                          IMAGE_SIZE)
-        source = data.open_training_source(folder)
+        source = pipeline_lib.open_training_source(folder)
         costs = [decode_cost(source, args.batch_size, args.decode_batches)
                  for _ in range(args.repeats)]
         cost_ms = statistics.median(c[0] for c in costs)

@@ -1,9 +1,13 @@
 """Ring loss (Zheng, Pal, Savvides, CVPR 2018) for TensorFlow 2 / Keras 3.
 
-The layers are importable from the top level (`ring_loss_tf.RingLoss`, ...);
-data, training, metrics and export live in their own modules
-(`ring_loss_tf.data`, ...), imported where they are used so that the layers
-work on every Keras backend.
+The layers are importable from the top level (`ring_loss_tf.RingLoss`, ...).
+The package follows the data flow, each subpackage importing only those
+before it: `data` (sources, pipeline, images, alignment, evaluation sets) →
+`models` (backbones, assembly, sharded head) → `training` (the step, the
+loop) → `evaluation` (embedder, metrics, protocols, reports) → `export`;
+`layers` holds what every Keras backend runs (`keras.ops` only); `config`,
+`registry`, `cluster` and `errors` need no TensorFlow. The subpackages are
+imported where they are used so that the layers work on every backend.
 
 Importing the package imports the layers, which registers them with Keras
 (a `.keras` file holding them then loads). Only in train.py and evaluate.py
@@ -22,7 +26,7 @@ from ring_loss_tf import quiet as _quiet
 if _quiet.is_module_entry_point():
     _quiet.import_tensorflow()
 
-# Public name → the module that defines it.
+# Public name → the module of `ring_loss_tf.layers` that defines it.
 _PUBLIC = {
     "ArcFace": "heads",
     "ASoftmax": "heads",
@@ -37,15 +41,15 @@ _PUBLIC = {
     "cosface_logits": "heads",
     "cosface_margin": "heads",
     "no_margin": "heads",
-    "BatchNorm": "layers",
-    "CenterLoss": "layers",
-    "GroupedConv2D": "layers",
-    "L2Constrained": "layers",
-    "RingLoss": "layers",
-    "center_loss": "layers",
-    "l2_constrained": "layers",
-    "ring_loss": "layers",
-    "safe_norm": "layers",
+    "BatchNorm": "blocks",
+    "CenterLoss": "feature_losses",
+    "GroupedConv2D": "blocks",
+    "L2Constrained": "feature_losses",
+    "RingLoss": "ring",
+    "center_loss": "feature_losses",
+    "l2_constrained": "feature_losses",
+    "ring_loss": "ring",
+    "safe_norm": "ops",
 }
 
 __all__ = list(_PUBLIC)
@@ -53,21 +57,17 @@ __version__ = "0.2.0"
 
 
 if not _quiet.is_script_entry_point():
-    from ring_loss_tf import heads as _heads  # noqa: E402
     from ring_loss_tf import layers as _layers  # noqa: E402
 
-    for _name, _module in _PUBLIC.items():
-        globals()[_name] = getattr(
-            _heads if _module == "heads" else _layers, _name
-        )
+    for _name in _PUBLIC:
+        globals()[_name] = getattr(_layers, _name)
 
 
 def __getattr__(name):
     if name in _PUBLIC:
         import importlib
 
-        module = importlib.import_module(f"ring_loss_tf.{_PUBLIC[name]}")
-        return getattr(module, name)
+        return getattr(importlib.import_module("ring_loss_tf.layers"), name)
     raise AttributeError(f"module 'ring_loss_tf' has no attribute {name!r}")
 
 

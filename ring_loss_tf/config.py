@@ -52,12 +52,12 @@ OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("face", "characters", "none")
 A_SOFTMAX_MARGINS = (1, 2, 3, 4)
 
-# The embedded character set (`ring_loss_tf.kanji`) and a face folder
+# The embedded character set (`ring_loss_tf.data.kanji`) and a face folder
 # (SphereFace's aligned crops).
 KANJI_CHANNELS = 1
 FACE_IMAGE_SIZE = (112, 96)
 FACE_CHANNELS = 3
-# ring_loss_tf.images.MAX_IMAGE_PIXELS, repeated: this module imports no
+# ring_loss_tf.data.images.MAX_IMAGE_PIXELS, repeated: this module imports no
 # TensorFlow.
 MAX_IMAGE_PIXELS = 8192 * 8192
 

@@ -12,7 +12,7 @@ package nor Keras custom objects (`tf.saved_model.load`, TF Serving):
 - `serve`: the backbone alone, float32 images already at the input size and
   normalised (what the training pipeline feeds it) → the raw embedding.
 
-Preprocessing, as the training pipeline (`ring_loss_tf.data`) does it:
+Preprocessing, as the training pipeline (`ring_loss_tf.data.pipeline`) does it:
 colour → grey with the ITU-R 601-2 weights (rounded) for one-channel
 backbones; bilinear resize with antialiasing to the input size (the filter
 of `tf.image.resize(..., antialias=True)`, written as two small matrix
@@ -54,7 +54,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf import models
+from ring_loss_tf.models import assembly
 from ring_loss_tf import quiet
 from ring_loss_tf.errors import first_line
 
@@ -75,7 +75,7 @@ ONNX_INSTALL = "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
 RELATIVE_TOLERANCE = 1e-2
 MIN_COSINE = 0.9999
 _XNNPACK_NOTICE = r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
-# ITU-R 601-2 luma, as Pillow and `ring_loss_tf.images.to_channels`.
+# ITU-R 601-2 luma, as Pillow and `ring_loss_tf.data.images.to_channels`.
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -387,7 +387,7 @@ def export_saved_model(
     Args:
         embedding_model: a `keras.Model` from normalised images (batch,
             height, width, 1 or 3) to embeddings (a backbone of
-            `ring_loss_tf.backbones`).
+            `ring_loss_tf.models.backbones`).
         output_dir: the SavedModel directory to create.
         overwrite: replace an existing export (or empty directory) at
             `output_dir`; without it an existing path is an error.
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--output={args.output} already exists; add --overwrite to "
                 "replace it or choose another directory."
             )
-        trained = models.load_training_models(args.model_dir)
+        trained = assembly.load_training_models(args.model_dir)
         path = export_saved_model(
             trained.embedding_model,
             args.output,

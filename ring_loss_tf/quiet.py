@@ -34,7 +34,7 @@ import tempfile
 from typing import Iterable
 
 SCRIPTS = ("train.py", "evaluate.py")  # beside the package
-MODULES = ("ring_loss_tf.export", "ring_loss_tf.align")  # python -m
+MODULES = ("ring_loss_tf.export", "ring_loss_tf.data.align")  # python -m
 
 _STARTUP_NOISE = (
     r"WARNING: All log messages before absl::InitializeLog\(\) is called "

@@ -7,11 +7,11 @@ misspelt `--head` fails before TensorFlow loads.
 
 A backbone function takes `(input_shape, embedding_dim, *, seed,
 embedding_block)` and returns a `keras.Model` from images to embeddings
-(see `ring_loss_tf.backbones`); its `Backbone` entry may carry the image
+(see `ring_loss_tf.models.backbones`); its `Backbone` entry may carry the image
 size and embedding block the published network has. A head function takes
 `(features, labels, model, num_classes, seed)` — symbolic Keras tensors,
 the run's `ModelConfig`, the class count and the seed — and returns
-`(logits, head_layer)` (see `ring_loss_tf.models`).
+`(logits, head_layer)` (see `ring_loss_tf.models.assembly`).
 """
 
 from __future__ import annotations
@@ -51,16 +51,19 @@ class Backbone:
 
 def _insightface(name, embedding_block, xla_on_cpu=True):
     return Backbone(
-        f"ring_loss_tf.backbones:{name}", image_size=(112, 112), channels=3,
-        embedding_block=embedding_block, xla_on_cpu=xla_on_cpu,
+        f"ring_loss_tf.models.backbones:{name}",
+        image_size=(112, 112),
+        channels=3,
+        embedding_block=embedding_block,
+        xla_on_cpu=xla_on_cpu,
     )
 
 
 BACKBONES = {
-    "small_cnn": Backbone("ring_loss_tf.backbones:small_cnn",
+    "small_cnn": Backbone("ring_loss_tf.models.backbones:small_cnn",
                           embedding_dim=128),
-    "sphereface4": Backbone("ring_loss_tf.backbones:sphereface4"),
-    "sphereface20": Backbone("ring_loss_tf.backbones:sphereface20"),
+    "sphereface4": Backbone("ring_loss_tf.models.backbones:sphereface4"),
+    "sphereface20": Backbone("ring_loss_tf.models.backbones:sphereface20"),
     "iresnet18": _insightface("iresnet18", "bn"),
     "iresnet50": _insightface("iresnet50", "bn"),
     "iresnet100": _insightface("iresnet100", "bn"),
@@ -107,21 +110,21 @@ class Head:
 
 
 HEADS = {
-    "softmax": Head("ring_loss_tf.models:softmax_head"),
+    "softmax": Head("ring_loss_tf.models.assembly:softmax_head"),
     "asoftmax": Head(
-        "ring_loss_tf.models:asoftmax_head", margin=True,
+        "ring_loss_tf.models.assembly:asoftmax_head", margin=True,
         margin_warmup_steps=200,
     ),
-    "l2softmax": Head("ring_loss_tf.models:l2softmax_head"),
+    "l2softmax": Head("ring_loss_tf.models.assembly:l2softmax_head"),
     "centerloss": Head(
-        "ring_loss_tf.models:softmax_head", center_loss_weight=0.003
+        "ring_loss_tf.models.assembly:softmax_head", center_loss_weight=0.003
     ),
     "cosface": Head(
-        "ring_loss_tf.models:cosface_head", margin=True,
+        "ring_loss_tf.models.assembly:cosface_head", margin=True,
         margin_warmup_steps=200, embedding_block="bn",
     ),
     "arcface": Head(
-        "ring_loss_tf.models:arcface_head", margin=True,
+        "ring_loss_tf.models.assembly:arcface_head", margin=True,
         margin_warmup_steps=200, embedding_block="bn",
     ),
 }

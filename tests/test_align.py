@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ring_loss_tf import align
+from ring_loss_tf.data import align
 from tests.data_files import png_of_size
 from tests.data_files import png_with_broken_chunk
 

@@ -1,4 +1,5 @@
-"""Tests of ring_loss_tf.backbones against the architectures' definitions.
+"""Tests of ring_loss_tf.models.backbones against the architectures'
+definitions.
 
 SphereFace: parameter counts are recomputed from the layer list of
 SphereFace's Table 2 (3×3 convs with bias, per-channel PReLU, a
@@ -26,13 +27,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ring_loss_tf import backbones
+from ring_loss_tf.models import backbones
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import export
 from ring_loss_tf import layers
-from ring_loss_tf import models
+from ring_loss_tf.models import assembly
 from ring_loss_tf import registry
-from ring_loss_tf import trainer as trainer_lib
+from ring_loss_tf.training import trainer as trainer_lib
 from tests import hidden_package
 from tests.tiny_runs import tiny_kanji_config
 from tests.tiny_runs import tiny_train
@@ -608,7 +609,7 @@ def test_auto_radius_starts_at_the_norm_the_first_step_sees():
     )
     trainer = trainer_lib.Trainer(
         trainer_lib.build_strategy(["/cpu:0"]),
-        lambda: models.build_models(config),
+        lambda: assembly.build_models(config),
         global_batch_size=4,
         jit=False,
     )

@@ -5,7 +5,7 @@ One row per bad input: (name, setup, expected exception, expected message).
 returns the call that must fail; the message pattern may name the directory
 as `{tmp}`. Rows cover the data readers (image folders, RecordIO, LFW
 pairs.txt, insightface .bin), evaluation's model and distractor inputs, and
-the flag checks of train.py (through `training.train` of a `TrainConfig`,
+the flag checks of train.py (through `loop.train` of a `TrainConfig`,
 which train.py calls and whose `ConfigError` it prints as `--flag=value:
 problem; fix`) and of
 evaluate.py (its `_check_flags`, run in-process: it needs no TensorFlow),
@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ring_loss_tf import data
-from ring_loss_tf import eval_data
-from ring_loss_tf import evaluation
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.data import eval_sets
+from ring_loss_tf.evaluation import protocols
 from ring_loss_tf import config
-from ring_loss_tf import recordio
-from ring_loss_tf import training
+from ring_loss_tf.data import recordio
+from ring_loss_tf.training import loop
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import TrainingDataError
 from tests.data_files import CallsAFunction
@@ -64,8 +64,8 @@ def _first_epoch(root):
     """Reads one epoch of the training pipeline over `root`."""
 
     def run():
-        source = data.open_training_source(root)
-        list(data.training_dataset(
+        source = pipeline.open_training_source(root)
+        list(pipeline.training_dataset(
             source, batch_size=2, image_size=(8, 8), channels=1,
             augment="none", seed=0, repeat=False,
         ))
@@ -92,14 +92,14 @@ def all_bad_identity(tmp):
     for name, contents in (("a/0.png", b"junk"), ("b/0.png", b"")):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(contents)
-    return lambda: data.open_training_source(root, skip_corrupt=True)
+    return lambda: pipeline.open_training_source(root, skip_corrupt=True)
 
 
 def empty_identities(tmp):
     for name in ("a", "b"):
         (tmp / "set" / name).mkdir(parents=True)
     (tmp / "set" / "b" / "notes.txt").write_text("no images here")
-    return lambda: data.open_training_source(tmp / "set")
+    return lambda: pipeline.open_training_source(tmp / "set")
 
 
 def rec_file(tmp, cut=None, idx=True, shift=0):
@@ -125,7 +125,7 @@ def pairs_case(text):
     def setup(tmp):
         lfw = make_lfw(tmp / "lfw", [2, 2])
         (tmp / "pairs.txt").write_text(text)
-        return lambda: eval_data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+        return lambda: eval_sets.read_lfw_pairs(tmp / "pairs.txt", lfw)
 
     return setup
 
@@ -134,7 +134,7 @@ def train_with(**settings):
     def setup(tmp):
         settings.setdefault("model_dir", str(tmp / "run"))
         settings.setdefault("steps", 1)  # only the one bad setting
-        return lambda: training.train(config.make(**settings))
+        return lambda: loop.train(config.make(**settings))
 
     return setup
 
@@ -249,7 +249,7 @@ def _evaluate_model_that_writes_a_file(tmp):
 def _symlink_loop(tmp):
     make_folder(tmp / "set", [2, 2])
     (tmp / "set" / "id01" / "loop.png").symlink_to("loop.png")
-    return lambda: data.open_training_source(tmp / "set")
+    return lambda: pipeline.open_training_source(tmp / "set")
 
 
 def _batch_larger_than_the_data(tmp):
@@ -270,7 +270,7 @@ def _batch_larger_than_the_data(tmp):
 def _bad_idx_line(tmp):
     rec = rec_file(tmp)
     rec.with_suffix(".idx").write_text("0\t0\nzero 4\n")
-    return lambda: data.open_training_source(rec)
+    return lambda: pipeline.open_training_source(rec)
 
 
 def _short_image_record(tmp):
@@ -279,7 +279,7 @@ def _short_image_record(tmp):
     with open(tmp / "rec" / "train.rec", "wb") as file:
         write_record(file, b"abcd")
     (tmp / "rec" / "train.idx").write_text("0\t0\n")
-    return lambda: data.open_training_source(tmp / "rec")
+    return lambda: pipeline.open_training_source(tmp / "rec")
 
 
 def _rec_label(label):
@@ -292,7 +292,7 @@ def _rec_label(label):
             second = file.tell()
             write_record(file, pack(label, constant_png(2)))
         (tmp / "rec" / "train.idx").write_text(f"0\t0\n1\t{second}\n")
-        return lambda: data.open_training_source(tmp / "rec")
+        return lambda: pipeline.open_training_source(tmp / "rec")
 
     return setup
 
@@ -311,7 +311,7 @@ def _rec_header(a, b):
         (tmp / "rec" / "train.idx").write_text(
             "".join(f"{k}\t{o}\n" for k, o in enumerate(offsets))
         )
-        return lambda: data.open_training_source(tmp / "rec")
+        return lambda: pipeline.open_training_source(tmp / "rec")
 
     return setup
 
@@ -322,14 +322,14 @@ def _idx_with(text):
     def setup(tmp):
         rec = rec_file(tmp)
         rec.with_suffix(".idx").write_text(text)
-        return lambda: data.open_training_source(rec)
+        return lambda: pipeline.open_training_source(rec)
 
     return setup
 
 
 def _not_recordio(tmp):
     (tmp / "x.rec").write_bytes(b"this is not a RecordIO file at all")
-    return lambda: data.open_training_source(tmp / "x.rec")
+    return lambda: pipeline.open_training_source(tmp / "x.rec")
 
 
 def _malicious_bin(tmp):
@@ -338,7 +338,7 @@ def _malicious_bin(tmp):
 
     def run():
         try:
-            eval_data.read_bin(tmp / "evil.bin")
+            eval_sets.read_bin(tmp / "evil.bin")
         finally:
             assert not witness.exists(), "the pickle ran code"
 
@@ -347,7 +347,7 @@ def _malicious_bin(tmp):
 
 def _text_bin(tmp):
     (tmp / "lfw.bin").write_text("hello, I am not a pickle")
-    return lambda: eval_data.read_bin(tmp / "lfw.bin")
+    return lambda: eval_sets.read_bin(tmp / "lfw.bin")
 
 
 def _bin_with_corrupt_middle(tmp):
@@ -356,39 +356,39 @@ def _bin_with_corrupt_middle(tmp):
     png = constant_png(10, (4, 4))
     bad = png[:45] + bytes([png[45] ^ 0xFF]) + png[46:]
     write_bin(tmp / "mid.bin", [png, bad], [True], 2)
-    return lambda: eval_data.read_bin(tmp / "mid.bin", image_size=(4, 4),
+    return lambda: eval_sets.read_bin(tmp / "mid.bin", image_size=(4, 4),
                                       channels=1)
 
 
 def _odd_bin(tmp):
     write_bin(tmp / "odd.bin", [constant_png(1)] * 3, [True], 4)
-    return lambda: eval_data.read_bin(tmp / "odd.bin")
+    return lambda: eval_sets.read_bin(tmp / "odd.bin")
 
 
 def _corrupt_eval_image(tmp):
     (tmp / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    return lambda: data.load_images([tmp / "a.png"], image_size=None,
+    return lambda: pipeline.load_images([tmp / "a.png"], image_size=None,
                                     channels=None)
 
 
 def _model_is_file(tmp):
     (tmp / "model.keras").write_text("not a model")
-    return lambda: evaluation.resolve_model_path(tmp / "model.keras")
+    return lambda: protocols.resolve_model_path(tmp / "model.keras")
 
 
 def _bad_distractors(tmp):
     (tmp / "d.npy").write_bytes(b"not numpy")
-    return lambda: evaluation.load_distractor_embeddings(tmp / "d.npy", 4)
+    return lambda: protocols.load_distractor_embeddings(tmp / "d.npy", 4)
 
 
 def _root_is_a_text_file(tmp):
     (tmp / "x.txt").write_text("x")
-    return lambda: data.open_training_source(tmp / "x.txt")
+    return lambda: pipeline.open_training_source(tmp / "x.txt")
 
 
 def _pairs_missing(tmp):
     lfw = make_lfw(tmp / "lfw", [2])
-    return lambda: eval_data.read_lfw_pairs(tmp / "pairs.txt", lfw)
+    return lambda: eval_sets.read_lfw_pairs(tmp / "pairs.txt", lfw)
 
 
 def _faces(tmp, counts):
@@ -417,7 +417,7 @@ def _data_dir_without_train(tmp):
 # The matrix: (name, setup, exception, message pattern).
 
 InvalidArgument = tf.errors.InvalidArgumentError
-UnsafePickle = eval_data.UnsafePickleError
+UnsafePickle = eval_sets.UnsafePickleError
 
 CASES = [
     # Image files of a training folder (errors name the file).
@@ -454,7 +454,7 @@ CASES = [
                  r"images \(jpg/png/\.\.\.\) and copy the data set again, or "
                  r"point to another directory\.$"),
     ("missing training root",
-     lambda t: lambda: data.open_training_source(t / "nowhere"),
+     lambda t: lambda: pipeline.open_training_source(t / "nowhere"),
      FileNotFoundError, r"Data directory not found: {tmp}/nowhere\. Check "
                         r"the path \(a folder per identity"),
     ("training path is a file, not .rec",
@@ -462,7 +462,7 @@ CASES = [
      ValueError, r"Training data must be a directory or a \.rec file\. "
                  r"Received: {tmp}/x\.txt"),
     ("missing LFW image directory",
-     lambda t: lambda: eval_data.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
+     lambda t: lambda: eval_sets.read_lfw_pairs(t / "pairs.txt", t / "no_lfw"),
      FileNotFoundError, r"^LFW image directory not found: {tmp}/no_lfw\. "
                         r"Pass the directory holding one folder per "
                         r"identity, <identity>/<identity>_<nnnn>\.<ext>, "
@@ -518,7 +518,7 @@ CASES = [
                  r"pickle of \(images, issame\)\): UnpicklingError"),
     # Found by tests/test_fuzz.py: the pickle error's own newline.
     (".bin of one persistent-id opcode",
-     lambda t: (lambda: eval_data.read_bin(t / "p.bin"))
+     lambda t: (lambda: eval_sets.read_bin(t / "p.bin"))
      if (t / "p.bin").write_bytes(b"P") else None,
      ValueError, r"^{tmp}/p\.bin is not an insightface \.bin file \(a pickle "
                  r"of \(images, issame\)\): UnpicklingError: A load "
@@ -534,17 +534,17 @@ CASES = [
     # Found by tests/test_fuzz.py: b"" pickles (protocol 2) as a call of
     # bytes(), which was refused as unsafe.
     (".bin with an empty image",
-     lambda t: (lambda: eval_data.read_bin(t / "empty.bin"))
+     lambda t: (lambda: eval_sets.read_bin(t / "empty.bin"))
      if write_bin(t / "empty.bin", [b"", constant_png(1)], [True], 2) is None
      else None,
      InvalidArgument, CORRUPT + r"{tmp}/empty\.bin image 0"),
     (".bin whose images are not bytes",
-     lambda t: (lambda: eval_data.read_bin(t / "int.bin"))
+     lambda t: (lambda: eval_sets.read_bin(t / "int.bin"))
      if write_bin(t / "int.bin", [5, 7], [True], 2) is None else None,
      ValueError, r"^{tmp}/int\.bin: image 0 is of type int, not encoded "
                  r"image bytes\. Use a \.bin from insightface's datasets"),
     (".bin whose issame is not booleans",
-     lambda t: (lambda: eval_data.read_bin(t / "str.bin"))
+     lambda t: (lambda: eval_sets.read_bin(t / "str.bin"))
      if write_bin(t / "str.bin", [b"a", b"b"], ["yes"], 2) is None
      else None,
      ValueError, r"^{tmp}/str\.bin: expected a list of booleans as the "
@@ -555,11 +555,11 @@ CASES = [
     (".bin with 3 images for 1 pair", _odd_bin,
      ValueError, r"odd\.bin: expected 2 images per pair, found 3 images for "
                  r"1 pairs\."),
-    (".bin missing", lambda t: lambda: eval_data.read_bin(t / "none.bin"),
+    (".bin missing", lambda t: lambda: eval_sets.read_bin(t / "none.bin"),
      FileNotFoundError, r"Verification \.bin file not found: {tmp}/none\.bin"),
     # RecordIO
     ("truncated .rec (scanned, no .idx)",
-     lambda t: (lambda rec: lambda: data.open_training_source(rec))(
+     lambda t: (lambda rec: lambda: pipeline.open_training_source(rec))(
          rec_file(t, cut=2, idx=False)),
      ValueError, r"{tmp}/rec/train\.rec: truncated RecordIO file: wanted 8 "
                  r"bytes at offset \d+, the file has \d+ bytes\."),
@@ -603,7 +603,7 @@ CASES = [
      ValueError, r"{tmp}/x\.rec: not a RecordIO file: expected magic "
                  r"0xced7230a at offset 0, found 0x"),
     (".idx of another .rec (offsets off by 4)",
-     lambda t: (lambda rec: lambda: data.open_training_source(rec))(
+     lambda t: (lambda rec: lambda: pipeline.open_training_source(rec))(
          rec_file(t, shift=4)),
      ValueError, r"{tmp}/rec/train\.rec: not a RecordIO record at offset 4: "
                  r"expected magic 0xced7230a, found 0x[0-9a-f]{8}\. Is the "
@@ -615,7 +615,7 @@ CASES = [
                  r"scanned\.$"),
     # Evaluation inputs
     ("model path missing",
-     lambda t: lambda: evaluation.resolve_model_path(t / "nomodel"),
+     lambda t: lambda: protocols.resolve_model_path(t / "nomodel"),
      FileNotFoundError, r"Model not found: {tmp}/nomodel\. Pass a SavedModel "
                         r"directory \(with saved_model\.pb\) or a training "
                         r"--model_dir \(with export/\)\."),
@@ -625,7 +625,7 @@ CASES = [
                         r"model_dir \(no export/saved_model\.pb\)\."),
     ("distractor embeddings not a .npy", _bad_distractors,
      ValueError, r"{tmp}/d\.npy: not a readable \.npy array of embeddings"),
-    # train.py flags (training.train checks its TrainConfig before any work)
+    # train.py flags (loop.train checks its TrainConfig before any work)
     ("train --head=svm", train_with(head="svm"),
      ConfigError, r"^head='svm': unknown head; use one of softmax, "
                   r"asoftmax, l2softmax, centerloss, cosface, arcface$"),

@@ -190,7 +190,7 @@ def test_resolve_refuses_data_of_one_identity():
 
 def test_the_pixel_budget_default_is_the_image_ops_one():
     # config imports no TensorFlow, so it repeats the number.
-    from ring_loss_tf import images
+    from ring_loss_tf.data import images
 
     assert config_lib.TrainConfig().data.max_image_pixels == (
         images.MAX_IMAGE_PIXELS) == 8192 * 8192
@@ -368,7 +368,7 @@ def test_embedded_set_defaults_are_the_generators():
     not TensorFlow, at module level)."""
     import inspect
 
-    from ring_loss_tf import kanji
+    from ring_loss_tf.data import kanji
 
     defaults = {
         name: p.default

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ring_loss_tf import data
+from ring_loss_tf.data import pipeline
 from tests.data_files import constant_png
 from tests.data_files import damage_rec
 from tests.data_files import encode
@@ -33,7 +33,6 @@ def labels_and_values(dataset):
     return out
 
 
-
 # --------------------------------------------------------------------------
 # Folders and bad input
 
@@ -42,8 +41,10 @@ def test_list_image_folder(tmp_path):
     root = make_folder(tmp_path / "set", [2, 3])
     (root / "empty_one").mkdir()
     (root / "id00" / "notes.txt").write_text("not an image")
-    with pytest.warns(data.DataWarning, match=r"1 identity folder.*empty_one"):
-        paths, labels, names = data.list_image_folder(root)
+    with pytest.warns(
+        pipeline.DataWarning, match=r"1 identity folder.*empty_one"
+    ):
+        paths, labels, names = pipeline.list_image_folder(root)
     assert names == ["id00", "id01"]
     np.testing.assert_array_equal(labels, [0, 0, 1, 1, 1])
     assert [pathlib.Path(p).name for p in paths] == [
@@ -53,11 +54,11 @@ def test_list_image_folder(tmp_path):
 
 def test_missing_dir_and_no_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        data.open_training_source(tmp_path / "nowhere")
+        pipeline.open_training_source(tmp_path / "nowhere")
     (tmp_path / "hollow" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="No images found in .*hollow"):
-        with pytest.warns(data.DataWarning):
-            data.open_training_source(tmp_path / "hollow")
+        with pytest.warns(pipeline.DataWarning):
+            pipeline.open_training_source(tmp_path / "hollow")
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -65,11 +66,11 @@ def test_corrupt_image_error_names_the_file(tmp_path, in_memory):
     root = make_folder(tmp_path / "set", [3, 3])
     bad = root / "id01" / "1.png"
     bad.write_bytes(bad.read_bytes()[:30])  # truncated
-    source = data.open_training_source(root)
+    source = pipeline.open_training_source(root)
     with pytest.raises(
         tf.errors.InvalidArgumentError, match=r"(?s)truncated.*id01/1\.png"
     ):
-        list(data.training_dataset(
+        list(pipeline.training_dataset(
             source, batch_size=6, image_size=(8, 8), channels=1,
             augment="none", seed=0, repeat=False, in_memory=in_memory,
         ))
@@ -82,12 +83,12 @@ def test_skip_corrupt_skips_and_counts_in_one_warning(tmp_path):
     cut.write_bytes(cut.read_bytes()[:-20])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        source = data.open_training_source(root, skip_corrupt=True)
+        source = pipeline.open_training_source(root, skip_corrupt=True)
     messages = [str(w.message) for w in caught
-                if issubclass(w.category, data.DataWarning)]
+                if issubclass(w.category, pipeline.DataWarning)]
     assert len(messages) == 1 and "Skipped 2 corrupt" in messages[0]
     assert source.num_examples == 4 and source.num_skipped == 2
-    dataset = data.training_dataset(
+    dataset = pipeline.training_dataset(
         source, batch_size=4, image_size=(8, 8), channels=1, augment="none",
         seed=0, repeat=False,
     )
@@ -100,7 +101,7 @@ def test_an_image_over_the_pixel_budget_is_refused_by_name(tmp_path,
                                                            in_memory):
     root = make_folder(tmp_path / "set", [3, 3])  # 8 x 8 images
     (root / "id01" / "2.png").write_bytes(constant_png(5, size=(9, 8)))
-    source = data.open_training_source(root)
+    source = pipeline.open_training_source(root)
     common = dict(batch_size=6, image_size=(8, 8), channels=1,
                   augment="face", seed=3, repeat=False, in_memory=in_memory)
     with pytest.raises(
@@ -108,11 +109,13 @@ def test_an_image_over_the_pixel_budget_is_refused_by_name(tmp_path,
         match=r"(?s)Image larger than the pixel budget of 71 .*File:.*"
               r"id01/2\.png \(8x9 pixels\)",
     ):
-        list(data.training_dataset(source, max_pixels=71, **common))
+        list(pipeline.training_dataset(source, max_pixels=71, **common))
     # At the budget, and with the default one: the batches of no budget.
-    unlimited = list(data.training_dataset(source, max_pixels=None, **common))
-    for budget in (72, data.MAX_IMAGE_PIXELS):
-        batches = list(data.training_dataset(source, max_pixels=budget,
+    unlimited = list(
+        pipeline.training_dataset(source, max_pixels=None, **common)
+    )
+    for budget in (72, pipeline.MAX_IMAGE_PIXELS):
+        batches = list(pipeline.training_dataset(source, max_pixels=budget,
                                              **common))
         assert len(batches) == len(unlimited) == 1
         for (a, la), (b, lb) in zip(batches, unlimited):
@@ -127,12 +130,12 @@ def test_an_image_over_the_pixel_budget_is_refused_by_name(tmp_path,
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_training_dataset_epoch_labels_shapes_and_order(tmp_path, in_memory):
     root = make_folder(tmp_path / "set", [3, 4, 5])
-    source = data.open_training_source(root)
+    source = pipeline.open_training_source(root)
     assert (source.num_classes, source.num_examples) == (3, 12)
     assert source.class_names == ["id00", "id01", "id02"]
 
     def epoch(seed, **kwargs):
-        dataset = data.training_dataset(
+        dataset = pipeline.training_dataset(
             source, batch_size=4, image_size=(8, 8), channels=3,
             augment="none", seed=seed, repeat=False, in_memory=in_memory,
             **kwargs,
@@ -149,7 +152,7 @@ def test_training_dataset_epoch_labels_shapes_and_order(tmp_path, in_memory):
     assert epoch(0) == first  # seeded: the same order again
     assert epoch(1) != first and sorted(epoch(1)) == expected
 
-    images, labels = next(iter(data.training_dataset(
+    images, labels = next(iter(pipeline.training_dataset(
         source, batch_size=5, image_size=(10, 6), channels=3,
         augment="face", seed=0, in_memory=in_memory,
     )))
@@ -161,8 +164,8 @@ def test_training_dataset_epoch_labels_shapes_and_order(tmp_path, in_memory):
 
 def test_training_dataset_epochs_differ_and_repeat(tmp_path):
     root = make_folder(tmp_path / "set", [4, 4])
-    source = data.open_training_source(root)
-    dataset = data.training_dataset(
+    source = pipeline.open_training_source(root)
+    dataset = pipeline.training_dataset(
         source, batch_size=8, image_size=(8, 8), channels=1, augment="none",
         seed=3,
     )
@@ -177,8 +180,8 @@ def test_training_dataset_rgb_to_grey(tmp_path):
     directory.mkdir(parents=True)
     rgb = smooth_rgb(8, 8)
     (directory / "x.png").write_bytes(encode(rgb, "PNG"))
-    source = data.open_training_source(tmp_path / "set")
-    images, _ = next(iter(data.training_dataset(
+    source = pipeline.open_training_source(tmp_path / "set")
+    images, _ = next(iter(pipeline.training_dataset(
         source, batch_size=1, image_size=(8, 8), channels=1,
         augment="none", seed=0,
     )))
@@ -219,13 +222,15 @@ def test_worker_pipelines_hold_their_rows_of_the_one_device_batch(
     """2 pipelines × 2 replicas each: pipeline k yields the batches of
     replicas 2k and 2k + 1, together the one-device global batch, pixels
     and augmentation draws included, across an epoch boundary."""
-    source = data.open_training_source(random_folder(tmp_path, [5, 4, 6]))
+    source = pipeline.open_training_source(random_folder(tmp_path, [5, 4, 6]))
     common = dict(batch_size=8, image_size=(8, 8), channels=1,
                   augment="face", seed=5, in_memory=in_memory)
     steps = 5  # 40 rows: past the 15-image epoch twice
-    whole = global_batches(data.training_dataset(source, **common), steps, 1)
+    whole = global_batches(
+        pipeline.training_dataset(source, **common), steps, 1
+    )
     halves = [
-        global_batches(data.training_dataset(
+        global_batches(pipeline.training_dataset(
             source,
             input_context=tf.distribute.InputContext(
                 num_input_pipelines=2, input_pipeline_id=k,
@@ -242,7 +247,7 @@ def test_worker_pipelines_hold_their_rows_of_the_one_device_batch(
                 whole[step][i],
             )
     # The draws matter: augmentation changed the pixels (not vacuous).
-    plain = global_batches(data.training_dataset(
+    plain = global_batches(pipeline.training_dataset(
         source, **{**common, "augment": "none"}), steps, 1)
     assert any(not np.array_equal(a[0], b[0]) for a, b in zip(whole, plain))
 
@@ -250,12 +255,12 @@ def test_worker_pipelines_hold_their_rows_of_the_one_device_batch(
 def test_pipeline_from_a_step_continues_the_stream(tmp_path):
     """Resuming builds the pipeline at the restored step: the same batches
     as the uninterrupted stream from there on."""
-    source = data.open_training_source(random_folder(tmp_path, [3, 4]))
+    source = pipeline.open_training_source(random_folder(tmp_path, [3, 4]))
     common = dict(batch_size=3, image_size=(8, 8), channels=1,
                   augment="face", seed=2)
-    whole = global_batches(data.training_dataset(source, **common), 7, 1)
+    whole = global_batches(pipeline.training_dataset(source, **common), 7, 1)
     later = global_batches(
-        data.training_dataset(source, start_step=4, **common), 3, 1
+        pipeline.training_dataset(source, start_step=4, **common), 3, 1
     )
     for a, b in zip(whole[4:], later):
         np.testing.assert_array_equal(a[0], b[0])
@@ -263,9 +268,9 @@ def test_pipeline_from_a_step_continues_the_stream(tmp_path):
 
 
 def test_pipelines_must_split_the_batch_evenly(tmp_path):
-    source = data.open_training_source(make_folder(tmp_path / "set", [4]))
+    source = pipeline.open_training_source(make_folder(tmp_path / "set", [4]))
     with pytest.raises(ValueError, match="must split evenly over 3"):
-        data.training_dataset(
+        pipeline.training_dataset(
             source, batch_size=4, image_size=(8, 8), channels=1,
             augment="none", seed=0,
             input_context=tf.distribute.InputContext(
@@ -280,10 +285,10 @@ def test_folder_iterator_checkpoint_restores_the_next_batches(
     tmp_path, in_memory
 ):
     root = make_folder(tmp_path / "set", [3, 4, 3])
-    source = data.open_training_source(root)
+    source = pipeline.open_training_source(root)
 
     def make():
-        return data.training_dataset(
+        return pipeline.training_dataset(
             source, batch_size=3, image_size=(8, 8), channels=1,
             augment="face", seed=11, in_memory=in_memory,
         )
@@ -310,12 +315,14 @@ def check_checkpoint(make, prefix):
 
 
 def test_training_dataset_argument_errors(tmp_path):
-    source = data.open_training_source(make_folder(tmp_path / "set", [2, 2]))
+    source = pipeline.open_training_source(
+        make_folder(tmp_path / "set", [2, 2])
+    )
     good = dict(batch_size=2, image_size=(8, 8), channels=1, augment="none",
                 seed=0)
     rec, _ = write_rec(tmp_path / "rec", [2, 2])
     with pytest.raises(ValueError, match="needs a folder source"):
-        data.training_dataset(data.open_training_source(rec), **good,
+        pipeline.training_dataset(pipeline.open_training_source(rec), **good,
                               in_memory=True)
     for bad, message in [
         (dict(augment="flip"), "augment"),
@@ -325,7 +332,7 @@ def test_training_dataset_argument_errors(tmp_path):
         (dict(batch_size=5, repeat=False), "no whole batch"),
     ]:
         with pytest.raises(ValueError, match=message):
-            data.training_dataset(source, **{**good, **bad})
+            pipeline.training_dataset(source, **{**good, **bad})
 
 
 # --------------------------------------------------------------------------
@@ -336,10 +343,10 @@ def test_training_dataset_argument_errors(tmp_path):
 def test_recordio_training_source(tmp_path, header, vector_label):
     directory, _ = write_rec(tmp_path / "rec", [3, 2, 4], header, vector_label)
     for path in (directory, directory / "train.rec"):
-        source = data.open_training_source(path)
+        source = pipeline.open_training_source(path)
         assert source.kind == "recordio"
         assert (source.num_classes, source.num_examples) == (3, 9)
-    dataset = data.training_dataset(
+    dataset = pipeline.training_dataset(
         source, batch_size=3, image_size=(8, 8), channels=3, augment="none",
         seed=0, repeat=False,
     )
@@ -352,10 +359,10 @@ def test_recordio_training_source(tmp_path, header, vector_label):
 
 def test_recordio_iterator_checkpoint_restores_the_next_batches(tmp_path):
     directory, _ = write_rec(tmp_path / "rec", [3, 4, 3])
-    source = data.open_training_source(directory)
+    source = pipeline.open_training_source(directory)
 
     def make():
-        return data.training_dataset(
+        return pipeline.training_dataset(
             source, batch_size=3, image_size=(8, 8), channels=1,
             augment="face", seed=2,
         )
@@ -367,8 +374,8 @@ def test_recordio_corrupt_image_names_the_record(tmp_path):
     directory = write_records(tmp_path / "rec", [
         pack(0.0, constant_png(5)), pack(1.0, constant_png(6)[:20]),
     ])
-    source = data.open_training_source(directory)
-    dataset = data.training_dataset(
+    source = pipeline.open_training_source(directory)
+    dataset = pipeline.training_dataset(
         source, batch_size=2, image_size=(8, 8), channels=1, augment="none",
         seed=0, repeat=False,
     )
@@ -385,9 +392,9 @@ def test_in_memory_and_streaming_give_the_same_batches(tmp_path):
             image = RNG.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
             (root / f"id{label}" / f"{k}.png").write_bytes(
                 encode(image, "PNG"))
-    source = data.open_training_source(root)
+    source = pipeline.open_training_source(root)
     streams = [
-        iter(data.training_dataset(
+        iter(pipeline.training_dataset(
             source, batch_size=4, image_size=(8, 6), channels=1,
             augment="face", seed=9, in_memory=in_memory,
         ))
@@ -402,11 +409,11 @@ def test_in_memory_and_streaming_give_the_same_batches(tmp_path):
 def test_shuffled_index_is_a_permutation_per_epoch():
     n = 37
     positions = np.arange(3 * n)
-    eager = data.shuffled_index(positions, 5, n).numpy()
-    scalar = [int(data.shuffled_index(p, 5, n)) for p in positions[:5]]
+    eager = pipeline.shuffled_index(positions, 5, n).numpy()
+    scalar = [int(pipeline.shuffled_index(p, 5, n)) for p in positions[:5]]
     in_data = np.concatenate(list(
         tf.data.Dataset.from_tensor_slices(positions).batch(10).map(
-            lambda p: data.shuffled_index(p, 5, n)
+            lambda p: pipeline.shuffled_index(p, 5, n)
         ).as_numpy_iterator()
     ))
     np.testing.assert_array_equal(eager, in_data)
@@ -416,7 +423,7 @@ def test_shuffled_index_is_a_permutation_per_epoch():
         np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
     assert not np.array_equal(epochs[0], epochs[1])
     assert not np.array_equal(epochs[0], np.arange(n))
-    other_seed = data.shuffled_index(positions[:n], 6, n).numpy()
+    other_seed = pipeline.shuffled_index(positions[:n], 6, n).numpy()
     assert not np.array_equal(other_seed, epochs[0])
 
 
@@ -444,9 +451,9 @@ def test_recordio_labels_are_checked_against_the_header(tmp_path, label,
     checked as the record is read (no extra pass over a large set)."""
     directory, _ = write_rec(tmp_path / "rec", [2, 2, 2])
     _set_label(directory, 3, label)
-    source = data.open_training_source(directory)
+    source = pipeline.open_training_source(directory)
     assert (source.num_classes, source.num_examples) == (3, 6)
-    dataset = data.training_dataset(
+    dataset = pipeline.training_dataset(
         source, batch_size=2, image_size=(8, 8), channels=1,
         augment="none", seed=0, repeat=False,
     )
@@ -462,10 +469,19 @@ def test_recordio_labels_are_checked_against_the_header(tmp_path, label,
         list(dataset)
     # Untouched, the same set reads every label as written.
     _set_label(directory, 3, 1.0)
-    assert sorted(labels_and_values(data.training_dataset(
-        data.open_training_source(directory), batch_size=2, image_size=(8, 8),
-        channels=1, augment="none", seed=0, repeat=False,
-    ))) == sorted((c, 20 * c + i + 1) for c in range(3) for i in range(2))
+    assert sorted(
+        labels_and_values(
+            pipeline.training_dataset(
+                pipeline.open_training_source(directory),
+                batch_size=2,
+                image_size=(8, 8),
+                channels=1,
+                augment="none",
+                seed=0,
+                repeat=False,
+            )
+        )
+    ) == sorted((c, 20 * c + i + 1) for c in range(3) for i in range(2))
 
 
 def test_recordio_labels_without_header(tmp_path):
@@ -478,13 +494,13 @@ def test_recordio_labels_without_header(tmp_path):
         f"{directory / 'train.rec'} record 1: class label 0.5 is not an "
         "integer in 0 .. 2**31 - 1."
     )):
-        data.open_training_source(directory)
+        pipeline.open_training_source(directory)
     _set_label(directory, 1, 1e6)
-    with pytest.warns(data.DataWarning, match=re.escape(
+    with pytest.warns(pipeline.DataWarning, match=re.escape(
         f"{directory / 'train.rec'}: labels run up to 1000000, but 999998 "
         "of those 1000001 classes have no image"
     )):
-        source = data.open_training_source(directory)
+        source = pipeline.open_training_source(directory)
     assert source.num_classes == 1000001
 
 
@@ -499,14 +515,14 @@ def test_recordio_skip_corrupt_leaves_out_unreadable_records(
     image does not decode is left out, with one warning naming it."""
     directory, _ = write_rec(tmp_path / "rec", [3, 3])
     rec = damage_rec(directory, key, damage)
-    with pytest.warns(data.DataWarning, match=re.escape(
+    with pytest.warns(pipeline.DataWarning, match=re.escape(
         f"Skipped 1 unreadable or corrupt record(s) in {rec} (first: "
         f"record {key}: ValueError: {rec}: truncated RecordIO file"
     )):
-        source = data.open_training_source(directory, skip_corrupt=True)
+        source = pipeline.open_training_source(directory, skip_corrupt=True)
     assert (source.num_classes, source.num_examples) == (2, 5)
     assert key not in source.keys.tolist()
-    got = labels_and_values(data.training_dataset(
+    got = labels_and_values(pipeline.training_dataset(
         source, batch_size=5, image_size=(8, 8), channels=1, augment="none",
         seed=0, repeat=False,
     ))
@@ -521,7 +537,7 @@ def test_recordio_skip_corrupt_leaves_out_undecodable_images(tmp_path):
         pack(0.0, constant_png(5)), pack(1.0, constant_png(6)[:20]),
         pack(1.0, constant_png(7)),
     ])
-    with pytest.warns(data.DataWarning,
+    with pytest.warns(pipeline.DataWarning,
                       match=r"Skipped 1 .*\(first: record 1: "):
-        source = data.open_training_source(directory, skip_corrupt=True)
+        source = pipeline.open_training_source(directory, skip_corrupt=True)
     assert source.keys.tolist() == [0, 2]

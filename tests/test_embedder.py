@@ -1,4 +1,5 @@
-"""Tests of ring_loss_tf.embedder: model loading and input adaptation.
+"""Tests of ring_loss_tf.evaluation.embedder: model loading and input
+adaptation.
 
 The tiny model of tests/eval_world.py (with a layer class defined only
 there) is exported; every embedding is checked against the Keras model
@@ -15,8 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ring_loss_tf import images
-from ring_loss_tf import embedder
+from ring_loss_tf.data import images
+from ring_loss_tf.evaluation import embedder
 from tests import eval_world
 from tests import saved_models
 

@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.evaluation and evaluate.py, end to end.
+"""Tests of ring_loss_tf.evaluation.protocols and evaluate.py, end to end.
 
 The tiny model of tests/eval_world.py (with a layer class defined only
 there) is trained for a few steps on tiny synthetic images and exported;
@@ -21,10 +21,10 @@ import tensorflow as tf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from ring_loss_tf import data
-from ring_loss_tf import eval_data
-from ring_loss_tf import evaluation
-from ring_loss_tf import metrics
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.data import eval_sets
+from ring_loss_tf.evaluation import protocols
+from ring_loss_tf.evaluation import metrics
 from tests import eval_world
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,14 +42,14 @@ def world(tmp_path_factory):
 
 def _embedder(world, which="float", **kwargs):
     path = world["root"] / ("run" if which == "float" else "uint8_model")
-    return evaluation.load_embedder(path, **kwargs)
+    return protocols.load_embedder(path, **kwargs)
 
 
 @pytest.mark.parametrize("metric,flip", [("cosine", False), ("l2", True)])
 def test_verification_end_to_end(world, metric, flip):
     root = world["root"]
-    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
-    out = evaluation.evaluate_verification(
+    pairs = eval_sets.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    out = protocols.evaluate_verification(
         _embedder(world), pairs, metric=metric, flip=flip
     )
     ea, eb = _reference_pair_embeddings(world, flip)
@@ -76,26 +76,26 @@ def test_verification_end_to_end(world, metric, flip):
 def test_downsample_is_block_mean_then_bilinear():
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, size=(3, 8, 12, 1)).astype(np.uint8)
-    low = evaluation.downsample(images, 4)
+    low = protocols.downsample(images, 4)
     blocks = images.reshape(3, 2, 4, 3, 4, 1).astype(np.float64)
     mean = blocks.mean(axis=(2, 4))
     up = tf.image.resize(mean, (8, 12), method="bilinear").numpy()
     np.testing.assert_allclose(low, np.clip(np.round(up), 0, 255), atol=1)
-    np.testing.assert_array_equal(evaluation.downsample(images, 1), images)
+    np.testing.assert_array_equal(protocols.downsample(images, 1), images)
     with pytest.raises(ValueError, match="factor must be ≥ 1"):
-        evaluation.downsample(images, 0.5)
+        protocols.downsample(images, 0.5)
 
 
 def test_low_resolution_probe_side(world):
     root = world["root"]
-    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
-    out = evaluation.evaluate_verification(
+    pairs = eval_sets.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    out = protocols.evaluate_verification(
         _embedder(world), pairs, low_res=(2,)
     )
     low = out["low_res"][2]
     ref = world["reference"]
     full = ref(pairs.images)
-    small = ref(evaluation.downsample(pairs.images, 2))
+    small = ref(protocols.downsample(pairs.images, 2))
     scores = metrics.pair_scores(full[pairs.left], small[pairs.right])
     want = metrics.verify(scores, pairs.issame, fold=pairs.fold)
     np.testing.assert_allclose(
@@ -119,7 +119,7 @@ def _brute_ranks(p, pl, g, gl, d):
 
 def test_identification_end_to_end(world, tmp_path):
     root, images, ref = world["root"], world["images"], world["reference"]
-    out = evaluation.evaluate_identification(
+    out = protocols.evaluate_identification(
         _embedder(world),
         root / "gallery",
         root / "probes",
@@ -142,7 +142,7 @@ def test_identification_end_to_end(world, tmp_path):
     assert r.rank1 == np.mean(want == 1)
     # Precomputed distractor embeddings (.npy) give the same ranks.
     np.save(tmp_path / "d.npy", d.astype(np.float32))
-    again = evaluation.evaluate_identification(
+    again = protocols.evaluate_identification(
         _embedder(world),
         root / "gallery",
         root / "probes",
@@ -151,7 +151,7 @@ def test_identification_end_to_end(world, tmp_path):
     np.testing.assert_array_equal(again["result"].ranks, want)
     np.save(tmp_path / "bad.npy", np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match=r"bad.npy.*\(n, 8\)"):
-        evaluation.evaluate_identification(
+        protocols.evaluate_identification(
             _embedder(world),
             root / "gallery",
             root / "probes",
@@ -247,10 +247,10 @@ def test_bin_set_through_evaluate_model(world, tmp_path):
     issame = [r[1] for r in rows]
     with open(tmp_path / "tiny.bin", "wb") as file:
         pickle.dump((encoded, issame), file)
-    report = evaluation.evaluate_model(
+    report = protocols.evaluate_model(
         _embedder(world),
         verification_sets={
-            "tiny": lambda size, channels: eval_data.read_bin(
+            "tiny": lambda size, channels: eval_sets.read_bin(
                 tmp_path / "tiny.bin", image_size=size, channels=channels
             )
         },
@@ -283,7 +283,7 @@ def _brute_tar(scores, issame, far):
 
 def test_verify_pairs_on_a_keras_model_matches_numpy(world):
     root = world["root"]
-    result = evaluation.verify_pairs(
+    result = protocols.verify_pairs(
         world["model"], root / "pairs.txt", root / "lfw"
     )
     ea, eb = _reference_pair_embeddings(world)
@@ -300,13 +300,13 @@ def test_verify_pairs_on_a_keras_model_matches_numpy(world):
     assert (result.num_genuine, result.num_impostor) == (6, 6)
     # train.py's FARs: 6 impostors resolve neither.
     assert result.tar_at_far == {1e-3: None, 1e-4: None}
-    resolved = evaluation.verify_pairs(
+    resolved = protocols.verify_pairs(
         world["model"], root / "pairs.txt", root / "lfw", fars=(0.2, 0.5)
     )
     for far in (0.2, 0.5):
         assert resolved.tar_at_far[far] == _brute_tar(scores, issame, far)
     # The exported SavedModel, as an Embedder, gives the same figures.
-    exported = evaluation.verify_pairs(
+    exported = protocols.verify_pairs(
         _embedder(world), root / "pairs.txt", root / "lfw", fars=(0.2, 0.5)
     )
     np.testing.assert_allclose(
@@ -331,7 +331,7 @@ def test_all_pairs_tar_matches_brute_force():
     low = full + 0.5 * rng.normal(size=(48, 6))
     fars = (1e-4, 1e-3, 1e-2, 0.1)
     for others in (None, low):
-        got = evaluation.all_pairs_tar(
+        got = protocols.all_pairs_tar(
             full.astype(np.float32),
             labels,
             fars=fars,
@@ -351,32 +351,32 @@ def test_all_pairs_tar_matches_brute_force():
 
 def test_pair_indices_reuse_the_embeddings_of_the_folder(world):
     root, ref = world["root"], world["reference"]
-    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "lfw")
-    paths, labels, _ = eval_data.read_image_folder(root / "lfw", load=False)
-    images = data.load_images(paths, image_size=None, channels=None)
-    left, right = evaluation.pair_indices(pairs, paths)
+    pairs = eval_sets.read_lfw_pairs(root / "pairs.txt", root / "lfw")
+    paths, labels, _ = eval_sets.read_image_folder(root / "lfw", load=False)
+    images = pipeline.load_images(paths, image_size=None, channels=None)
+    left, right = protocols.pair_indices(pairs, paths)
     np.testing.assert_array_equal(images[left], pairs.images[pairs.left])
     np.testing.assert_array_equal(images[right], pairs.images[pairs.right])
     full = ref(images)
-    got = evaluation.verify_embedded(full[left], full[right], pairs)
-    want = evaluation.evaluate_verification(_embedder(world), pairs)
+    got = protocols.verify_embedded(full[left], full[right], pairs)
+    want = protocols.evaluate_verification(_embedder(world), pairs)
     np.testing.assert_allclose(
         got.fold_accuracies, want["result"].fold_accuracies
     )
     assert got.auc == pytest.approx(want["result"].auc)
     with pytest.raises(ValueError, match="not among the 3 given paths"):
-        evaluation.pair_indices(pairs, paths[:3])
+        protocols.pair_indices(pairs, paths[:3])
 
 
 def test_identify_copies_matches_brute_ranks(world):
     root, ref = world["root"], world["reference"]
-    paths, labels, class_names = eval_data.read_image_folder(
+    paths, labels, class_names = eval_sets.read_image_folder(
         root / "lfw", load=False
     )
     names = np.asarray(class_names)[labels]
-    images = data.load_images(paths, image_size=None, channels=None)
+    images = pipeline.load_images(paths, image_size=None, channels=None)
     full = ref(images).astype(np.float32)
-    got = evaluation.identify_copies(full, names, paths, root, max_rank=10)
+    got = protocols.identify_copies(full, names, paths, root, max_rank=10)
     index = {(p.split(os.sep)[-2], p.split(os.sep)[-1]): i
              for i, p in enumerate(map(str, paths))}
 
@@ -393,4 +393,4 @@ def test_identify_copies_matches_brute_ranks(world):
 def test_norm_ratio_leaves_out_zero_full_norms():
     full = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
     low = np.array([[0.0, 5.0], [1.0, 1.0], [2.0, 0.0]])
-    assert evaluation.norm_ratio(full, low) == pytest.approx(1.5)
+    assert protocols.norm_ratio(full, low) == pytest.approx(1.5)

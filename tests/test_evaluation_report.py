@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.evaluation_report: the tables and results.json.
+"""Tests of ring_loss_tf.evaluation.report: the tables and results.json.
 
 Results are built here from hand-made numbers and scores (no model), and
 the text is compared with what the numbers give by hand.
@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from ring_loss_tf import evaluation
-from ring_loss_tf import evaluation_report
-from ring_loss_tf import metrics
+from ring_loss_tf.evaluation import protocols
+from ring_loss_tf.evaluation import report as report_lib
+from ring_loss_tf.evaluation import metrics
 
 
 def _result(**fields):
@@ -25,14 +25,14 @@ def test_format_verification_is_train_pys_table():
         accuracy_mean=0.97983, accuracy_std=0.0030, num_genuine=3000,
         num_impostor=3000, tar_at_far={1e-3: 0.76983, 1e-4: None},
     )
-    assert evaluation_report.format_verification(result, "Unseen") == (
+    assert report_lib.format_verification(result, "Unseen") == (
         "Unseen: 3000 genuine, 3000 impostor pairs\n"
         "| 10-fold accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-4 |\n"
         "|---|---|---|\n"
         "| 97.98% ± 0.30 | 76.98% | n/a |"
     )
     # A FAR that was not measured prints n/a too.
-    text = evaluation_report.format_verification(
+    text = report_lib.format_verification(
         _result(tar_at_far={}), "T"
     )
     assert text.endswith("| 100.00% ± 0.00 | n/a | n/a |")
@@ -44,7 +44,7 @@ def _report():
     scores = rng.normal(size=40) + 2 * issame
     result = metrics.verify(scores, issame, fars=(0.1,))
     embeddings = rng.normal(size=(20, 4))
-    return evaluation.ModelReport(
+    return protocols.ModelReport(
         model={"name": "m1"},
         settings={"metric": "cosine", "flip": False, "low_res": [],
                   "low_res_side": "probe", "fars": [0.1]},
@@ -61,7 +61,7 @@ def _report():
 
 def test_format_table_and_results_json(tmp_path):
     report, result = _report()
-    table = evaluation_report.format_table([report])
+    table = report_lib.format_table([report])
     assert table.startswith("Model m1: metric=cosine, flip=False")
     row = next(line for line in table.splitlines() if "tiny" in line
                and "20/20" in line)
@@ -69,7 +69,7 @@ def test_format_table_and_results_json(tmp_path):
            f"{100 * result.accuracy_std:.2f}")
     assert acc in row and f"{100 * result.auc:.2f}" in row
     assert f"{100 * result.tar_at_far[0.1]:.2f}" in row
-    written = evaluation_report.write_outputs(
+    written = report_lib.write_outputs(
         [report], tmp_path / "out", plots=False, extra={"command": "x"}
     )
     saved = json.loads(written[0].read_text())
@@ -93,7 +93,7 @@ def test_template_sets_print_insightface_rule_beside_ours(tmp_path):
         **report.verification["tiny"], "result": result,
         "num_templates": 8,
     }}
-    lines = evaluation_report.format_table([report]).splitlines()
+    lines = report_lib.format_table([report]).splitlines()
     ours = next(line for line in lines if "ijbx templates " in line
                 and "4/10" in line)
     assert ours.split()[-4:-2] == ["n/a", "50.00"]
@@ -106,8 +106,8 @@ def test_template_sets_print_insightface_rule_beside_ours(tmp_path):
     # A pair set (no templates) keeps its one row.
     report.verification = {"tiny": report.verification["ijbx templates"]}
     del report.verification["tiny"]["num_templates"]
-    assert "insightface rule" not in evaluation_report.format_table([report])
-    written = evaluation_report.write_outputs(
+    assert "insightface rule" not in report_lib.format_table([report])
+    written = report_lib.write_outputs(
         [report], tmp_path / "out", plots=False)
     entry = json.loads(written[0].read_text())["models"][0]["verification"][
         "tiny"]

@@ -22,15 +22,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ring_loss_tf import backbones
+from ring_loss_tf.models import backbones
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import embedder
+from ring_loss_tf.evaluation import embedder
 from ring_loss_tf import export
-from ring_loss_tf import kanji
+from ring_loss_tf.data import kanji
 from ring_loss_tf import layers
-from ring_loss_tf import models as models_lib
+from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
-from ring_loss_tf import training
+from ring_loss_tf.training import loop
 from tests import hidden_package
 from tests.tiny_runs import batches
 from tests.tiny_runs import model_fn
@@ -280,7 +280,7 @@ def trained(tmp_path_factory):
     # Generated here in one process, so training finds it cached.
     kanji.prepare(num_workers=1, progress=False,
                   **config_lib.kanji_options(config))
-    training.train(config, print_fn=lambda line: None)
+    loop.train(config, print_fn=lambda line: None)
     return root / "run"
 
 
@@ -542,7 +542,7 @@ def _training_dir(tmp_path):
         ),
         num_classes=5,
     )
-    training.check_resume_config(config)
+    loop.check_resume_config(config)
     models = models_lib.build_models(config)
     # Weights unlike a fresh build from the same seed, so a missing restore
     # shows.

@@ -4,12 +4,12 @@ Each reader gets random input and mutations of a valid file (bytes flipped,
 set, inserted, deleted, 4-byte words overwritten, the file cut short; lines
 of text dropped, repeated or rewritten):
 
-    pairs.txt      eval_data.parse_pairs_file, eval_data.read_lfw_pairs
-    .bin           eval_data.read_bin (its restricted unpickler), also
+    pairs.txt      eval_sets.parse_pairs_file, eval_sets.read_lfw_pairs
+    .bin           eval_sets.read_bin (its restricted unpickler), also
                    pickles of arbitrary plain data and pickles that call
                    functions
     RecordIO       recordio.unpack, RecordIOReader (.rec and .idx),
-                   recordio.image_records, data.open_training_source
+                   recordio.image_records, pipeline.open_training_source
     KanjiVG SVG    kanji.parse_path, kanji.load_strokes
 
 The property: the call returns, or raises one of the exceptions its
@@ -54,10 +54,10 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from ring_loss_tf import data
-from ring_loss_tf import eval_data
-from ring_loss_tf import kanji
-from ring_loss_tf import recordio
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.data import eval_sets
+from ring_loss_tf.data import kanji
+from ring_loss_tf.data import recordio
 from tests.data_files import constant_png
 from tests.data_files import make_lfw
 from tests.data_files import write_rec
@@ -243,7 +243,7 @@ def test_parse_pairs_file_fuzz(workdir):
         path.write_bytes(contents)
         result = []
         outcomes[outcome(
-            lambda: result.append(eval_data.parse_pairs_file(path)),
+            lambda: result.append(eval_sets.parse_pairs_file(path)),
             ValueError, [path])] += 1
         if result:
             # Independent check of a successful parse against the header.
@@ -271,7 +271,7 @@ def test_read_lfw_pairs_fuzz(workdir):
     def check(text):
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         outcomes[outcome(
-            lambda: eval_data.read_lfw_pairs(path, lfw, image_size=(6, 5),
+            lambda: eval_sets.read_lfw_pairs(path, lfw, image_size=(6, 5),
                                              channels=3),
             (ValueError, FileNotFoundError, tf.errors.InvalidArgumentError),
             [path, lfw],
@@ -332,7 +332,7 @@ def test_read_bin_fuzz(workdir):
     witness = str(workdir / "created_by_the_pickle")
     outcomes = collections.Counter()
     valid = {p: _valid_bin(p) for p in (2, 4)}
-    errors = (ValueError, eval_data.UnsafePickleError,
+    errors = (ValueError, eval_sets.UnsafePickleError,
               tf.errors.InvalidArgumentError)
 
     malicious = st.builds(
@@ -358,7 +358,7 @@ def test_read_bin_fuzz(workdir):
     ))
     def check(contents):
         path.write_bytes(contents)
-        outcomes[outcome(lambda: eval_data.read_bin(path, image_size=(4, 4),
+        outcomes[outcome(lambda: eval_sets.read_bin(path, image_size=(4, 4),
                                                     channels=1),
                          errors, [path])] += 1
         assert not os.path.exists(witness), "the pickle ran code"
@@ -384,7 +384,7 @@ def test_read_bin_corrupt_image_fuzz(workdir):
         bins = [png] * i + [image] + [png] * (3 - i)
         path.write_bytes(pickle.dumps((bins, [True, False]), protocol))
         kind = outcome(
-            lambda: eval_data.read_bin(path, image_size=(4, 4), channels=1),
+            lambda: eval_sets.read_bin(path, image_size=(4, 4), channels=1),
             (ValueError, tf.errors.InvalidArgumentError),
             [f"{path} image {i}"],
         )
@@ -418,7 +418,7 @@ def _read_everything(rec, idx=None):
         reader.scan()
     finally:
         reader.close()
-    data.open_training_source(rec)
+    pipeline.open_training_source(rec)
 
 
 def test_unpack_fuzz():

@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 import ring_loss_tf
-from ring_loss_tf import heads as hd
+from ring_loss_tf.layers import heads as hd
 from tests import layer_checks as lc
 from tests.layer_checks import FIT_JIT
 from tests.layer_checks import MODES

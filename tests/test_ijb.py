@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from ring_loss_tf import align
-from ring_loss_tf import ijb
-from ring_loss_tf import kanji
-from ring_loss_tf import kanji_templates
-from ring_loss_tf import metrics
-from ring_loss_tf.embedder import load_embedder
+from ring_loss_tf.data import align
+from ring_loss_tf.evaluation import ijb
+from ring_loss_tf.data import kanji
+from ring_loss_tf.data import kanji_templates
+from ring_loss_tf.evaluation import metrics
+from ring_loss_tf.evaluation.embedder import load_embedder
 from tests import eval_world
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

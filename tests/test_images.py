@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ring_loss_tf import images
+from ring_loss_tf.data import images
 from tests.data_files import encode
 from tests.data_files import pgm
 from tests.data_files import png_of_size

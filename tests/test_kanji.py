@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ring_loss_tf import eval_data
-from ring_loss_tf import kanji
+from ring_loss_tf.data import eval_sets
+from ring_loss_tf.data import kanji
 
 TINY = dict(
     num_train_identities=6,
@@ -252,7 +252,7 @@ def test_prepare_layout_splits_and_pairs(tmp_path):
         assert not set(gallery) & set(probes)
 
     # Pairs round trip through the LFW reader.
-    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "test")
+    pairs = eval_sets.read_lfw_pairs(root / "pairs.txt", root / "test")
     assert pairs.num_folds == 10
     for k in range(10):
         in_fold = pairs.fold == k

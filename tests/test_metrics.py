@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.metrics against independent computations.
+"""Tests of ring_loss_tf.evaluation.metrics against independent computations.
 
 References: brute force in float64 NumPy over every threshold, scikit-learn's
 `roc_curve` / `roc_auc_score`, and hand-made cases with known answers.
@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve
 
-from ring_loss_tf import metrics
+from ring_loss_tf.evaluation import metrics
 
 
 def _scores(seed, n=400, shift=1.5, ties=False):

@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.models: building and rebuilding models from a
+"""Tests of ring_loss_tf.models.assembly: building and rebuilding models from a
 config.
 
 References: the layers each setting must produce, the variables a
@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import heads
+from ring_loss_tf.layers import heads
 from ring_loss_tf import layers
-from ring_loss_tf import models
+from ring_loss_tf.models import assembly
 from ring_loss_tf import registry
 from ring_loss_tf.errors import ConfigError
 from tests.tiny_runs import model_config
@@ -29,7 +29,7 @@ RELEASE_RUN = pathlib.Path(__file__).parent / "fixtures" / "release_0_1_run"
 @pytest.mark.parametrize("head", list(registry.HEADS))
 def test_every_registered_head_builds_and_trains(head):
     config = config_lib.replace(model_config(head), center_loss_weight=None)
-    built = models.build_models(config)
+    built = assembly.build_models(config)
     images = tf.random.stateless_normal((4, 16, 16, 1), (0, 1))
     labels = tf.constant([0, 1, 2, 6])
     logits, embeddings = built.train_model([images, labels], training=True)
@@ -57,12 +57,12 @@ def test_equal_seeds_give_equal_models_and_other_seeds_do_not():
 
 def test_without_num_classes_is_a_config_error():
     with pytest.raises(ConfigError, match=r"num_classes=None: is not set"):
-        models.build_models(config_lib.make())
+        assembly.build_models(config_lib.make())
 
 
 def test_weight_decay_only_on_kernels():
     built = model_fn("centerloss", 0.01)()
-    decayed = {v.path for v in models.decayed_variables(built.train_model)}
+    decayed = {v.path for v in assembly.decayed_variables(built.train_model)}
     kernels = {
         v.path
         for v in built.train_model.trainable_variables
@@ -79,7 +79,7 @@ def test_weight_decay_only_on_kernels():
 
 
 def test_a_release_0_1_model_dir_is_rebuilt_and_restored():
-    built = models.load_training_models(RELEASE_RUN)
+    built = assembly.load_training_models(RELEASE_RUN)
     reader = tf.train.load_checkpoint(str(RELEASE_RUN))
     assert isinstance(built.head, layers.ArcFace)
     assert built.embedding_model.output_shape == (None, 8)
@@ -96,10 +96,10 @@ def test_a_release_0_1_model_dir_is_rebuilt_and_restored():
 
 def test_load_training_models_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        models.load_training_models(tmp_path)
+        assembly.load_training_models(tmp_path)
     config_lib.save(config_lib.make(num_classes=3), tmp_path)
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
-        models.load_training_models(tmp_path)
+        assembly.load_training_models(tmp_path)
 
 
 def test_a_head_added_through_the_registry(monkeypatch):
@@ -116,7 +116,7 @@ def test_a_head_added_through_the_registry(monkeypatch):
                         registry.Head(cosine_softmax_head))
     config = config_lib.replace(model_config(), head="cosine_softmax")
     config_lib.check(config)
-    built = models.build_models(config)
+    built = assembly.build_models(config)
     assert built.head.name == "cosine_softmax"
     images = tf.random.stateless_normal((3, 16, 16, 1), (1, 2))
     logits, embeddings = built.train_model([images, tf.constant([0, 1, 2])])
@@ -144,7 +144,7 @@ def test_a_registered_margin_head_is_not_sharded(monkeypatch):
                        r"head is built only from a built-in margin head, not "
                        r"the registered head 'my_margin'; shard "
                        r"asoftmax/cosface/arcface, or omit it$"):
-        models.build_models(config)
+        assembly.build_models(config)
 
 
 def test_a_backbone_added_through_the_registry(monkeypatch):
@@ -161,6 +161,6 @@ def test_a_backbone_added_through_the_registry(monkeypatch):
     monkeypatch.setitem(registry.BACKBONES, "tiny_net", tiny_net)
     config = config_lib.replace(model_config(), backbone="tiny_net")
     config_lib.check(config)
-    built = models.build_models(config)
+    built = assembly.build_models(config)
     assert built.embedding_model.name == "tiny_net"
     assert built.embedding_model.count_params() == 16 * 16 * 12 + 12

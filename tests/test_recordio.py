@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from ring_loss_tf import recordio
+from ring_loss_tf.data import recordio
 from tests.data_files import MAGIC
 from tests.data_files import pack
 from tests.data_files import write_record

@@ -180,9 +180,9 @@ def test_model_dir_that_is_a_file_is_refused_and_kept(tmp_path):
 
 
 def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
-    from ring_loss_tf import eval_data
-    from ring_loss_tf import images
-    from ring_loss_tf import metrics
+    from ring_loss_tf.data import eval_sets
+    from ring_loss_tf.data import images
+    from ring_loss_tf.evaluation import metrics
 
     model_dir = tmp_path / "run"
     cache = tmp_path / "cache"
@@ -228,7 +228,7 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
     assert match, out
     # Recompute the table from the export alone.
     (root,) = cache.glob("kanji-*")
-    pairs = eval_data.read_lfw_pairs(root / "pairs.txt", root / "test",
+    pairs = eval_sets.read_lfw_pairs(root / "pairs.txt", root / "test",
                                      image_size=(32, 32), channels=1)
     loaded = tf.saved_model.load(str(export_dir))
     embeddings = loaded.serve(images.normalize(pairs.images)).numpy()
@@ -264,7 +264,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 def _release_0_1_run(tmp_path):
     """A copy of the run release 0.1.0 wrote (version-1 config.json), its
     embedded set moved to tmp_path/cache and generated there."""
-    from ring_loss_tf import kanji
+    from ring_loss_tf.data import kanji
 
     model_dir = tmp_path / "run"
     shutil.copytree(FIXTURES / "release_0_1_run", model_dir)
@@ -310,7 +310,7 @@ def _evaluate_data_plan(monkeypatch, tmp_path, **values):
     from absl import flags
     from absl.testing import flagsaver
 
-    from ring_loss_tf import kanji
+    from ring_loss_tf.data import kanji
 
     module = importlib.import_module("evaluate")
     given = {}

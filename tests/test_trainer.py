@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.trainer: the distributed step.
+"""Tests of ring_loss_tf.training.trainer: the distributed step.
 
 References: a one-device run on the same global batch (for two replicas and
 two worker processes), a plain `tf.GradientTape` step written out by hand
@@ -23,8 +23,8 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import data
-from ring_loss_tf import trainer as trainer_lib
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.training import trainer as trainer_lib
 from tests.data_files import pack
 from tests.data_files import write_record
 from tests.tiny_runs import GLOBAL_BATCH
@@ -160,7 +160,7 @@ def test_cpu_jit_default_follows_tensorflows_onednn_switch(onednn):
     VNNI / AMX ones oneDNN's: TF_ENABLE_ONEDNN_OPTS sets either on any x86
     CPU, so both kinds of CPU are checked on whichever runs the test."""
     code = textwrap.dedent("""
-        from ring_loss_tf import trainer
+        from ring_loss_tf.training import trainer
         strategy = trainer.build_strategy(["/cpu:0"])
         print(trainer.onednn_kernels_enabled(),
               trainer.jit_by_default(strategy))
@@ -232,7 +232,7 @@ _RESTORING_WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[2])
     import tiny_runs
-    from ring_loss_tf import trainer as trainer_lib
+    from ring_loss_tf.training import trainer as trainer_lib
     from ring_loss_tf.errors import WorkersDisagreeError
     trainer = trainer_lib.Trainer(
         trainer_lib.build_strategy(None), tiny_runs.model_fn(),
@@ -332,9 +332,9 @@ _TRAINING_WORKER = textwrap.dedent(
     import json, os, signal, sys
     sys.path.insert(0, sys.argv[1])
     from ring_loss_tf import config as config_lib
-    from ring_loss_tf import recordio
-    from ring_loss_tf import trainer as trainer_lib
-    from ring_loss_tf import training
+    from ring_loss_tf.data import recordio
+    from ring_loss_tf.training import trainer as trainer_lib
+    from ring_loss_tf.training import loop
     from ring_loss_tf.errors import TrainingInterrupted
     config_path, model_dir, report, sigterm_after = sys.argv[3:7]
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
@@ -369,7 +369,7 @@ _TRAINING_WORKER = textwrap.dedent(
     )
     outcome = "finished"
     try:
-        result = training.train(config, stop_on_signals=True)
+        result = loop.train(config, stop_on_signals=True)
         step = result["step"]
     except TrainingInterrupted as stop:
         outcome, step = "interrupted", stop.step
@@ -436,10 +436,10 @@ def _train_two_workers(tmp_path, config_path, model_dir, sigterm_after=0):
 
 def _keys_of_rows(config, rows_of_step, steps):
     """The record keys at the given rows of global batches 0 .. steps-1."""
-    source = data.open_training_source(config.data.data_dir)
+    source = pipeline.open_training_source(config.data.data_dir)
     batch = config.optim.batch_size
     positions = [s * batch + r for s in range(steps) for r in rows_of_step]
-    index = data.shuffled_index(
+    index = pipeline.shuffled_index(
         tf.constant(positions, tf.int64), config.run.seed,
         source.num_examples,
     ).numpy()

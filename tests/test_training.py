@@ -1,4 +1,4 @@
-"""Tests of ring_loss_tf.training: `train(config)` on a tiny embedded set.
+"""Tests of ring_loss_tf.training.loop: `train(config)` on a tiny embedded set.
 
 References: an uninterrupted run (for resuming, in each phase of the margin
 warm-up), the saved config.json and the exported model (for the settings
@@ -16,10 +16,10 @@ import pytest
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import data as data_lib
+from ring_loss_tf.data import pipeline as data_lib
 from ring_loss_tf import layers
-from ring_loss_tf import trainer as trainer_lib
-from ring_loss_tf import training
+from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import loop as loop_lib
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import NonFiniteLossError
 from ring_loss_tf.errors import TrainingInterrupted
@@ -113,13 +113,13 @@ def test_data_errors_become_one_line():
         "File:] [b'/data/x/1.png']\n\t [[{{node Assert}}]] "
         "[Op:IteratorGetNext]",
     )
-    assert str(training.data_error(named)) == (
+    assert str(loop_lib.data_error(named)) == (
         "Corrupt or truncated image file. Remove it. File: /data/x/1.png"
     )
     unnamed = tf.errors.InvalidArgumentError(
         None, None, "Invalid PNG data, size 73\n\t [[{{node DecodePng}}]]"
     )
-    error = training.data_error(unnamed)
+    error = loop_lib.data_error(unnamed)
     assert isinstance(error, ValueError)
     assert str(error) == (
         "A training image could not be decoded (Invalid PNG data, size 73), "
@@ -142,7 +142,7 @@ def test_an_image_over_the_pixel_budget_becomes_one_line(tmp_path):
     )
     with pytest.raises(tf.errors.InvalidArgumentError) as caught:
         list(dataset)
-    assert str(training.data_error(caught.value)) == (
+    assert str(loop_lib.data_error(caught.value)) == (
         "Image larger than the pixel budget of 64 (max_image_pixels): "
         "decoding it would take too much memory. Downscale the file, or "
         "raise the budget (--max_image_pixels of train.py or of the "
@@ -326,7 +326,7 @@ def test_nonfinite_loss_stops_with_message_and_intact_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError,
                        match=r"step 3: the loss is not finite.*ckpt-2.*"
                        r"intact.*lower lr") as info:
-        training.run_loop(trainer, iter(data), 4, checkpoint_every=2,
+        loop_lib.run_loop(trainer, iter(data), 4, checkpoint_every=2,
                           log_every=1, print_fn=log)
     assert info.value.step == 3
     assert [line.split()[1] for line in lines] == ["1/4", "2/4"]
@@ -421,7 +421,7 @@ def test_nonfinite_loss_inside_a_loop_names_its_step_and_saves_nothing(
     with pytest.raises(NonFiniteLossError,
                        match=r"step 3: the loss is not finite \(loss nan.*"
                        r"no checkpoint was written yet") as info:
-        training.run_loop(trainer, _dataset_iterator(data), 8,
+        loop_lib.run_loop(trainer, _dataset_iterator(data), 8,
                           checkpoint_every=4, log_every=100,
                           steps_per_loop=4, print_fn=lambda _: 0)
     assert info.value.step == 3
@@ -438,7 +438,7 @@ def test_a_stop_request_acts_at_the_end_of_the_loop(tmp_path):
         return "SIGTERM" if int(trainer.step.numpy()) >= 2 else None
 
     with pytest.raises(TrainingInterrupted) as info:
-        training.run_loop(trainer, _dataset_iterator(batches(10)), 10,
+        loop_lib.run_loop(trainer, _dataset_iterator(batches(10)), 10,
                           checkpoint_every=100, log_every=100,
                           steps_per_loop=4, print_fn=lambda _: 0,
                           stop_requested=stop_requested)
@@ -455,7 +455,7 @@ def test_a_loop_on_two_replicas_fed_global_batches_equals_one_device():
             trainer_lib.build_strategy(devices), model_fn(seed=3),
             global_batch_size=GLOBAL_BATCH, learning_rate=0.05, jit=False,
         )
-        training.run_loop(trainer, iterator, 4, checkpoint_every=100,
+        loop_lib.run_loop(trainer, iterator, 4, checkpoint_every=100,
                           log_every=100, steps_per_loop=steps_per_loop,
                           print_fn=lambda _: 0)
         assert int(trainer.step.numpy()) == 4

@@ -2,7 +2,7 @@
 
 Two sizes: `model_config` / `trainer_run` build a 16×16 small_cnn on random
 batches for the distributed-step tests; `tiny_kanji_config` / `tiny_train`
-run `training.train` on a 12-character embedded set in a few seconds.
+run `loop.train` on a 12-character embedded set in a few seconds.
 """
 
 import keras
@@ -10,10 +10,10 @@ import numpy as np
 import tensorflow as tf
 
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import kanji
-from ring_loss_tf import models
-from ring_loss_tf import trainer as trainer_lib
-from ring_loss_tf import training
+from ring_loss_tf.data import kanji
+from ring_loss_tf.models import assembly
+from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import loop
 
 IMAGE_SIZE = (16, 16)
 NUM_CLASSES = 7
@@ -37,7 +37,7 @@ def model_config(head="softmax", lambda_ring=0.01, seed=3):
 
 
 def model_fn(head="softmax", lambda_ring=0.01, seed=3):
-    return lambda: models.build_models(model_config(head, lambda_ring, seed))
+    return lambda: assembly.build_models(model_config(head, lambda_ring, seed))
 
 
 def batches(num, seed=0, batch_size=GLOBAL_BATCH):
@@ -117,9 +117,9 @@ def tiny_kanji_config(cache_dir, **settings):
 
 def tiny_train(model_dir, base, devices=("/cpu:0",), print_fn=print,
                **settings):
-    """`training.train` of `base` with `settings`, writing to `model_dir`."""
+    """`loop.train` of `base` with `settings`, writing to `model_dir`."""
     config = config_lib.replace(base, model_dir=str(model_dir), **settings)
-    return training.train(config, devices=list(devices), print_fn=print_fn)
+    return loop.train(config, devices=list(devices), print_fn=print_fn)
 
 
 def checkpoint_state(model_dir):

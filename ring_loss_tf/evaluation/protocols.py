@@ -1,9 +1,8 @@
 """Runs the evaluation protocols on an embedding model.
 
-Every protocol embeds through an `Embedder` (`ring_loss_tf.embedder`: a
-`keras.Model` in this process or an exported SavedModel, fed uint8 images
-adapted to its input) and scores with `ring_loss_tf.metrics`, so train.py's
-final table, evaluate.py and bench/reproduce.py measure the same way.
+Every protocol embeds through an `Embedder` (`embedder`: a `keras.Model`
+in this process or an exported SavedModel, fed uint8 images adapted to its
+input) and scores with `metrics`, so train.py's final table, evaluate.py and bench/reproduce.py measure the same way.
 
 Protocols:
 
@@ -25,9 +24,9 @@ Protocols:
   of copies of an already embedded set, from its embeddings
   (`identify_copies`);
 - template verification (IJB-B/C): features pooled per media, then per
-  template, and pairs of templates scored (`ring_loss_tf.ijb`).
+  template, and pairs of templates scored (`ring_loss_tf.evaluation.ijb`).
 
-`ring_loss_tf.evaluation_report` prints and writes the results.
+`ring_loss_tf.evaluation.report` prints and writes the results.
 """
 
 from __future__ import annotations
@@ -41,15 +40,15 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf import data
-from ring_loss_tf import eval_data
-from ring_loss_tf import ijb
-from ring_loss_tf import metrics
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.data import eval_sets
+from ring_loss_tf.evaluation import ijb
+from ring_loss_tf.evaluation import metrics
 # Loading the model is the first step of every evaluation: evaluate.py and
 # bench/ take these from here.
-from ring_loss_tf.embedder import Embedder
-from ring_loss_tf.embedder import load_embedder
-from ring_loss_tf.embedder import resolve_model_path  # noqa: F401
+from ring_loss_tf.evaluation.embedder import Embedder
+from ring_loss_tf.evaluation.embedder import load_embedder
+from ring_loss_tf.evaluation.embedder import resolve_model_path  # noqa: F401
 
 LOW_RES_SIDES = ("probe", "both")
 # What train.py prints at the end of a run: a pairs.txt has a few thousand
@@ -91,7 +90,7 @@ def downsample(images: np.ndarray, factor: float) -> np.ndarray:
 def verify_embedded(
     left: np.ndarray,
     right: np.ndarray,
-    pairs: eval_data.VerificationSet,
+    pairs: eval_sets.VerificationSet,
     *,
     metric: str = "cosine",
     fars: Sequence[float] = metrics.DEFAULT_FARS,
@@ -123,7 +122,7 @@ def norm_ratio(full: np.ndarray, low: np.ndarray) -> float:
 
 def evaluate_verification(
     embedder: Embedder,
-    pairs: eval_data.VerificationSet,
+    pairs: eval_sets.VerificationSet,
     *,
     metric: str = "cosine",
     flip: bool = False,
@@ -187,7 +186,7 @@ def verify_pairs(
     Args:
         model: an `Embedder`, or what `load_embedder` takes (a
             `keras.Model`, a SavedModel directory, a training model_dir).
-        pairs_path: the pairs file (`eval_data.read_lfw_pairs`).
+        pairs_path: the pairs file (`eval_sets.read_lfw_pairs`).
         image_dir: the folder per identity it refers to.
         fars: the FARs of `tar_at_far`.
         batch_size: images per model call when `model` is not an
@@ -199,7 +198,7 @@ def verify_pairs(
     embedder = model if isinstance(model, Embedder) else load_embedder(
         model, batch_size=batch_size
     )
-    pairs = eval_data.read_lfw_pairs(
+    pairs = eval_sets.read_lfw_pairs(
         pairs_path,
         image_dir,
         image_size=embedder.image_size,
@@ -246,7 +245,7 @@ def _file_keys(paths) -> list[tuple[str, str]]:
 
 
 def pair_indices(
-    pairs: eval_data.VerificationSet, paths: Sequence[str | os.PathLike]
+    pairs: eval_sets.VerificationSet, paths: Sequence[str | os.PathLike]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices into `paths` of each pair's left and right image.
 
@@ -328,11 +327,11 @@ def embed_folder(
     Images are read `chunk_size` at a time, so only the embeddings of a
     large set (e.g. 1M distractors) are held in memory.
     """
-    paths, labels, class_names = eval_data.read_image_folder(root, load=False)
+    paths, labels, class_names = eval_sets.read_image_folder(root, load=False)
     names = np.asarray(class_names)[labels]
     parts = []
     for start in range(0, len(paths), chunk_size):
-        images = data.load_images(
+        images = pipeline.load_images(
             paths[start : start + chunk_size],
             image_size=image_size,
             channels=channels,
@@ -473,7 +472,7 @@ def evaluate_model(
 
     Args:
         embedder: an `Embedder`.
-        verification_sets: {name: `eval_data.VerificationSet`, or a callable
+        verification_sets: {name: `eval_sets.VerificationSet`, or a callable
             (image_size, channels) -> VerificationSet, called once}.
         identification: None or {"gallery", "probes", "distractors"
             (optional)} paths.

@@ -23,7 +23,7 @@ install "ring_loss_tf[align]"`) or from a five-point list
 (`read_landmarks_file`). `align_folder` aligns a folder of identity folders;
 its command line:
 
-    python -m ring_loss_tf.align --input=photos --output=aligned \\
+    python -m ring_loss_tf.data.align --input=photos --output=aligned \\
         --template=sphereface [--all_faces] [--landmarks=5pts.txt]
 
 On 40 copies of matplotlib's grace_hopper.jpg (512×600) this took 15.9 s
@@ -47,8 +47,8 @@ import tensorflow as tf
 from PIL import Image
 from PIL import ImageOps
 
-from ring_loss_tf.images import MAX_IMAGE_PIXELS
-from ring_loss_tf.images import is_image_file
+from ring_loss_tf.data.images import MAX_IMAGE_PIXELS
+from ring_loss_tf.data.images import is_image_file
 
 # (height, width) and the five points (x, y) of each template, in pixels.
 # SphereFace's matlab/preprocess/face_align_demo.m (coord5points) and
@@ -608,7 +608,7 @@ def align_folder(
             ))
         return relative, len(faces)
 
-    from ring_loss_tf.kanji import Progress
+    from ring_loss_tf.data.kanji import Progress
 
     bar = Progress(len(todo), f"Aligning {len(todo)} images", progress)
     with open(no_face_path, "a", encoding="utf-8") as log, \
@@ -630,11 +630,11 @@ def align_folder(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ring_loss_tf.align`; returns the exit status."""
+    """`python -m ring_loss_tf.data.align`; returns the exit status."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m ring_loss_tf.align",
+        prog="python -m ring_loss_tf.data.align",
         description="Detect faces and warp them to an aligned template.",
     )
     parser.add_argument("--input", required=True,

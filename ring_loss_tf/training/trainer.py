@@ -48,7 +48,7 @@ import tensorflow as tf
 
 from ring_loss_tf import layers
 from ring_loss_tf.cluster import tf_config_workers
-from ring_loss_tf import models as models_lib
+from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf.config import ALL_REDUCE_DTYPES
 from ring_loss_tf.config import OPTIMIZERS
 from ring_loss_tf.config import check_replicas
@@ -56,8 +56,8 @@ from ring_loss_tf.errors import CheckpointWriteError
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
-from ring_loss_tf.layer_utils import safe_norm
-from ring_loss_tf.sharded_head import ShardedHead
+from ring_loss_tf.layers.ops import safe_norm
+from ring_loss_tf.models.sharded_head import ShardedHead
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
 STEP_BOUNDARIES = (16 / 28, 24 / 28)

@@ -5,7 +5,7 @@ Verification sets come as LFW-format directories with a `pairs.txt`
 set) or as insightface `.bin` files (`read_bin`, with a restricted unpickler
 that cannot run code); both give a `VerificationSet`. Identification
 galleries, probes and distractors are image folders (`read_image_folder`).
-Images are loaded with `ring_loss_tf.data.load_images`, the training
+Images are loaded with `ring_loss_tf.data.pipeline.load_images`, the training
 pipeline's decoding and resizing.
 """
 
@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf import data
-from ring_loss_tf.images import is_image_file
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.data.images import is_image_file
 
 _PAIRS_FORMAT = (
     "format: a header 'num_folds pairs_per_fold', then per fold "
@@ -55,13 +55,15 @@ def read_image_folder(
     """A folder per identity as (images, labels int32, class_names).
 
     For the gallery, probes and distractors of identification. `images` is a
-    uint8 (N, h, w, c) array (see `data.load_images`), or with `load=False`
+    uint8 (N, h, w, c) array (see `pipeline.load_images`), or with `load=False`
     the list of file paths.
     """
-    paths, labels, class_names = data.list_image_folder(root)
+    paths, labels, class_names = pipeline.list_image_folder(root)
     if not load:
         return paths, labels, class_names
-    images = data.load_images(paths, image_size=image_size, channels=channels)
+    images = pipeline.load_images(
+        paths, image_size=image_size, channels=channels
+    )
     return images, labels, class_names
 
 
@@ -209,7 +211,7 @@ def parse_pairs_file(
             f"pair (first: line {number}, {' '.join(fields)!r}, is the pair "
             f"of line {first}); each repeat counts again in the accuracy. "
             "Replace the repeats with new pairs.",
-            data.DataWarning,
+            pipeline.DataWarning,
             stacklevel=2,
         )
     return pairs
@@ -227,7 +229,7 @@ def read_lfw_pairs(
     Pair "name n" refers to `lfw_dir/name/name_<nnnn>.<ext>` (any image
     extension); in a folder without LFW-named files, to its n-th image in
     sorted order (as `make_pairs_file` writes for such folders). Each image
-    is loaded once (see `data.load_images` for `image_size` and
+    is loaded once (see `pipeline.load_images` for `image_size` and
     `channels`).
 
     Raises:
@@ -283,7 +285,9 @@ def read_lfw_pairs(
         right.append(ends[1])
         issame.append(name1 == name2)
         fold.append(k)
-    images = data.load_images(names, image_size=image_size, channels=channels)
+    images = pipeline.load_images(
+        names, image_size=image_size, channels=channels
+    )
     return VerificationSet(
         images=images,
         left=np.asarray(left, np.int64),
@@ -333,7 +337,7 @@ def make_pairs_file(
             raise ValueError(
                 f"`{name}` must be a positive integer. Received: {value!r}"
             )
-    paths, labels, class_names = data.list_image_folder(root)
+    paths, labels, class_names = pipeline.list_image_folder(root)
     numbers = [
         sorted(_lfw_numbering(root / name)) for name in class_names
     ]
@@ -599,7 +603,9 @@ def read_bin(
     items = tf.data.Dataset.from_tensor_slices(
         (tf.constant(bins), tf.constant(names))
     )
-    images = data.load_encoded_images(items, len(bins), image_size, channels)
+    images = pipeline.load_encoded_images(
+        items, len(bins), image_size, channels
+    )
     pairs = len(issame)
     return VerificationSet(
         images=images,

@@ -22,8 +22,8 @@ Files, in the layout insightface's evaluation reads (`read_protocol`):
 
 The five-point file is optional: without it the images are taken as
 aligned already (the embedded set's template variant,
-`ring_loss_tf.kanji_templates`); with it each loose crop is warped to the
-model's input by its landmarks (`ring_loss_tf.align`).
+`ring_loss_tf.data.kanji_templates`); with it each loose crop is warped to the
+model's input by its landmarks (`ring_loss_tf.data.align`).
 
 Memory: the template features (IJB-C: 23,124 templates) and one chunk of
 images are held, never all image features; the 15.7M pairs of IJB-C are
@@ -42,10 +42,10 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf import align
-from ring_loss_tf import data
-from ring_loss_tf import metrics
-from ring_loss_tf.images import decode_image
+from ring_loss_tf.data import align
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.evaluation import metrics
+from ring_loss_tf.data.images import decode_image
 
 TEMPLATE_FILE = "{name}_face_tid_mid.txt"
 PAIR_FILE = "{name}_template_pair_label.txt"
@@ -482,7 +482,7 @@ def evaluate_templates(
             if protocol.landmark_lines is not None:
                 _check_landmarks_on_images(protocol, rows, sizes)
         else:
-            images = data.load_images(paths, image_size=embedder.image_size,
+            images = pipeline.load_images(paths, image_size=embedder.image_size,
                                       channels=embedder.channels)
         features, plain = embedder.embed_with_plain(images, flip=flip)
         features = np.asarray(features, np.float64)

@@ -21,7 +21,7 @@ same settings give byte-identical files. `prepare` generates the set once, in
 parallel over the cores, into a cache directory keyed by a hash of the
 settings (written to a temporary directory, then renamed, so a half-written
 cache is never used) and returns its root, laid out as ordinary data so every
-reader and evaluation protocol of `ring_loss_tf.data` runs on it:
+reader and evaluation protocol of `ring_loss_tf.data.pipeline` runs on it:
 
     root/train/<identity>/<nnnn>.png               training identities
     root/test/<identity>/<identity>_<nnnn>.png     LFW layout, unseen identities
@@ -605,7 +605,7 @@ def prepare(
     Returns:
         The root directory (`<cache_dir>/kanji-<hash>`).
     """
-    from ring_loss_tf import eval_data  # imports TensorFlow: only here
+    from ring_loss_tf.data import eval_sets  # imports TensorFlow: only here
 
     check_integers([
         ("train_samples_per_identity", train_samples_per_identity, 1),
@@ -656,7 +656,7 @@ def prepare(
         genuine_available = num_test_identities * math.comb(
             test_samples_per_identity, 2
         )
-        eval_data.make_pairs_file(
+        eval_sets.make_pairs_file(
             temporary / "test",
             temporary / "pairs.txt",
             num_folds=folds,

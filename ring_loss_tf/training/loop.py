@@ -28,14 +28,14 @@ import tensorflow as tf
 
 from ring_loss_tf import cluster
 from ring_loss_tf import config as config_lib
-from ring_loss_tf import data
-from ring_loss_tf import evaluation
-from ring_loss_tf import evaluation_report
+from ring_loss_tf.data import pipeline
+from ring_loss_tf.evaluation import protocols
+from ring_loss_tf.evaluation import report
 from ring_loss_tf import export as export_lib
-from ring_loss_tf import kanji
-from ring_loss_tf import models as models_lib
+from ring_loss_tf.data import kanji
+from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
-from ring_loss_tf import trainer as trainer_lib
+from ring_loss_tf.training import trainer as trainer_lib
 from ring_loss_tf.errors import NonFiniteLossError
 from ring_loss_tf.errors import TrainingDataError
 from ring_loss_tf.errors import TrainingInterrupted
@@ -57,7 +57,7 @@ def data_error(error, trainer=None):
     """A `TrainingDataError` from tf.data's InvalidArgumentError."""
     text = getattr(error, "message", None) or str(error)
     match = _CORRUPT_ASSERTION.search(text)
-    record = re.search(re.escape(data.RECORD_ERROR) + r"([^\n]*)", text)
+    record = re.search(re.escape(pipeline.RECORD_ERROR) + r"([^\n]*)", text)
     if match:
         message = f"{match.group(1)} {match.group(2)}"
     elif record:
@@ -408,7 +408,7 @@ def _training_data(config, chief):
         root = pathlib.Path(config.data.data_dir)
     # A folder per identity under train/, or insightface's train.rec.
     train_path = root / "train" if (root / "train").is_dir() else root
-    source = data.open_training_source(
+    source = pipeline.open_training_source(
         train_path, skip_corrupt=config.data.skip_corrupt
     )
     return root, source
@@ -623,7 +623,7 @@ def train(
     data_config = config.data
 
     def worker_pipeline(input_context):
-        return data.training_dataset(
+        return pipeline.training_dataset(
             source,
             batch_size=config.optim.batch_size,
             image_size=data_config.image_size,
@@ -707,10 +707,10 @@ def train(
         print_fn(f"Exported the embedding model to {result['export_dir']}")
     pairs_path = root / "pairs.txt"
     if run.evaluate and pairs_path.is_file() and (root / "test").is_dir():
-        verification = evaluation.verify_pairs(
+        verification = protocols.verify_pairs(
             embedding_model, pairs_path, root / "test"
         )
-        table = evaluation_report.format_verification(
+        table = report.format_verification(
             verification, f"Verification on unseen identities ({pairs_path})"
         )
         result["verification"] = verification

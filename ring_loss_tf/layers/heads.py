@@ -40,7 +40,7 @@ Write the function, register it in `MARGINS`, and name it in a
 file loads wherever the registering line has run::
 
     from keras import ops
-    from ring_loss_tf import heads
+    from ring_loss_tf.layers import heads
 
     def combined_margin(cos, norms, labels, scale=64.0, m2=0.3, m3=0.2):
         # insightface's combined margin s·(cos(θ + m2) − m3) on the target
@@ -71,19 +71,19 @@ import math
 import keras
 from keras import ops
 
-from ring_loss_tf.layer_utils import PACKAGE
-from ring_loss_tf.layer_utils import check_label_range
-from ring_loss_tf.layer_utils import check_labels_dtype
-from ring_loss_tf.layer_utils import check_num_classes
-from ring_loss_tf.layer_utils import check_positive
-from ring_loss_tf.layer_utils import embeddings_shape
-from ring_loss_tf.layer_utils import float32
-from ring_loss_tf.layer_utils import normalize
-from ring_loss_tf.layer_utils import plain_number
-from ring_loss_tf.layer_utils import poison_out_of_range
-from ring_loss_tf.layer_utils import replica_local_weight
-from ring_loss_tf.layer_utils import safe_norm
-from ring_loss_tf.layer_utils import with_labels
+from ring_loss_tf.layers.ops import PACKAGE
+from ring_loss_tf.layers.ops import check_label_range
+from ring_loss_tf.layers.ops import check_labels_dtype
+from ring_loss_tf.layers.ops import check_num_classes
+from ring_loss_tf.layers.ops import check_positive
+from ring_loss_tf.layers.ops import embeddings_shape
+from ring_loss_tf.layers.ops import float32
+from ring_loss_tf.layers.ops import normalize
+from ring_loss_tf.layers.ops import plain_number
+from ring_loss_tf.layers.ops import poison_out_of_range
+from ring_loss_tf.layers.ops import replica_local_weight
+from ring_loss_tf.layers.ops import safe_norm
+from ring_loss_tf.layers.ops import with_labels
 
 A_SOFTMAX_MARGINS = (1, 2, 3, 4)
 
@@ -321,7 +321,8 @@ def _check_warmup(margin_warmup_steps):
 def _check_margin_function(margin_function, margin_arguments):
     if not isinstance(margin_function, str) or margin_function not in MARGINS:
         raise ValueError(
-            "`margin_function` must be a name in ring_loss_tf.heads.MARGINS "
+            "`margin_function` must be a name in "
+            "ring_loss_tf.layers.heads.MARGINS "
             f"({', '.join(sorted(MARGINS))}); register a new one with "
             "`MARGINS[name] = function` before building or loading the "
             f"model. Received: margin_function={margin_function!r}"
@@ -378,7 +379,7 @@ class CosineClassifier(keras.layers.Layer):
     and `num_classes`, eagerly and in `fit` on every backend (a ValueError;
     in a compiled step the backend's runtime error carries it); only inside
     an XLA-compiled TensorFlow function, which drops assertions, are that
-    row's logits NaN instead (`layer_utils.check_label_range`). Inference
+    row's logits NaN instead (`ops.check_label_range`). Inference
     does not read the labels.
     Output: float32 logits `(batch_size, num_classes)`; use them with sparse
     categorical cross-entropy from logits.
@@ -479,8 +480,8 @@ class CosineClassifier(keras.layers.Layer):
 
         `step` is t of `margin_arguments_at` (None when the layer keeps no
         count). During the warm-up (t ≤ 0) the logits are margin-free. A
-        sharded head (`ring_loss_tf.sharded_head`) calls this on its slice
-        of the cosines with its own count.
+        sharded head (`ring_loss_tf.models.sharded_head`) calls this on its
+        slice of the cosines with its own count.
         """
         margin = MARGINS[self.margin_function]
         arguments = self.margin_arguments_at(step)

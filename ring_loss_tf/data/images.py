@@ -5,10 +5,9 @@ Graph functions, each working eagerly and inside tf.data: the bytes check
 against a pixel budget before decoding), decoding (`decode_image`,
 `decode_native`, with a PGM decoder TensorFlow lacks), `to_channels`,
 `resize_image`, `normalize` and the stateless augmentation
-(`augment_batch`). The training pipeline
-(`ring_loss_tf.data`) and evaluation (`ring_loss_tf.data.load_images`,
-`ring_loss_tf.eval_data`) both decode and resize with them, so both see the
-same pixels.
+(`augment_batch`). The training pipeline (`pipeline`) and evaluation
+(`pipeline.load_images`, `eval_sets`) both decode and resize with them, so
+both see the same pixels.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The input is the normalised image batch the data pipeline produces, shape
 `(batch_size, height, width, channels)`, float; the output is the embedding
 batch `(batch_size, embedding_dim)`. Losses and heads (`RingLoss`,
-`ASoftmax`, ...) sit on top of the embedding; see `ring_loss_tf.training`.
+`ASoftmax`, ...) sit on top of the embedding; see `ring_loss_tf.training.loop`.
 
 - `sphereface20`: the paper's network (SphereFace-20, Liu et al. 2017, as used
   by Zheng et al. 2018): 112×96 RGB, four stages of 64/128/256/512 channels,

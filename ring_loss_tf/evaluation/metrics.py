@@ -1,7 +1,7 @@
 """Face verification and identification metrics on embeddings (NumPy only).
 
 Plain functions on arrays: no flags, no TensorFlow. The embedding model lives
-in `ring_loss_tf.evaluation`; everything here takes its outputs.
+in `ring_loss_tf.evaluation.protocols`; everything here takes its outputs.
 
 Scores are similarities throughout: higher means "more likely the same
 identity", and a pair is predicted genuine when `score >= threshold`.

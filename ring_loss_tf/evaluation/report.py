@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ring_loss_tf import metrics
-from ring_loss_tf.evaluation import ModelReport
+from ring_loss_tf.evaluation import metrics
+from ring_loss_tf.evaluation.protocols import ModelReport
 
 
 def format_verification(result: metrics.VerificationResult, title: str) -> str:

@@ -2,7 +2,7 @@
 
 Training data comes as a folder per identity (`root/<identity>/*.jpg`, the
 layout of CASIA-WebFace and of aligned face sets, and of the embedded default
-set `ring_loss_tf.kanji`) or as insightface's MXNet RecordIO `train.rec` +
+set `ring_loss_tf.data.kanji`) or as insightface's MXNet RecordIO `train.rec` +
 `train.idx` (MS1M, Glint360K, WebFace), read without MXNet
 (`open_training_source`). `training_dataset` makes the tf.data pipeline:
 
@@ -21,9 +21,9 @@ iterator is checkpointable (its state is little more than the position).
 
 `load_images` reads image files into a uint8 array with the same ops: the
 in-memory path of the pipeline and evaluation use it, so both see the same
-pixels. The image ops themselves are in `ring_loss_tf.images`; the
+pixels. The image ops themselves are in `ring_loss_tf.data.images`; the
 evaluation formats (LFW pairs, insightface `.bin`, identification folders)
-in `ring_loss_tf.eval_data`.
+in `ring_loss_tf.data.eval_sets`.
 
 Over 600 lines: the folder and RecordIO sources, the order, the
 decoding checks and the in-memory path are one pipeline; splitting them
@@ -46,19 +46,19 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf import recordio
+from ring_loss_tf.data import recordio
 # By name: `images` is the usual name of a batch here.
-from ring_loss_tf.images import AUGMENTATIONS
-from ring_loss_tf.images import CORRUPT_IMAGE_FIX
-from ring_loss_tf.images import IMAGE_EXTENSIONS
-from ring_loss_tf.images import MAX_IMAGE_PIXELS
-from ring_loss_tf.images import augment_batch
-from ring_loss_tf.images import decode_image
-from ring_loss_tf.images import decode_native
-from ring_loss_tf.images import image_bytes_ok
-from ring_loss_tf.images import is_image_file
-from ring_loss_tf.images import normalize
-from ring_loss_tf.images import resize_image
+from ring_loss_tf.data.images import AUGMENTATIONS
+from ring_loss_tf.data.images import CORRUPT_IMAGE_FIX
+from ring_loss_tf.data.images import IMAGE_EXTENSIONS
+from ring_loss_tf.data.images import MAX_IMAGE_PIXELS
+from ring_loss_tf.data.images import augment_batch
+from ring_loss_tf.data.images import decode_image
+from ring_loss_tf.data.images import decode_native
+from ring_loss_tf.data.images import image_bytes_ok
+from ring_loss_tf.data.images import is_image_file
+from ring_loss_tf.data.images import normalize
+from ring_loss_tf.data.images import resize_image
 
 # `training_dataset` keeps a folder set's decoded images in memory up to this.
 IN_MEMORY_LIMIT_BYTES = 256 * 2**20

@@ -25,7 +25,7 @@ import tensorflow as tf
 from ring_loss_tf import config as config_lib
 from ring_loss_tf import layers
 from ring_loss_tf import registry
-from ring_loss_tf import sharded_head
+from ring_loss_tf.models import sharded_head
 from ring_loss_tf.errors import first_line
 
 

@@ -1,7 +1,7 @@
 """The embedded set's template variant: IJB-style templates of characters.
 
 For tests and the quick start of template verification
-(`ring_loss_tf.ijb`) without IJB data. The characters are the first
+(`ring_loss_tf.evaluation.ijb`) without IJB data. The characters are the first
 `num_identities` unseen test characters of the embedded set
 (`kanji.split_identities`, the same seed and sizes as training), so a model
 trained with train.py's defaults meets none of them in training. Each gets
@@ -35,7 +35,7 @@ import pathlib
 
 import numpy as np
 
-from ring_loss_tf import kanji
+from ring_loss_tf.data import kanji
 
 NAME = "kanji"
 

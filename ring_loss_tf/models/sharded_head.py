@@ -48,8 +48,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf.heads import class_cosines
-from ring_loss_tf.heads import target_mask
+from ring_loss_tf.layers.heads import class_cosines
+from ring_loss_tf.layers.heads import target_mask
 
 # The initial kernel is drawn in blocks of this many columns, block b from
 # the seed (seed, b): the same classes get the same centres whatever the

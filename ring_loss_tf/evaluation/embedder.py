@@ -14,7 +14,7 @@ load it). `Embedder` adapts uint8 images to the model's declared input:
                0..255) or "unit" (x / 255)
 
 and, with `flip=True`, returns f(x) + f(mirror(x)) (horizontal flip).
-`ring_loss_tf.evaluation` runs the protocols on what it returns.
+`ring_loss_tf.evaluation.protocols` runs the protocols on what it returns.
 
 A SavedModel is a program, not data: its functions run whatever operations
 they hold when called, and TensorFlow's own security guidance says to load
@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 INPUT_NORMALIZATIONS = ("auto", "none", "unit")
-EXPORT_SUBDIR = "export"  # where training writes the SavedModel (training.py)
+EXPORT_SUBDIR = "export"  # where training writes the SavedModel (training.loop)
 
 
 def _is_saved_model(path: pathlib.Path) -> bool:

@@ -1,4 +1,5 @@
-"""What the layers of `layers.py` and `heads.py` share: norms and checks.
+"""What the layers of `ring`, `feature_losses`, `blocks` and `heads` share:
+norms and checks.
 
 Norms use `safe_norm`: a zero vector has norm 0 and a finite (zero) gradient,
 and a tiny non-zero vector keeps its exact norm. An additive epsilon, as in

@@ -1,0 +1,37 @@
+"""Models: backbones, their assembly with a head, the sharded head.
+
+- `backbones`: SphereFace, iResNet, MobileFaceNet, the small CNN.
+- `assembly`: backbone + embedding + Ring loss + head (`build_model`, ...).
+- `sharded_head`: a margin head split over the replicas (Partial FC).
+"""
+
+import importlib
+
+# Names of `ring_loss_tf.models` before it was a package
+# (ring_loss_tf/models.py), kept for code that imports them from here;
+# loaded on first use so that the package's TensorFlow-free modules import
+# without TensorFlow.
+_MOVED_TO_ASSEMBLY = frozenset({
+    "Models",
+    "all_layers",
+    "arcface_head",
+    "asoftmax_head",
+    "build_models",
+    "checkpoint_error",
+    "cosface_head",
+    "decayed_variables",
+    "first_line",
+    "l2softmax_head",
+    "load_training_models",
+    "margin_layer",
+    "restore_checkpoint",
+    "softmax_head",
+})
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_ASSEMBLY:
+        module = importlib.import_module("ring_loss_tf.models.assembly")
+        return getattr(module, name)
+    raise AttributeError(
+        f"module 'ring_loss_tf.models' has no attribute {name!r}")
