@@ -50,7 +50,6 @@ COLLECTIVES = ("auto", "nccl", "ring")
 ALL_REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("face", "characters", "none")
-A_SOFTMAX_MARGINS = (1, 2, 3, 4)
 
 # The embedded character set (`ring_loss_tf.data.kanji`) and a face folder
 # (SphereFace's aligned crops).
@@ -142,6 +141,20 @@ class DataConfig:
         resume="free")
 
 
+def _head_defaults(argument):
+    """"default 4 (asoftmax), 0.35 (cosface), ..." from the registry."""
+    defaults = [
+        f"{registry.head(name).margin_arguments[argument]:g} ({name})"
+        for name in registry.HEADS
+        if argument in registry.head(name).margin_arguments
+    ]
+    return "default " + ", ".join(defaults)
+
+
+_MARGIN_HEADS = "/".join(registry.margin_heads())
+_SHARDABLE_HEADS = "/".join(registry.shardable_heads())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Backbone → RingLoss → CenterLoss → head (`models.build_models`)."""
@@ -170,18 +183,18 @@ class ModelConfig:
         "Initial R: auto (mean norm of the first batch) or a positive "
         "number.", kind="radius")
     margin: float | None = setting(
-        None,
-        "Head margin: A-Softmax m (1..4, default 4), CosFace (default "
-        "0.35), ArcFace (default 0.5).", kind="float")
+        None, "Head margin: " + _head_defaults("margin") + ".",
+        kind="float")
     scale: float | None = setting(
-        None, "CosFace/ArcFace scale s (default 64).", kind="float")
+        None, "Head scale s: " + _head_defaults("scale") + ".",
+        kind="float")
     lambda_base: float = setting(1000.0, "A-Softmax λ schedule: base.")
     lambda_gamma: float = setting(0.12, "A-Softmax λ schedule: gamma.")
     lambda_power: float = setting(1.0, "A-Softmax λ schedule: power.")
     lambda_min: float = setting(5.0, "A-Softmax λ schedule: lower bound.")
     margin_warmup_steps: int | None = setting(
         None,
-        "asoftmax/cosface/arcface: steps trained without the margin first "
+        f"{_MARGIN_HEADS}: steps trained without the margin first "
         "(A-Softmax's λ schedule starts when the margin does). Default 200 "
         "for these heads (A-Softmax collapses and ArcFace/CosFace barely "
         "learn without it on the embedded set; README, \"Staged margin "
@@ -194,7 +207,7 @@ class ModelConfig:
     center_alpha: float = setting(0.5, "Center loss: center update rate α.")
     head_sharding: bool = setting(
         False,
-        "asoftmax/cosface/arcface: split the class centres over the "
+        f"{_SHARDABLE_HEADS}: split the class centres over the "
         "replicas (Partial FC) instead of copying the head to each: for "
         "hundreds of thousands of identities and more (README, \"Sharded "
         "head\"). SGD only.")
@@ -566,10 +579,14 @@ class _Checks:
         ):
             bad("ring_radius", _RADIUS_PROBLEM, _RADIUS_FIX)
         margin_heads = registry.margin_heads()
+        head = registry.head(s["head"])
+        choices = head.margin_choices
         if s["margin"] is not None:
-            if s["head"] == "asoftmax" and s["margin"] not in A_SOFTMAX_MARGINS:
-                bad("margin", "A-Softmax's margin m must be 1, 2, 3 or 4",
-                    "use 4 (SphereFace) or omit it")
+            if choices is not None and s["margin"] not in choices:
+                bad("margin",
+                    f"the {s['head']} head's margin must be one of "
+                    f"{', '.join(f'{c:g}' for c in choices)}",
+                    f"use {head.margin_arguments['margin']:g} or omit it")
             finite("margin", 0, "use e.g. 0.35 (CosFace), 0.5 (ArcFace)")
         if s["scale"] is not None:
             finite("scale", 0, "use e.g. 64, or omit it", strict=True)
@@ -591,15 +608,12 @@ class _Checks:
         if s["center_loss_weight"] is not None:
             finite("center_loss_weight", 0,
                    "use 0 to disable center loss or e.g. 0.003")
-        if s["head_sharding"] and s["head"] not in margin_heads:
+        if s["head_sharding"] and not head.shardable:
+            shardable = "/".join(registry.shardable_heads())
             bad("head_sharding",
-                f"the {s['head']} head is not a cosine head",
-                f"shard a margin head ({'/'.join(margin_heads)}), or omit it")
-        elif s["head_sharding"] and s["head"] not in registry.SHARDABLE_HEADS:
-            bad("head_sharding",
-                f"the sharded head is built only from a built-in margin "
-                f"head, not the registered head {s['head']!r}",
-                f"shard {'/'.join(registry.SHARDABLE_HEADS)}, or omit it")
+                f"the {s['head']} head has no margin function for the "
+                "sharded head to call",
+                f"shard a margin head ({shardable}), or omit it")
         rate = s["head_sample_rate"]
         if not (_number(rate) and 0 < rate <= 1):
             bad("head_sample_rate", "must be in (0, 1]",
@@ -705,7 +719,7 @@ def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
         ConfigError: `num_classes` is 1 (named as the data_dir setting).
     """
     data, model = config.data, config.model
-    head = registry.HEADS[model.head]
+    head = registry.head(model.head)
     backbone = registry.backbone(model.backbone)
     embedded = data.data_dir is None
     image_size = data.image_size or backbone.image_size
@@ -713,8 +727,8 @@ def resolve(config: TrainConfig, num_classes=None) -> TrainConfig:
         image_size = ((data.kanji_image_size,) * 2 if embedded
                       else FACE_IMAGE_SIZE)
     margin = model.margin
-    if model.head == "asoftmax" and margin is not None:
-        margin = int(margin)
+    if head.margin_choices is not None and margin is not None:
+        margin = type(head.margin_choices[0])(margin)
     settings = dict(
         image_size=tuple(int(v) for v in image_size),
         channels=data.channels or backbone.channels or (

@@ -8,8 +8,10 @@ misspelt `--head` fails before TensorFlow loads.
 A backbone function takes `(input_shape, embedding_dim, *, seed,
 embedding_block)` and returns a `keras.Model` from images to embeddings
 (see `ring_loss_tf.models.backbones`); its `Backbone` entry may carry the image
-size and embedding block the published network has. A head function takes
-`(features, labels, model, num_classes, seed)` — symbolic Keras tensors,
+size and embedding block the published network has. A head is either a
+margin function for the cosine classifier (`Head(margin_function=...)`) or a
+head function of its own: it takes `(features, labels, model, num_classes,
+seed)` — symbolic Keras tensors,
 the run's `ModelConfig`, the class count and the seed — and returns
 `(logits, head_layer)` (see `ring_loss_tf.models.assembly`).
 """
@@ -84,35 +86,89 @@ EMBEDDING_BLOCKS = ("fc", "bn", "gdc")
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """A head train.py can build, and what a run gets when a flag is omitted.
+    """A head train.py can build: how, with which margin, and what a run
+    gets when a flag is omitted. The configuration's help text and checks,
+    `config.resolve`, model assembly and the sharded head all read it.
+
+    A cosine head with a margin is one margin function plus one entry:
+    `Head(margin_function=my_margin, margin_arguments={"scale": 32.0,
+    "margin": 0.3})` (docs, "Extending"). Such a head can be sharded
+    (`--head_sharding`): the sharded head calls the same margin function on
+    its slice of the cosines.
 
     Attributes:
-        function: "module:function" building the head (module docstring),
-            or the function itself for a head defined outside the package.
-        margin: the head has an angular margin (`margin_warmup_steps`
-            applies to it).
+        function: "module:function" building a head of its own (softmax,
+            l2-softmax, or any head: see the module docstring), or the
+            function itself; None for a margin head, which model assembly
+            builds from `margin_function`.
+        margin_function: the margin of a cosine head: a name in
+            `ring_loss_tf.layers.heads.MARGINS`, or the function itself
+            (registered there under the head's name when the head is
+            built).
+        layer: "module:Class" of the cosine head's layer, a
+            `CosineClassifier` subclass taking the margin arguments as
+            keywords (the built-in `ASoftmax`, `CosFace`, `ArcFace`); None:
+            `CosineClassifier` with `margin_arguments`.
+        margin_arguments: the margin function's default keyword arguments
+            (`--margin` and `--scale` replace "margin" and "scale").
+        margin_choices: the values `--margin` may take, if only some.
+        layer_options: `ModelConfig` fields passed to `layer` by name
+            (A-Softmax's λ schedule).
+        margin: the head has a margin `margin_warmup_steps` applies to (a
+            head built by `function`; a margin head always has).
         margin_warmup_steps: the default warm-up without the margin. 200 for
             the margin heads: on the embedded set A-Softmax collapses and
-            ArcFace / CosFace barely learn without one (README, "Staged
+            ArcFace / CosFace barely learn without one (docs, "Staged
             margin training"); 0 is the papers' recipe.
-        embedding_block: the default embedding block. "bn" for the cosine
-            heads: without insightface's BN → FC → BN their feature norm runs
-            away (README, "Staged margin training").
+        embedding_block: the default embedding block. "bn" for the scaled
+            cosine heads: without insightface's BN → FC → BN their feature
+            norm runs away (docs, "Staged margin training").
         center_loss_weight: the default center-loss weight (Wen et al.'s
             λ = 0.003 for "centerloss"; 0 is off).
     """
 
-    function: object  # "module:function", or the function itself
+    function: object = None  # "module:function", or the function itself
+    margin_function: object = None  # a name in MARGINS, or the function
+    layer: str | None = None
+    margin_arguments: dict = dataclasses.field(default_factory=dict)
+    margin_choices: tuple | None = None
+    layer_options: tuple[str, ...] = ()
     margin: bool = False
     margin_warmup_steps: int = 0
     embedding_block: str = "fc"
     center_loss_weight: float = 0.0
 
+    def __post_init__(self):
+        if (self.function is None) == (self.margin_function is None):
+            raise ValueError(
+                "A `Head` is built either by its `function` or from its "
+                "`margin_function`: give exactly one. Received: "
+                f"function={self.function!r}, "
+                f"margin_function={self.margin_function!r}")
+
+    @property
+    def has_margin(self) -> bool:
+        """Whether a margin warm-up applies to the head."""
+        return self.margin or self.margin_function is not None
+
+    @property
+    def shardable(self) -> bool:
+        """Whether `--head_sharding` can split it: a cosine head whose
+        margin the sharded head can call."""
+        return self.margin_function is not None
+
+
+_A_SOFTMAX_SCHEDULE = (
+    "lambda_base", "lambda_gamma", "lambda_power", "lambda_min")
 
 HEADS = {
     "softmax": Head("ring_loss_tf.models.assembly:softmax_head"),
     "asoftmax": Head(
-        "ring_loss_tf.models.assembly:asoftmax_head", margin=True,
+        margin_function="asoftmax",
+        layer="ring_loss_tf.layers.heads:ASoftmax",
+        margin_arguments={"margin": 4},
+        margin_choices=(1, 2, 3, 4),
+        layer_options=_A_SOFTMAX_SCHEDULE,
         margin_warmup_steps=200,
     ),
     "l2softmax": Head("ring_loss_tf.models.assembly:l2softmax_head"),
@@ -120,20 +176,27 @@ HEADS = {
         "ring_loss_tf.models.assembly:softmax_head", center_loss_weight=0.003
     ),
     "cosface": Head(
-        "ring_loss_tf.models.assembly:cosface_head", margin=True,
-        margin_warmup_steps=200, embedding_block="bn",
+        margin_function="cosface",
+        layer="ring_loss_tf.layers.heads:CosFace",
+        margin_arguments={"scale": 64.0, "margin": 0.35},
+        margin_warmup_steps=200,
+        embedding_block="bn",
     ),
     "arcface": Head(
-        "ring_loss_tf.models.assembly:arcface_head", margin=True,
-        margin_warmup_steps=200, embedding_block="bn",
+        margin_function="arcface",
+        layer="ring_loss_tf.layers.heads:ArcFace",
+        margin_arguments={"scale": 64.0, "margin": 0.5},
+        margin_warmup_steps=200,
+        embedding_block="bn",
     ),
 }
 
 
-# The margin heads a sharded head (`--head_sharding`) can take its margin
-# from: `models.margin_layer` builds these three; a head registered at run
-# time has no such builder yet.
-SHARDABLE_HEADS = ("asoftmax", "cosface", "arcface")
+def head(name) -> Head:
+    """The `Head` registered as `name` (a bare function or
+    "module:function" registered at run time is a head of its own)."""
+    entry = HEADS[name]
+    return entry if isinstance(entry, Head) else Head(entry)
 
 
 def load(entry):
@@ -155,5 +218,10 @@ def backbone(name) -> Backbone:
 
 
 def margin_heads() -> tuple[str, ...]:
-    """The heads with a margin, in registry order."""
-    return tuple(name for name, head in HEADS.items() if head.margin)
+    """The heads a margin warm-up applies to, in registry order."""
+    return tuple(name for name in HEADS if head(name).has_margin)
+
+
+def shardable_heads() -> tuple[str, ...]:
+    """The heads `--head_sharding` can split, in registry order."""
+    return tuple(name for name in HEADS if head(name).shardable)

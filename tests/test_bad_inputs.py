@@ -640,8 +640,8 @@ CASES = [
      ConfigError, r"^lambda_ring=-0\.01: must be a finite number >= 0; "
                   r"use 0 to disable the ring loss or e\.g\. 0\.01$"),
     ("train --head=asoftmax --margin=5", train_with(head="asoftmax", margin=5),
-     ConfigError, r"^margin=5: A-Softmax's margin m must be 1, 2, 3 or 4; "
-                  r"use 4 \(SphereFace\) or omit it$"),
+     ConfigError, r"^margin=5: the asoftmax head's margin must be one of "
+                  r"1, 2, 3, 4; use 4 or omit it$"),
     ("train --image_size=4", train_with(image_size=(4, 4)),
      ConfigError, r"^image_size=\(4, 4\): must be SIZE or HEIGHT,WIDTH, each "
                   r">= 8; use e\.g\. 32 or 112,96$"),

@@ -202,7 +202,34 @@ def test_registry_defaults_are_the_ones_resolve_uses():
         assert resolved.margin_warmup_steps == head.margin_warmup_steps
         assert resolved.embedding_block == head.embedding_block
         assert resolved.center_loss_weight == head.center_loss_weight
-        assert head.margin == (name in ("asoftmax", "cosface", "arcface"))
+        assert head.has_margin == head.shardable == (
+            name in ("asoftmax", "cosface", "arcface"))
+
+
+def test_registry_margin_defaults_are_the_layers_own():
+    """The registry holds the training defaults of each margin head; a
+    Keras user building the layer alone gets the same ones."""
+    import inspect
+
+    from ring_loss_tf import layers
+
+    for name in registry.shardable_heads():
+        head = registry.head(name)
+        layer = getattr(layers, head.layer.partition(":")[2])
+        signature = inspect.signature(layer.__init__).parameters
+        for argument, value in head.margin_arguments.items():
+            assert signature[argument].default == value, (name, argument)
+        for option in head.layer_options:
+            assert signature[option].default == getattr(
+                config_lib.ModelConfig(), option), (name, option)
+
+
+def test_help_text_takes_the_margin_defaults_from_the_registry():
+    fields = config_lib.FIELDS
+    assert fields["margin"].help == (
+        "Head margin: default 4 (asoftmax), 0.35 (cosface), 0.5 (arcface).")
+    assert fields["scale"].help == (
+        "Head scale s: default 64 (cosface), 64 (arcface).")
 
 
 def test_backbone_defaults_are_the_ones_resolve_uses():
@@ -280,8 +307,8 @@ def test_each_bad_setting_gets_one_line_naming_it_and_the_fix(
 def test_sharding_a_registered_margin_head_names_it_and_the_fix(
     monkeypatch,
 ):
-    """A head registered with `margin=True` may warm up its margin, but the
-    sharded head is built only from the three built-in margin heads."""
+    """A head function registered with `margin=True` may warm up its
+    margin, but the sharded head needs a margin function to call."""
     monkeypatch.setitem(registry.HEADS, "mymargin",
                         registry.Head("mine:head", margin=True))
     config_lib.check(config_lib.make(head="mymargin",
@@ -289,9 +316,9 @@ def test_sharding_a_registered_margin_head_names_it_and_the_fix(
     with pytest.raises(ConfigError) as info:
         config_lib.check(config_lib.make(head="mymargin", head_sharding=True))
     assert str(info.value) == (
-        "head_sharding=True: the sharded head is built only from a built-in "
-        "margin head, not the registered head 'mymargin'; shard "
-        "asoftmax/cosface/arcface, or omit it"
+        "head_sharding=True: the mymargin head has no margin function for "
+        "the sharded head to call; shard a margin head "
+        "(asoftmax/cosface/arcface), or omit it"
     )
     assert info.value.setting == "head_sharding"
     for head in ("asoftmax", "cosface", "arcface"):
@@ -305,8 +332,8 @@ def test_cross_setting_checks():
         return str(info.value)
 
     assert error(head="asoftmax", margin=2.5) == (
-        "margin=2.5: A-Softmax's margin m must be 1, 2, 3 or 4; use 4 "
-        "(SphereFace) or omit it"
+        "margin=2.5: the asoftmax head's margin must be one of 1, 2, 3, 4; "
+        "use 4 or omit it"
     )
     assert error(batch_size=10, cpu_replicas=4) == (
         "batch_size=10: not divisible by the 4 replicas (cpu_replicas=4); "

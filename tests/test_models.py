@@ -140,10 +140,10 @@ def test_a_registered_margin_head_is_not_sharded(monkeypatch):
                         registry.Head(my_margin_head, margin=True))
     config = config_lib.replace(model_config(), head="my_margin",
                                 head_sharding=True)
-    with pytest.raises(ConfigError, match=r"^head_sharding=True: the sharded "
-                       r"head is built only from a built-in margin head, not "
-                       r"the registered head 'my_margin'; shard "
-                       r"asoftmax/cosface/arcface, or omit it$"):
+    with pytest.raises(ConfigError, match=r"^head_sharding=True: the "
+                       r"my_margin head has no margin function for the "
+                       r"sharded head to call; shard a margin head "
+                       r"\(asoftmax/cosface/arcface\), or omit it$"):
         assembly.build_models(config)
 
 

@@ -14,7 +14,7 @@ from ring_loss_tf.models import sharded_head
 from ring_loss_tf.training import trainer as trainer_lib
 from ring_loss_tf.errors import ConfigError
 
-import tiny_runs
+from tests import tiny_runs
 from tests.worker_processes import start_workers
 
 
@@ -167,6 +167,61 @@ def test_sharded_step_is_the_replicated_step(replicas, head, lambda_ring):
         assert int(sharded.models.head.iterations.numpy()) == 2
 
 
+def combined_margin(cos, norms, labels, scale=64.0, margin=0.3, m3=0.2):
+    """insightface's combined margin: s·(cos(θ_y + m) − m3) on the target
+    (docs, "Extending": a margin head is this function and one registry
+    line)."""
+    from keras import ops
+
+    from ring_loss_tf.layers import heads
+
+    mask = heads.target_mask(labels, ops.shape(cos)[-1])
+    target = ops.cos(ops.arccos(ops.clip(cos, -1 + 1e-7, 1 - 1e-7)) + margin)
+    return scale * (cos + mask * (target - m3 - cos))
+
+
+def test_a_registered_margin_head_trains_replicated_and_sharded(monkeypatch):
+    """A margin head added as the docs show trains with and without
+    `head_sharding`, and both give the same step."""
+    from ring_loss_tf import registry
+    from ring_loss_tf.layers import heads
+
+    monkeypatch.setitem(registry.HEADS, "combined", registry.Head(
+        margin_function=combined_margin,
+        margin_arguments={"scale": 32.0, "margin": 0.3},
+    ))
+    # Building the head registers its margin under the head's name; undone
+    # after the test.
+    monkeypatch.setitem(heads.MARGINS, "combined", None)
+    config_lib.check(config_lib.make(head="combined", head_sharding=True))
+    batch = 8
+    images, labels = tiny_runs.batches(1, batch_size=batch)[0]
+    replicated = make_trainer(2, "combined", 0.01, False, batch)
+    sharded = make_trainer(2, "combined", 0.01, True, batch)
+    sharded.models.head.assign_kernel(kernel(replicated))
+    head = replicated.models.head
+    assert head.margin_function == "combined"
+    assert head.margin_arguments == {"scale": 32.0, "margin": 0.3}
+    # The logits against the formula in float64.
+    _, features = replicated.models.train_model(
+        [images, labels], training=False)
+    x = features.numpy().astype(np.float64)
+    w = kernel(replicated).astype(np.float64)
+    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+        w / np.linalg.norm(w, axis=0, keepdims=True))
+    rows = np.arange(batch)
+    expected = 32.0 * cos
+    target = np.cos(np.arccos(cos[rows, labels.numpy()]) + 0.3) - 0.2
+    expected[rows, labels.numpy()] = 32.0 * target
+    logits = head([features, labels], training=True)
+    np.testing.assert_allclose(logits.numpy(), expected, atol=1e-3)
+    a = train(replicated, [(images, labels)])[0]
+    b = train(sharded, [(images, labels)])[0]
+    for name in a:
+        assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), name
+    assert_close(kernel(replicated), kernel(sharded), "kernel")
+
+
 # --------------------------------------------------------------------------
 # r < 1: the loss on the kept classes, in float64
 # --------------------------------------------------------------------------
@@ -298,7 +353,7 @@ _WORKER = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[2])
-    import tiny_runs
+    from tests import tiny_runs
     from ring_loss_tf import config as config_lib
     from ring_loss_tf.models import assembly
     from ring_loss_tf.training import trainer as trainer_lib

@@ -66,8 +66,8 @@ def _run(args, cwd, timeout=600):
         (["--ring_radius=abc"],
          r"--ring_radius=abc: must be auto or a positive number; use auto "),
         (["--head=asoftmax", "--margin=5"],
-         r"--margin=5\.0: A-Softmax's margin m must be 1, 2, 3 or 4; use 4 "
-         r"\(SphereFace\) or omit it$"),
+         r"--margin=5\.0: the asoftmax head's margin must be one of 1, 2, "
+         r"3, 4; use 4 or omit it$"),
         (["--steps=0"],
          r"--steps=0: must be a positive integer; use e\.g\. 1000$"),
         (["--image_size=4"],

@@ -14,11 +14,8 @@ import importlib
 _MOVED_TO_ASSEMBLY = frozenset({
     "Models",
     "all_layers",
-    "arcface_head",
-    "asoftmax_head",
     "build_models",
     "checkpoint_error",
-    "cosface_head",
     "decayed_variables",
     "first_line",
     "l2softmax_head",

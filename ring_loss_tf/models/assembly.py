@@ -71,15 +71,6 @@ def l2softmax_head(features, labels, model, num_classes, seed):
     return dense(scaled), dense
 
 
-def _margin_options(model, scale=False):
-    options = {"margin_warmup_steps": model.margin_warmup_steps}
-    if model.margin is not None:
-        options["margin"] = model.margin
-    if scale and model.scale is not None:
-        options["scale"] = model.scale
-    return options
-
-
 def _seeded_kernel(head, seed):
     # The margin heads take no initializer argument: draw their kernel from
     # the seed too, so equal seeds give equal models.
@@ -90,49 +81,57 @@ def _seeded_kernel(head, seed):
     return head
 
 
+def margin_arguments(name, model):
+    """The margin head `name`'s margin arguments in a run: the registry's
+    defaults, with the run's `margin` and `scale` where it sets them."""
+    spec = registry.head(name)
+    arguments = dict(spec.margin_arguments)
+    if model.margin is not None:
+        arguments["margin"] = model.margin
+    if model.scale is not None and "scale" in arguments:
+        arguments["scale"] = model.scale
+    return arguments
+
+
 def margin_layer(name, model, num_classes):
-    """The margin head `name` ("asoftmax", "cosface", "arcface") as the
-    run's `ModelConfig` sets it, not yet built: the replicated head calls
-    it, a sharded head (`sharded_head.ShardedHead`) takes its margin.
+    """The margin head `name` (`registry.Head` with a `margin_function`) as
+    the run's `ModelConfig` sets it, not yet built: the replicated head
+    calls it, a sharded head (`sharded_head.ShardedHead`) takes its margin.
     `config.check` refuses sharding any other head."""
-    if name == "asoftmax":
-        return layers.ASoftmax(
+    spec = registry.head(name)
+    function = spec.margin_function
+    if callable(function):
+        # A margin given as a function is known by its head's name, also
+        # in the saved layer's config.
+        layers.MARGINS[name] = function
+        function = name
+    options = {
+        option: getattr(model, option) for option in spec.layer_options
+    }
+    arguments = margin_arguments(name, model)
+    if spec.layer is None:
+        return layers.CosineClassifier(
             num_classes,
-            lambda_base=model.lambda_base,
-            lambda_gamma=model.lambda_gamma,
-            lambda_power=model.lambda_power,
-            lambda_min=model.lambda_min,
-            name="asoftmax",
-            **_margin_options(model),
+            margin_function=function,
+            margin_arguments=arguments,
+            margin_warmup_steps=model.margin_warmup_steps,
+            name=name,
+            **options,
         )
-    head_class = {"cosface": layers.CosFace, "arcface": layers.ArcFace}[name]
-    return head_class(
-        num_classes, name=name, **_margin_options(model, scale=True)
+    return registry.load(spec.layer)(
+        num_classes,
+        margin_warmup_steps=model.margin_warmup_steps,
+        name=name,
+        **arguments,
+        **options,
     )
 
 
-def _margin_head(name, features, labels, model, num_classes, seed):
+def margin_head(name, features, labels, model, num_classes, seed):
+    """A margin head's logits and layer (`margin_layer`), kernel seeded."""
     head = margin_layer(name, model, num_classes)
     logits = head([features, labels])
     return logits, _seeded_kernel(head, seed)
-
-
-def asoftmax_head(features, labels, model, num_classes, seed):
-    """A-Softmax (SphereFace) with its λ schedule and margin warm-up."""
-    return _margin_head("asoftmax", features, labels, model, num_classes,
-                        seed)
-
-
-def cosface_head(features, labels, model, num_classes, seed):
-    """CosFace (additive cosine margin)."""
-    return _margin_head("cosface", features, labels, model, num_classes,
-                        seed)
-
-
-def arcface_head(features, labels, model, num_classes, seed):
-    """ArcFace (additive angular margin)."""
-    return _margin_head("arcface", features, labels, model, num_classes,
-                        seed)
 
 
 def build_models(config: config_lib.TrainConfig) -> Models:
@@ -189,10 +188,15 @@ def build_models(config: config_lib.TrainConfig) -> Models:
         )
         outputs = [features, embeddings]
     else:
-        head_function = registry.load(registry.HEADS[model.head])
-        logits, head = head_function(
-            features, labels, model, model.num_classes, seed
-        )
+        spec = registry.head(model.head)
+        if spec.function is None:
+            logits, head = margin_head(
+                model.head, features, labels, model, model.num_classes, seed
+            )
+        else:
+            logits, head = registry.load(spec)(
+                features, labels, model, model.num_classes, seed
+            )
         outputs = [logits, embeddings]
     train_model = keras.Model([images, labels], outputs,
                               name="training_model")

@@ -527,7 +527,7 @@ def _start_line(config, trainer, restored, source, total_steps):
         head_text += f" sharded over {trainer.num_replicas} replica(s)"
         if model.head_sample_rate < 1:
             head_text += f", {model.head_sample_rate:g} of the negatives"
-    if model.margin_warmup_steps and registry.HEADS[model.head].margin:
+    if model.margin_warmup_steps and registry.head(model.head).has_margin:
         head_text += f" (margin from step {model.margin_warmup_steps + 1})"
     if model.embedding_block != "fc":
         head_text += f", embedding block {model.embedding_block}"
