@@ -118,8 +118,8 @@ def blocks(path, root=ROOT):
                 marker = match.group(1)
         if language in LANGUAGES:
             code = "\n".join(
-                line[len(indent):] if line.startswith(indent) else line
-                for line in lines[index + 1:end]
+                line[len(indent) :] if line.startswith(indent) else line
+                for line in lines[index + 1 : end]
             )
             block = Block(page, index + 1, LANGUAGES[language], code, marker)
             check_marker(block)

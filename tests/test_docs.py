@@ -21,18 +21,27 @@ from tests import docs_blocks
 from tests import hidden_package
 
 ALL = {path: docs_blocks.blocks(path) for path in docs_blocks.pages()}
-FAST = [b for page in ALL.values() for b in page
-        if not b.slow and b.skip_reason is None]
+FAST = [
+    b
+    for page in ALL.values()
+    for b in page
+    if not b.slow and b.skip_reason is None
+]
 SLOW_PAGES = sorted(
-    {b.page for page in ALL.values() for b in page
-     if b.slow and b.skip_reason is None}
+    {
+        b.page
+        for page in ALL.values()
+        for b in page
+        if b.slow and b.skip_reason is None
+    }
 )
 TIMEOUT = 600
 
 
 def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(docs_blocks.ROOT),
-               TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(
+        os.environ, PYTHONPATH=str(docs_blocks.ROOT), TF_CPP_MIN_LOG_LEVEL="3"
+    )
     env.pop("KERAS_BACKEND", None)  # a block chooses its own backend
     # `python` in a shell block is the interpreter running the tests.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
@@ -42,7 +51,11 @@ def _env(tmp_path):
 
 def _run(args, cwd, env, what):
     result = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True,
+        args,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=TIMEOUT,
     )
     assert result.returncode == 0, (
@@ -57,8 +70,9 @@ def _run_python(block, cwd, cache_dir):
     script = cwd / f"block_{block.line}.py"
     if block.words("without") is not None:
         env = hidden_package.env(cwd / f"hidden_{block.line}")
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + (
-            env["PATH"])
+        env["PATH"] = (
+            os.path.dirname(sys.executable) + os.pathsep + (env["PATH"])
+        )
         code = hidden_package.PREAMBLE + "\n" + block.code + "\n"
     else:
         env = _env(cwd)
@@ -98,9 +112,10 @@ def test_the_readme_opens_with_the_install_and_the_test_command():
     )
     # .ci/run runs this command verbatim.
     assert readme[1].code == 'pip install -e ".[test]" && python -m pytest'
-    assert 'pip install -e ".[test]" && python -m pytest' in (
-        docs_blocks.ROOT / ".ci" / "run"
-    ).read_text()
+    assert (
+        'pip install -e ".[test]" && python -m pytest'
+        in (docs_blocks.ROOT / ".ci" / "run").read_text()
+    )
 
 
 def test_a_bad_marker_is_one_line_naming_the_block(tmp_path):
@@ -122,10 +137,13 @@ def test_shell_blocks_are_shrunk_and_installs_left_out(tmp_path):
         " && python train.py --lambda_ring=0.01 \\\n    --steps=28000\n"
         'pip install -e ".[align]"   # the detector\n'
         "python -m ring_loss_tf.export --model_dir runs/a  # a comment\n",
-        "/venv/bin/python", tmp_path / "cache",
+        "/venv/bin/python",
+        tmp_path / "cache",
     )
     assert left_out == [
-        "python3 -m venv .venv", ". .venv/bin/activate", "pip install -e .",
+        "python3 -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install -e .",
         'pip install -e ".[align]"   # the detector',
     ]
     lines = script.splitlines()
@@ -133,7 +151,8 @@ def test_shell_blocks_are_shrunk_and_installs_left_out(tmp_path):
     train = lines[1]
     assert train.startswith(
         f"/venv/bin/python {docs_blocks.ROOT / 'train.py'} "
-        "--lambda_ring=0.01 --steps=28000 ")
+        "--lambda_ring=0.01 --steps=28000 "
+    )
     # absl keeps the last value: the tiny flags come after the block's.
     assert train.endswith("--steps=2")
     assert f"--cache_dir={tmp_path / 'cache'}" in train
@@ -156,8 +175,10 @@ def tiny_run(tmp_path_factory):
     where = tmp_path_factory.mktemp("tiny_run")
     cache = where / "cache"
     script, _ = docs_blocks.shell_script(
-        "python train.py --lambda_ring=0.01 --model_dir=run", sys.executable,
-        cache)
+        "python train.py --lambda_ring=0.01 --model_dir=run",
+        sys.executable,
+        cache,
+    )
     _run(["bash", "-c", script], where, _env(where), "the tiny run")
     return where / "run", cache
 
@@ -187,8 +208,8 @@ def test_page_commands(page, tmp_path, request):
             _run_python(block, tmp_path, cache)
         else:
             script, _ = docs_blocks.shell_script(
-                block.code, sys.executable, cache)
-            _run(["bash", "-c", script], tmp_path, _env(tmp_path),
-                 block.name)
+                block.code, sys.executable, cache
+            )
+            _run(["bash", "-c", script], tmp_path, _env(tmp_path), block.name)
         ran += 1
     assert ran
