@@ -8,6 +8,7 @@ set, one test per page, in the page's order (`python train.py` shrunk to a
 """
 
 import os
+import re
 import pathlib
 import shutil
 import subprocess
@@ -213,3 +214,29 @@ def test_page_commands(page, tmp_path, request):
             _run(["bash", "-c", script], tmp_path, _env(tmp_path), block.name)
         ran += 1
     assert ran
+
+
+def _slug(heading):
+    """The anchor MkDocs (Python-Markdown's toc) gives a heading."""
+    text = re.sub(r"[^\w\s-]", "", heading.strip().lower())
+    return re.sub(r"[-\s]+", "-", text).strip("-")
+
+
+def test_the_readme_links_resolve():
+    # mkdocs build --strict checks the links of docs/; the README is not
+    # part of the site, so its links to the pages are checked here.
+    readme = docs_blocks.ROOT / "README.md"
+    links = re.findall(r"\]\(([^)\s]+)\)", readme.read_text(encoding="utf-8"))
+    local = [link for link in links if not re.match(r"\w+://", link)]
+    assert len(local) > 20
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = docs_blocks.ROOT / path
+        assert target.exists(), f"README.md links to {link}: no such file"
+        if anchor:
+            headings = re.findall(
+                r"^#+\s+(.*)$", target.read_text(encoding="utf-8"), re.M
+            )
+            assert anchor in {
+                _slug(h) for h in headings
+            }, f"README.md links to {link}: {path} has no such heading"
