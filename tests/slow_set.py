@@ -10,6 +10,8 @@ still names a test.
 """
 
 SLOW = {
+    # The docs' commands, page by page (tiny trainings in subprocesses).
+    "test_docs.py": ["test_page_commands"],
     "test_backbones.py": [
         "test_one_training_step_on_the_embedded_set[iresnet100]",
         "test_one_training_step_on_the_embedded_set[iresnet50]",
