@@ -125,8 +125,11 @@ def expand_hostlist(text):
     """SLURM's host list syntax as a list: "node[01-03,07],gpu5" ->
     node01, node02, node03, node07, gpu5 (zero padding kept; several
     bracket groups in one name give every combination)."""
+    item_pattern = r"(?:[^,\[\]]|\[[^\[\]]*\])+"
+    if not re.fullmatch(rf"{item_pattern}(?:,{item_pattern})*", text):
+        raise ValueError(f"{text!r} is not a SLURM host list")
     names = []
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text):
+    for item in re.findall(item_pattern, text):
         parts = re.split(r"(\[[^\]]*\])", item)
         expanded = [""]
         for part in parts:
@@ -234,6 +237,17 @@ def _slurm_step(environ):
     tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
     return ("SLURM_PROCID" in environ and tasks.isdigit()
             and int(tasks) > 1)
+
+
+def slurm_step_size(environ=None):
+    """(nodes, tasks) of the srun step this process is one of several
+    tasks of, or None."""
+    environ = os.environ if environ is None else environ
+    if not _slurm_step(environ):
+        return None
+    nodes = environ.get("SLURM_STEP_NUM_NODES", "1")
+    return (int(nodes) if nodes.isdigit() else 1,
+            int(environ["SLURM_STEP_NUM_TASKS"]))
 
 
 def detect(mode="auto", environ=None):
