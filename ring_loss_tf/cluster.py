@@ -88,8 +88,9 @@ class Cluster:
 
     Attributes:
         source: "tf_config", "slurm" or "none" (one process).
-        workers: the worker addresses, "host:port", in task-index order.
-        index: this process's worker index (0 is the chief).
+        workers: the worker addresses, "host:port", in task-index order
+            (a TF_CONFIG's chief task first).
+        index: this process's place in `workers` (0 is the chief).
         gpus_per_task: SLURM's GPUs per task (None when it does not say).
     """
 
@@ -286,9 +287,15 @@ def detect(mode="auto", environ=None):
                 "--cluster=auto")
         config = _tf_config_of(environ)
         task = config.get("task", {})
+        spec = config.get("cluster", {})
+        # A "chief" task (TFJob's Chief replica) comes first: index 0 is
+        # the chief, as `is_chief_task` decides.
+        chiefs = list(spec.get("chief", []))
+        index = int(task.get("index", 0))
+        if task.get("type") != "chief":
+            index += len(chiefs)
         return Cluster("tf_config",
-                       tuple(config.get("cluster", {}).get("worker", [])),
-                       int(task.get("index", 0)))
+                       tuple(chiefs + list(spec.get("worker", []))), index)
     if has_tf_config:
         raise _cluster_error(
             mode, "TF_CONFIG is set too, and the two could disagree",

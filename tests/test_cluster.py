@@ -168,12 +168,25 @@ def test_auto_detection(environ, source):
     assert cluster.detect("none", environ) == cluster.Cluster("none")
 
 
-def test_auto_reads_tf_config_index():
-    environ = {"TF_CONFIG": json.dumps(
-        {"cluster": {"worker": ["a:1", "b:2"]},
-         "task": {"type": "worker", "index": 1}})}
-    found = cluster.detect("auto", environ)
-    assert (found.workers, found.index) == (("a:1", "b:2"), 1)
+@pytest.mark.parametrize(
+    "spec, task, index",
+    [
+        ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 1}, 1),
+        ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 0}, 0),
+        # With a chief task (TFJob's Chief replica), it is index 0.
+        ({"chief": ["c:0"], "worker": ["a:1", "b:2"]},
+         {"type": "worker", "index": 0}, 1),
+        ({"chief": ["c:0"], "worker": ["a:1", "b:2"]},
+         {"type": "chief", "index": 0}, 0),
+    ],
+)
+def test_tf_config_index_zero_is_the_chief(monkeypatch, spec, task, index):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": spec,
+                                                "task": task}))
+    found = cluster.detect("tf_config")
+    assert found.index == index
+    assert found.workers == tuple(spec.get("chief", []) + spec["worker"])
+    assert cluster.is_chief_task() is (index == 0)
 
 
 @pytest.mark.parametrize(
