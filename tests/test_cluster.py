@@ -257,3 +257,22 @@ def test_docs_carry_the_sbatch_script_the_slurm_test_submits():
     page = (REPO / "docs" / "clusters.md").read_text()
     script = (REPO / "docs" / "train.sbatch").read_text()
     assert f"```bash\n{script}```" in page
+
+
+@pytest.mark.parametrize("procid", range(4))
+def test_slurm_cluster_matches_tensorflows_slurm_resolver(monkeypatch,
+                                                          procid):
+    """The independent reference: TensorFlow's SlurmClusterResolver on the
+    same step (block distribution, sorted host names), told the GPU counts
+    so that it runs no nvidia-smi."""
+    import tensorflow as tf
+
+    environ = _step(procid, procid // 2, procid % 2, nodes="n[08-09]")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=20000 + 7 * 16, gpus_per_node=2, gpus_per_task=1,
+        auto_set_gpu=False)
+    found = cluster.detect("slurm", environ)
+    assert resolver.cluster_spec().as_dict() == {"worker": list(found.workers)}
+    assert (resolver.task_type, resolver.task_id) == ("worker", found.index)
