@@ -12,7 +12,6 @@ If SLURM cannot be installed or started, the tests fail with one line
 saying so: a missing cluster is never a skip.
 """
 
-import os
 import pathlib
 import re
 import subprocess
