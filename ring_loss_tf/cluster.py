@@ -6,8 +6,9 @@ A SLURM job step becomes the TF_CONFIG it stands for (`detect`, `use`):
 TensorFlow's MultiWorkerMirroredStrategy and the rest of the package then
 read one description of the cluster. This is `SlurmClusterResolver`'s
 reading of SLURM_STEP_NODELIST and SLURM_STEP_TASKS_PER_NODE without its
-GPU probing, which runs `nvidia-smi` (missing on CPU nodes) and divides by
-`gpus_per_node` (zero there); each task uses the devices SLURM lets it see.
+GPU probing: with its default arguments it runs `nvidia-smi` (missing on
+CPU nodes), and `gpus_per_node=0` raises a ValueError. Each task uses the
+devices SLURM lets it see.
 
 Imports no TensorFlow: training decides what to do before the strategy
 starts (the data is prepared first; see `training.train`), and train.py
