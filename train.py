@@ -38,6 +38,7 @@ from absl import app
 from absl import flags
 
 # The configuration module imports no TensorFlow: flags are checked first.
+from ring_loss_tf import cluster
 from ring_loss_tf import config as config_lib
 from ring_loss_tf.errors import ConfigError
 
@@ -162,8 +163,13 @@ def main(argv):
 
 
 def _command_line():
-    """This run's command, quoted for a shell (to resume it)."""
-    return shlex.join(["python", *sys.argv])
+    """This run's command, quoted for a shell (to resume it); under an srun
+    step, the srun line that starts every task again."""
+    command = ["python", *sys.argv]
+    if FLAGS.cluster in ("auto", "slurm") and cluster.slurm_step_size():
+        nodes, tasks = cluster.slurm_step_size()
+        command = ["srun", f"-N{nodes}", f"-n{tasks}", *command]
+    return shlex.join(command)
 
 
 if __name__ == "__main__":

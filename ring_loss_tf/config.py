@@ -295,6 +295,12 @@ class RunConfig:
         "auto",
         "Multi-worker all-reduce: auto (NCCL where every worker has GPUs, "
         "ring otherwise) | nccl | ring.", resume="free")
+    cluster: str = setting(
+        "auto",
+        "Where the workers of a multi-worker run come from: auto (TF_CONFIG "
+        "if set, else the tasks of an srun step, else one process) | "
+        "tf_config | slurm | none (one process; docs/clusters.md).",
+        resume="free")
     all_reduce_dtype: str = setting(
         "float32",
         "Type the gradients are summed across replicas in: float32 "
@@ -653,8 +659,12 @@ class _Checks:
         if os.path.exists(model_dir) and not os.path.isdir(model_dir):
             bad("model_dir", "is a file, not a directory",
                 "give a new or existing directory for checkpoints")
+        _one_of("cluster", s["cluster"], cluster.CLUSTER_SOURCES,
+                "cluster source")
         try:
-            chief = cluster.is_chief_task()
+            chief = cluster.detect(s["cluster"]).index == 0
+        except ConfigError:
+            raise
         except ValueError:  # a bad TF_CONFIG: training says so
             chief = True
         # Only the chief writes there (the other workers read it).

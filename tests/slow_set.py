@@ -43,6 +43,10 @@ SLOW = {
         "test_a_worker_that_fails_at_start_stops_the_other_with_one_line",
     ],
     "test_ijb.py": ["test_evaluate_py_ijb_dir"],
+    "test_slurm.py": [
+        "test_two_srun_tasks_train_as_one_process_with_two_replicas",
+        "test_scancel_stops_both_tasks_at_one_step_and_resubmitting_resumes",
+    ],
     "test_quiet.py": [
         "test_entry_points_print_only_the_project_lines",
         "test_importing_the_package_elsewhere_changes_no_logging",

@@ -515,7 +515,8 @@ def _forget_frames(error):
         error = error.__cause__ or error.__context__
 
 
-def _start_line(config, trainer, restored, source, total_steps):
+def _start_line(config, trainer, restored, source, total_steps,
+                workers=None):
     model = config.model
     ring_text = ""
     if model.lambda_ring:
@@ -539,6 +540,8 @@ def _start_line(config, trainer, restored, source, total_steps):
         f"batch {config.optim.batch_size} on {trainer.num_replicas} "
         f"replica(s), steps {start}→{total_steps}, jit={config.run.jit}, "
         f"mixed_precision={trainer.mixed_precision or 'off'}"
+        + (f", cluster {workers.describe()}"
+           if workers is not None and workers.num_workers > 1 else "")
     )
 
 
@@ -553,7 +556,9 @@ def train(
 
     Rerunning with the same `model_dir` resumes from its latest checkpoint
     (the same weights as an uninterrupted run); different settings of the
-    model or the optimisation are an error.
+    model or the optimisation are an error. Under `run.cluster` (default
+    auto) each task of an srun step becomes one worker: this process's
+    TF_CONFIG is set from SLURM's variables (`cluster.use`).
 
     Args:
         config: the run's `TrainConfig` (train.py's flags, one field each).
@@ -590,6 +595,10 @@ def train(
     """
     config_lib.check(config)
     run = config.run
+    # The strategy, the chief test and the workers' input all read
+    # TF_CONFIG: a SLURM step is turned into it here, once.
+    workers = cluster.detect(run.cluster)
+    cluster.use(workers)
     if devices is None and run.cpu_replicas is not None and not (
         tf.config.list_physical_devices("GPU")
     ):
@@ -651,7 +660,12 @@ def train(
     if write_config:  # the run starts: its settings go beside it
         config_lib.save(config, run.model_dir)
     if chief:
-        print_fn(_start_line(config, trainer, restored, source, total_steps))
+        print_fn(_start_line(config, trainer, restored, source, total_steps,
+                             workers))
+    elif workers.num_workers > 1:
+        print_fn(f"Worker {workers.index} of {workers.num_workers} "
+                 f"({workers.source}) started at step {start_step}; worker 0 "
+                 "reports progress and writes the checkpoints.")
     writer = None
     if chief:
         writer = tf.summary.create_file_writer(
