@@ -342,11 +342,11 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
             if curve:
                 measuring = time.monotonic()
                 point = curve_point(
-                    result["trainer"].models.embedding_model, root
+                    result.trainer.models.embedding_model, root
                 )
-                learning_curve.append({"step": result["step"], **point})
+                learning_curve.append({"step": result.step, **point})
                 curve_seconds += time.monotonic() - measuring
-                print(f"[{name}] step {result['step']}: all-pairs TAR "
+                print(f"[{name}] step {result.step}: all-pairs TAR "
                       f"{point}", flush=True)
     except NonFiniteLossError as error:
         # A result too: the row diverges with these settings.
@@ -358,20 +358,20 @@ def run_one(row, seed, common, output_dir: pathlib.Path, low_res, keep,
             shutil.rmtree(model_dir, ignore_errors=True)
         return payload
     train_seconds = time.monotonic() - started - curve_seconds
-    trainer = result["trainer"]
+    trainer = result.trainer
     started = time.monotonic()
     measured, norms = evaluate_run(
         trainer.models.embedding_model, root, low_res
     )
     last = {
-        k: float(v) for k, v in (result["last"] or {}).items()
+        k: float(v) for k, v in (result.last or {}).items()
         if np.ndim(v) == 0
     }
     payload = {
         "row": row,
         "seed": seed,
         "config": settings_json,
-        "steps": result["step"],
+        "steps": result.step,
         "last_step_stats": last,
         "radius": None if trainer.models.ring is None else float(
             trainer.radius()

@@ -585,13 +585,13 @@ def test_one_training_step_on_the_embedded_set(name, tiny_kanji, tmp_path):
     # (γ = 1, β = 0), so √512.
     first_r = float(re.search(r" R ([0-9.]+) ", lines[1]).group(1))
     assert first_r == pytest.approx(np.sqrt(512), rel=1e-2), lines[1]
-    config = result["config"]
+    config = result.config
     entry = registry.BACKBONES[name]
     assert (config.data.image_size, config.data.channels) == ((112, 112), 3)
     assert config.model.embedding_block == entry.embedding_block
-    assert result["step"] == 1
-    assert all(np.isfinite(v) for v in result["last"].values())
-    trained = result["trainer"].models.embedding_model
+    assert result.step == 1
+    assert all(np.isfinite(v) for v in result.last.values())
+    trained = result.trainer.models.embedding_model
     initial = registry.load(entry)(
         seed=config.run.seed, embedding_block=config.model.embedding_block
     )

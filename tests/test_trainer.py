@@ -370,7 +370,7 @@ _TRAINING_WORKER = textwrap.dedent(
     outcome = "finished"
     try:
         result = loop.train(config, stop_on_signals=True)
-        step = result["step"]
+        step = result.step
     except TrainingInterrupted as stop:
         outcome, step = "interrupted", stop.step
     with open(report, "w") as file:

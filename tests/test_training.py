@@ -43,7 +43,7 @@ def tiny_kanji(tmp_path_factory):
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_kanji):
     whole = tiny_train(tmp_path / "whole", tiny_kanji, print_fn=lambda _: 0)
-    assert whole["step"] == 6
+    assert whole.step == 6
 
     def crash_after_step_5(line):
         if line.startswith("step 5/"):
@@ -56,10 +56,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_kanji):
     lines = []
     resumed = tiny_train(tmp_path / "split", tiny_kanji, print_fn=lines.append)
     assert lines[0].startswith("Resuming from") and "steps 4→6" in lines[0]
-    assert resumed["step"] == 6
+    assert resumed.step == 6
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "split", 1e-6)
     # The resumed input continued the stream: both runs end at one place.
-    assert whole["last"]["loss"] == pytest.approx(resumed["last"]["loss"],
+    assert whole.last["loss"] == pytest.approx(resumed.last["loss"],
                                                   rel=1e-5)
 
 
@@ -73,9 +73,9 @@ def test_two_replicas_fed_by_one_pipeline_equal_one_device(tmp_path,
     one = tiny_train(tmp_path / "one", tiny_kanji, **settings)
     two = tiny_train(tmp_path / "two", tiny_kanji,
                      devices=("/cpu:0", "/cpu:1"), **settings)
-    assert two["trainer"].num_replicas == 2
+    assert two.trainer.num_replicas == 2
     assert_same_checkpoints(tmp_path / "one", tmp_path / "two", 1e-5)
-    assert one["last"]["loss"] == pytest.approx(two["last"]["loss"],
+    assert one.last["loss"] == pytest.approx(two.last["loss"],
                                                 rel=1e-5)
 
 
@@ -85,7 +85,7 @@ def test_unset_jit_takes_the_cpu_default_and_saves_it(tmp_path, tiny_kanji):
                         jit=None, steps=1)
     expected = not trainer_lib.onednn_kernels_enabled()
     assert f"jit={expected}" in lines[0]
-    assert result["trainer"].jit is expected
+    assert result.trainer.jit is expected
     saved = json.loads((tmp_path / "run" / config_lib.CONFIG_FILE).read_text())
     assert config_lib.saved_settings(saved)["jit"] is expected
 
@@ -156,12 +156,12 @@ def test_margin_warmup_resumes_exactly_in_each_phase(tmp_path, tiny_kanji,
     settings = dict(head="asoftmax", margin_warmup_steps=3, lambda_base=50.0,
                     print_fn=lambda _: 0)
     whole = tiny_train(tmp_path / "whole", tiny_kanji, **settings)
-    head = whole["trainer"].models.head
+    head = whole.trainer.models.head
     assert int(head.iterations.numpy()) == 6 and head.margin_step() == 3
     first = tiny_train(tmp_path / "split", tiny_kanji, stop_at_step=stop,
                         **settings)
-    assert first["step"] == stop
-    assert first["trainer"].in_margin_warmup() == (stop <= 3)
+    assert first.step == stop
+    assert first.trainer.in_margin_warmup() == (stop <= 3)
     lines = []
     settings["print_fn"] = lines.append
     tiny_train(tmp_path / "split", tiny_kanji, **settings)
@@ -254,17 +254,17 @@ def test_resume_with_other_optimisation_settings_is_an_error(tmp_path,
         tiny_train(tmp_path, tiny_kanji, lr=0.1, print_fn=print)
     # More steps extend the run.
     assert tiny_train(tmp_path, tiny_kanji, steps=2,
-                       print_fn=lambda _: 0)["step"] == 2
+                       print_fn=lambda _: 0).step == 2
 
 
 def test_center_loss_combines_with_a_margin_head(tmp_path, tiny_kanji):
     result = tiny_train(tmp_path, tiny_kanji, head="asoftmax",
                          center_loss_weight=0.01, steps=2,
                          print_fn=lambda _: 0)
-    model = result["trainer"].models.train_model
+    model = result.trainer.models.train_model
     centers = model.get_layer("center_loss").centers.numpy()
     assert np.any(centers != 0)  # updated by the steps
-    assert isinstance(result["trainer"].models.head, layers.ASoftmax)
+    assert isinstance(result.trainer.models.head, layers.ASoftmax)
 
 
 def test_a_bad_setting_stops_before_anything_is_written(tmp_path, tiny_kanji):
@@ -290,8 +290,8 @@ def test_a_run_of_release_0_1_resumes(tmp_path, tiny_kanji):
     result = tiny_train(model_dir, tiny_kanji, print_fn=lines.append,
                         **settings)
     assert lines[0].startswith("Resuming from") and "steps 2→3" in lines[0]
-    assert result["step"] == 3
-    head = result["trainer"].models.head
+    assert result.step == 3
+    head = result.trainer.models.head
     assert int(head.iterations.numpy()) == 3
     # The saved file is the run's own: resuming does not rewrite it.
     assert (model_dir / "config.json").read_text() == (
@@ -362,10 +362,10 @@ def test_steps_per_loop_3_equals_1_across_checkpoints_and_resume(
                      **settings)
     first = tiny_train(tmp_path / "loop", tiny_kanji, steps_per_loop=3,
                        stop_at_step=7, print_fn=loop_lines.append, **settings)
-    assert first["step"] == 7
+    assert first.step == 7
     loop = tiny_train(tmp_path / "loop", tiny_kanji, steps_per_loop=3,
                       print_fn=loop_lines.append, **settings)
-    assert loop["step"] == 12
+    assert loop.step == 12
 
     def logged_steps(lines):
         return [line.split()[1] for line in lines if line.startswith("step")]
@@ -381,12 +381,12 @@ def test_steps_per_loop_3_equals_1_across_checkpoints_and_resume(
     assert checkpoints(tmp_path / "one") == [5, 10, 12]
     assert checkpoints(tmp_path / "loop") == [5, 7, 10, 12]
     assert_same_checkpoints(tmp_path / "one", tmp_path / "loop", 1e-6)
-    assert one["last"]["loss"] == pytest.approx(loop["last"]["loss"],
+    assert one.last["loss"] == pytest.approx(loop.last["loss"],
                                                 rel=1e-6)
     # Steps 2-4 | 5 | 6-7, then after the resume's single step 8: 9-10 |
     # 11-12; the K = 1 run made no loop call.
     assert loops == [3, 1, 2, 2, 2]
-    head = loop["trainer"].models.head
+    head = loop.trainer.models.head
     assert int(head.iterations.numpy()) == 12
 
 

@@ -15,6 +15,7 @@ into a `TrainConfig` and calls `train`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import pathlib
@@ -545,6 +546,32 @@ def _start_line(config, trainer, restored, source, total_steps,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training run ends with.
+
+    Attributes:
+        step: the step training stopped after.
+        last: the statistics of the last step (loss, cross-entropy, ring
+            term, R, mean norm, ...), or None if no step ran.
+        trainer: the `Trainer`, with the trained models.
+        config: the resolved `TrainConfig` saved as config.json.
+        export_dir: where the SavedModel was written (the chief, at the
+            end of a run with `export`), else None.
+        verification: the final verification on unseen identities (a
+            `metrics.VerificationResult`), else None.
+        table: that verification as the printed markdown table, else None.
+    """
+
+    step: int
+    last: dict | None
+    trainer: object
+    config: object
+    export_dir: str | None = None
+    verification: object = None
+    table: str | None = None
+
+
 def train(
     config: config_lib.TrainConfig,
     *,
@@ -575,10 +602,7 @@ def train(
         print_fn: where progress lines go.
 
     Returns:
-        dict with "step", "last" (stats of the last step), "export_dir",
-        "verification" (a `metrics.VerificationResult` or None), "table"
-        (the printed markdown table), "trainer" (the `Trainer`) and
-        "config" (the resolved `TrainConfig` saved as config.json).
+        A `TrainResult`.
 
     Raises:
         ConfigError: a bad setting (names it and the fix).
@@ -700,25 +724,19 @@ def train(
         trainer.close()
         if writer is not None:
             writer.close()
-    result = {
-        "step": int(trainer.step.numpy()),
-        "last": last,
-        "export_dir": None,
-        "verification": None,
-        "table": None,
-        "trainer": trainer,
-        "config": config,
-    }
-    if result["step"] < total_steps or not chief:
+    step = int(trainer.step.numpy())
+    result = TrainResult(step=step, last=last, trainer=trainer, config=config)
+    if step < total_steps or not chief:
         return result
     embedding_model = trainer.models.embedding_model
     if run.export:
-        result["export_dir"] = export_lib.export_saved_model(
+        export_dir = export_lib.export_saved_model(
             embedding_model,
             pathlib.Path(run.model_dir) / EXPORT_DIR,
             overwrite=True,
         )
-        print_fn(f"Exported the embedding model to {result['export_dir']}")
+        result = dataclasses.replace(result, export_dir=export_dir)
+        print_fn(f"Exported the embedding model to {export_dir}")
     pairs_path = root / "pairs.txt"
     if run.evaluate and pairs_path.is_file() and (root / "test").is_dir():
         verification = protocols.verify_pairs(
@@ -727,7 +745,8 @@ def train(
         table = report.format_verification(
             verification, f"Verification on unseen identities ({pairs_path})"
         )
-        result["verification"] = verification
-        result["table"] = table
+        result = dataclasses.replace(
+            result, verification=verification, table=table
+        )
         print_fn(table)
     return result
