@@ -63,6 +63,7 @@ from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf import layers  # noqa: E402
 from ring_loss_tf.models import assembly as models_lib  # noqa: E402
 from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.training import distribution  # noqa: E402
 
 NETWORKS = {
     "small_cnn": dict(backbone="small_cnn", widths=(16, 32, 64),
@@ -120,7 +121,7 @@ def keras_models(spec, head, seed=0):
 def our_trainer(spec, head, batch_size, jit=None, learning_rate=LEARNING_RATE,
                 momentum=MOMENTUM, seed=0):
     return trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0"]),
+        distribution.build_strategy(["/cpu:0"]),
         lambda: keras_models(spec, head, seed),
         global_batch_size=batch_size, learning_rate=learning_rate,
         momentum=momentum, weight_decay=WEIGHT_DECAY, jit=jit,
@@ -695,7 +696,7 @@ def train_py_table(args):
         print(_ratio_line(TRAINER_STEP, rates["train.py"],
                           rates[TRAINER_STEP]).replace("ours /",
                                                        "train.py /"))
-        print(machine.describe(trainer_lib.onednn_kernels_enabled()))
+        print(machine.describe(distribution.onednn_kernels_enabled()))
         print(flush=True)
 
 
@@ -735,8 +736,8 @@ def main():
           f"{torch.__version__}; {threads} CPU threads each; "
           f"Ring loss λ={LAMBDA_RING}, SGD momentum {MOMENTUM}, "
           f"weight decay {WEIGHT_DECAY}; ours: the Trainer's default, "
-          f"jit={trainer_lib.jit_by_default(trainer_lib.build_strategy())}"
-          f"\n{machine.describe(trainer_lib.onednn_kernels_enabled())}\n")
+          f"jit={distribution.jit_by_default(distribution.build_strategy())}"
+          f"\n{machine.describe(distribution.onednn_kernels_enabled())}\n")
     if args.profile:
         profile_table(args)
         return

@@ -86,6 +86,7 @@ def one_variant(args):
     from ring_loss_tf import config as config_lib
     from ring_loss_tf.models import assembly
     from ring_loss_tf.training import trainer as trainer_lib
+    from ring_loss_tf.training import distribution
 
     config = config_lib.make(
         num_classes=args.classes, backbone="small_cnn", head="arcface",
@@ -95,7 +96,7 @@ def one_variant(args):
     )
     devices = [f"/cpu:{i}" for i in range(args.replicas)]
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(devices),
+        distribution.build_strategy(devices),
         lambda: assembly.build_models(config),
         global_batch_size=args.batch_size, jit=False,
     )

@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf.models import assembly  # noqa: E402
 from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.training import distribution  # noqa: E402
 from ring_loss_tf.training import loop  # noqa: E402
 
 CONFIGS = {
@@ -76,7 +77,7 @@ def _trainer(devices, jit, lambda_ring, batch_size, num_classes):
         seed=0,
     )
     return trainer_lib.Trainer(
-        trainer_lib.build_strategy(devices),
+        distribution.build_strategy(devices),
         lambda: assembly.build_models(config),
         global_batch_size=batch_size,
         learning_rate=0.01,

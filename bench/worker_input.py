@@ -66,6 +66,7 @@ from ring_loss_tf import config as config_lib  # noqa: E402
 from ring_loss_tf.data import pipeline as pipeline_lib  # noqa: E402
 from ring_loss_tf.models import assembly  # noqa: E402
 from ring_loss_tf.training import trainer as trainer_lib  # noqa: E402
+from ring_loss_tf.training import distribution  # noqa: E402
 
 IMAGE_SIZE = (112, 96)
 CHANNELS = 3
@@ -145,7 +146,7 @@ def _pipeline_round(dataset, strategy, warmup, steps):
 def worker(settings):
     """Runs in each worker process; prints one `RESULT {json}` line."""
     batch_size = settings["batch_size"]
-    strategy = trainer_lib.build_strategy()
+    strategy = distribution.build_strategy()
     source = pipeline_lib.open_training_source(settings["folder"])
     config = config_lib.make(
         backbone=settings["backbone"], image_size=IMAGE_SIZE,

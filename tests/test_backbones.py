@@ -34,6 +34,7 @@ from ring_loss_tf import layers
 from ring_loss_tf.models import assembly
 from ring_loss_tf import registry
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import distribution
 from tests import hidden_package
 from tests.tiny_runs import tiny_kanji_config
 from tests.tiny_runs import tiny_train
@@ -608,7 +609,7 @@ def test_auto_radius_starts_at_the_norm_the_first_step_sees():
         num_classes=4, backbone="iresnet18", image_size=(32, 32), seed=0
     )
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0"]),
+        distribution.build_strategy(["/cpu:0"]),
         lambda: assembly.build_models(config),
         global_batch_size=4,
         jit=False,

@@ -12,6 +12,7 @@ from ring_loss_tf import config as config_lib
 from ring_loss_tf.models import assembly
 from ring_loss_tf.models import sharded_head
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import distribution
 from ring_loss_tf.errors import ConfigError
 
 from tests import tiny_runs
@@ -30,7 +31,7 @@ def make_trainer(n, head, lambda_ring, sharded, batch_size, rate=1.0,
         num_classes=num_classes,
     )
     return trainer_lib.Trainer(
-        trainer_lib.build_strategy(devices(n)),
+        distribution.build_strategy(devices(n)),
         lambda: assembly.build_models(config),
         global_batch_size=batch_size,
         learning_rate=0.05,
@@ -335,7 +336,7 @@ def test_more_replicas_than_classes_is_one_line():
     )
     with pytest.raises(ValueError, match="Cannot shard 3 classes over 4"):
         trainer_lib.Trainer(
-            trainer_lib.build_strategy(devices(4)),
+            distribution.build_strategy(devices(4)),
             lambda: assembly.build_models(config),
             global_batch_size=8,
             jit=False,
@@ -360,7 +361,7 @@ _WORKER = textwrap.dedent(
     config = config_lib.replace(
         tiny_runs.model_config("asoftmax", 0.01), head_sharding=True)
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(None), lambda: assembly.build_models(config),
+        distribution.build_strategy(None), lambda: assembly.build_models(config),
         global_batch_size=8, learning_rate=0.05, momentum=0.9,
         weight_decay=5e-3, jit=False, model_dir=sys.argv[3])
     trainer.attach_checkpoint()

@@ -25,6 +25,9 @@ import tensorflow as tf
 from ring_loss_tf import config as config_lib
 from ring_loss_tf.data import pipeline
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import checkpoints
+from ring_loss_tf.training import distribution
+from ring_loss_tf.training import schedules
 from tests.data_files import pack
 from tests.data_files import write_record
 from tests.tiny_runs import GLOBAL_BATCH
@@ -66,7 +69,7 @@ def test_step_matches_hand_written_gradient_step():
     """One step = SGD on mean CE + ring loss + wd/2·Σ‖kernel‖² (by hand)."""
     lr, wd = 0.1, 5e-3
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0"]),
+        distribution.build_strategy(["/cpu:0"]),
         model_fn("softmax", 0.05),
         global_batch_size=GLOBAL_BATCH,
         learning_rate=lr,
@@ -112,7 +115,7 @@ def test_step_matches_hand_written_gradient_step():
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 def test_learning_rate_schedule_closed_form(schedule):
     total, warmup, base = 28, 4, 0.1
-    lr = trainer_lib.LearningRate(base, total, schedule, warmup_steps=warmup)
+    lr = schedules.LearningRate(base, total, schedule, warmup_steps=warmup)
     for t in range(0, 35):
         if schedule == "cosine":
             decay = 0.5 * (1 + math.cos(math.pi * min(t / total, 1)))
@@ -130,16 +133,16 @@ def test_batch_not_divisible_by_the_replicas_is_a_config_error():
     with pytest.raises(ConfigError, match=r"batch_size=7: not divisible by "
                        r"the 2 replicas; use a multiple of 2, e.g. 6"):
         trainer_lib.Trainer(
-            trainer_lib.build_strategy(["/cpu:0", "/cpu:1"]), model_fn(),
+            distribution.build_strategy(["/cpu:0", "/cpu:1"]), model_fn(),
             global_batch_size=7,
         )
 
 
 def test_xla_is_on_by_default_on_gpus_and_on_cpus_without_onednn():
-    cpus = trainer_lib.build_strategy(["/cpu:0", "/cpu:1"])
-    onednn = trainer_lib.onednn_kernels_enabled()
+    cpus = distribution.build_strategy(["/cpu:0", "/cpu:1"])
+    onednn = distribution.onednn_kernels_enabled()
     assert onednn is not None  # TensorFlow 2.21 answers
-    assert trainer_lib.jit_by_default(cpus) is (not onednn)
+    assert distribution.jit_by_default(cpus) is (not onednn)
     assert trainer_lib.Trainer(cpus, model_fn(),
                                global_batch_size=4).jit is (not onednn)
     # What a MirroredStrategy over two GPUs names its devices.
@@ -147,9 +150,9 @@ def test_xla_is_on_by_default_on_gpus_and_on_cpus_without_onednn():
         "worker_devices": ("/job:localhost/replica:0/task:0/device:GPU:0",
                            "/job:localhost/replica:0/task:0/device:GPU:1"),
     })})
-    assert trainer_lib.jit_by_default(gpus)
-    assert trainer_lib.jit_by_default(gpus, xla_on_cpu=False)
-    assert not trainer_lib.jit_by_default(cpus, xla_on_cpu=False)
+    assert distribution.jit_by_default(gpus)
+    assert distribution.jit_by_default(gpus, xla_on_cpu=False)
+    assert not distribution.jit_by_default(cpus, xla_on_cpu=False)
     assert trainer_lib.Trainer(cpus, model_fn(), global_batch_size=4,
                                jit=True).jit
 
@@ -160,10 +163,10 @@ def test_cpu_jit_default_follows_tensorflows_onednn_switch(onednn):
     VNNI / AMX ones oneDNN's: TF_ENABLE_ONEDNN_OPTS sets either on any x86
     CPU, so both kinds of CPU are checked on whichever runs the test."""
     code = textwrap.dedent("""
-        from ring_loss_tf.training import trainer
-        strategy = trainer.build_strategy(["/cpu:0"])
-        print(trainer.onednn_kernels_enabled(),
-              trainer.jit_by_default(strategy))
+        from ring_loss_tf.training import distribution
+        strategy = distribution.build_strategy(["/cpu:0"])
+        print(distribution.onednn_kernels_enabled(),
+              distribution.jit_by_default(strategy))
     """)
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn,
            "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -183,7 +186,7 @@ def test_mixed_bfloat16_step_is_close_to_float32():
         keras.config.set_dtype_policy(policy)
         try:
             trainer = trainer_lib.Trainer(
-                trainer_lib.build_strategy(["/cpu:0"]),
+                distribution.build_strategy(["/cpu:0"]),
                 model_fn("softmax", 0.01),
                 global_batch_size=GLOBAL_BATCH,
                 learning_rate=0.05,
@@ -235,7 +238,7 @@ _RESTORING_WORKER = textwrap.dedent(
     from ring_loss_tf.training import trainer as trainer_lib
     from ring_loss_tf.errors import WorkersDisagreeError
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(None), tiny_runs.model_fn(),
+        distribution.build_strategy(None), tiny_runs.model_fn(),
         global_batch_size=tiny_runs.GLOBAL_BATCH, learning_rate=0.05,
         model_dir=sys.argv[3], jit=False,
     )
@@ -253,7 +256,7 @@ def test_workers_that_restore_different_steps_stop(tmp_path):
     """The chief restores step 2, the other worker (another model_dir)
     nothing: both stop with the message, neither trains."""
     saved = trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0"]), model_fn(),
+        distribution.build_strategy(["/cpu:0"]), model_fn(),
         global_batch_size=GLOBAL_BATCH, learning_rate=0.05,
         model_dir=tmp_path / "chief", jit=False,
     )
@@ -306,7 +309,7 @@ def test_unfinished_checkpoints_of_a_killed_run_are_removed(tmp_path):
     (tmp_path / "ckpt-3.index").write_bytes(b"\x00" * 7)  # a cut merge
     (tmp_path / "ckpt-4_temp").mkdir()
     (tmp_path / "ckpt-4_temp" / "part-00000-of-00001.index").write_bytes(b"")
-    removed = trainer_lib.remove_unfinished_checkpoints(tmp_path)
+    removed = checkpoints.remove_unfinished_checkpoints(tmp_path)
     assert sorted(removed) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index",
                                "ckpt-4_temp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -318,7 +321,7 @@ def test_unfinished_checkpoints_of_a_killed_run_are_removed(tmp_path):
     # Without a `checkpoint` index nothing but temporary directories goes.
     (tmp_path / "checkpoint").unlink()
     (tmp_path / "ckpt-5_temp").mkdir()
-    assert trainer_lib.remove_unfinished_checkpoints(tmp_path) == [
+    assert checkpoints.remove_unfinished_checkpoints(tmp_path) == [
         "ckpt-5_temp"
     ]
     assert (tmp_path / "ckpt-2.index").is_file()
@@ -490,7 +493,7 @@ def test_gradients_all_reduced_in_bfloat16_are_rounded_not_lost():
     update (within bfloat16's rounding) but not equal to it."""
     full = trainer_run(["/cpu:0", "/cpu:1"], "softmax", 0.01, num_steps=1)
     half = trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0", "/cpu:1"]),
+        distribution.build_strategy(["/cpu:0", "/cpu:1"]),
         model_fn("softmax", 0.01), global_batch_size=GLOBAL_BATCH,
         learning_rate=0.05, momentum=0.9, weight_decay=5e-3,
         all_reduce_dtype="bfloat16",

@@ -19,6 +19,7 @@ from ring_loss_tf import config as config_lib
 from ring_loss_tf.data import pipeline as data_lib
 from ring_loss_tf import layers
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import distribution
 from ring_loss_tf.training import loop as loop_lib
 from ring_loss_tf.errors import ConfigError
 from ring_loss_tf.errors import NonFiniteLossError
@@ -83,7 +84,7 @@ def test_unset_jit_takes_the_cpu_default_and_saves_it(tmp_path, tiny_kanji):
     lines = []
     result = tiny_train(tmp_path / "run", tiny_kanji, print_fn=lines.append,
                         jit=None, steps=1)
-    expected = not trainer_lib.onednn_kernels_enabled()
+    expected = not distribution.onednn_kernels_enabled()
     assert f"jit={expected}" in lines[0]
     assert result.trainer.jit is expected
     saved = json.loads((tmp_path / "run" / config_lib.CONFIG_FILE).read_text())
@@ -302,7 +303,7 @@ def test_a_run_of_release_0_1_resumes(tmp_path, tiny_kanji):
 def test_nonfinite_loss_stops_with_message_and_intact_checkpoint(tmp_path):
     def new_trainer(seed):
         return trainer_lib.Trainer(
-            trainer_lib.build_strategy(["/cpu:0"]),
+            distribution.build_strategy(["/cpu:0"]),
             model_fn(seed=seed),
             global_batch_size=GLOBAL_BATCH,
             learning_rate=0.05,
@@ -392,7 +393,7 @@ def test_steps_per_loop_3_equals_1_across_checkpoints_and_resume(
 
 def _loop_trainer(model_dir):
     return trainer_lib.Trainer(
-        trainer_lib.build_strategy(["/cpu:0"]),
+        distribution.build_strategy(["/cpu:0"]),
         model_fn(seed=3),
         global_batch_size=GLOBAL_BATCH,
         learning_rate=0.05,
@@ -452,7 +453,7 @@ def test_a_loop_on_two_replicas_fed_global_batches_equals_one_device():
     does."""
     def run(devices, iterator, steps_per_loop):
         trainer = trainer_lib.Trainer(
-            trainer_lib.build_strategy(devices), model_fn(seed=3),
+            distribution.build_strategy(devices), model_fn(seed=3),
             global_batch_size=GLOBAL_BATCH, learning_rate=0.05, jit=False,
         )
         loop_lib.run_loop(trainer, iterator, 4, checkpoint_every=100,

@@ -13,6 +13,7 @@ from ring_loss_tf import config as config_lib
 from ring_loss_tf.data import kanji
 from ring_loss_tf.models import assembly
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import distribution
 from ring_loss_tf.training import loop
 
 IMAGE_SIZE = (16, 16)
@@ -58,7 +59,7 @@ def batches(num, seed=0, batch_size=GLOBAL_BATCH):
 def trainer_run(devices, head, lambda_ring, num_steps=3, jit=True, lr=0.05):
     """A `Trainer` after `num_steps` steps on `batches`."""
     trainer = trainer_lib.Trainer(
-        trainer_lib.build_strategy(devices),
+        distribution.build_strategy(devices),
         model_fn(head, lambda_ring),
         global_batch_size=GLOBAL_BATCH,
         learning_rate=lr,

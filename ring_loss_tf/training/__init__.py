@@ -1,8 +1,12 @@
 """Training: the distributed step and the loop around it.
 
-- `trainer`: the strategy, the distributed step (`Trainer`), schedules,
-  checkpoints and signals.
-- `loop`: `train(config)`, from a configuration to a trained run.
+- `distribution`: the strategy, the XLA default, which worker is the chief.
+- `trainer`: the distributed step (`Trainer`).
+- `schedules`: the learning-rate schedule.
+- `checkpoints`: unfinished checkpoint files, a worker's scratch directory.
+- `signals`: SIGINT / SIGTERM as a request to stop after the step.
+- `loop`: `train(config)`, from a configuration to a trained run
+  (`TrainResult`).
 """
 
 import importlib
@@ -15,6 +19,7 @@ _MOVED_TO_LOOP = frozenset({
     "EXPORT_DIR",
     "NonFiniteLossError",
     "TrainingDataError",
+    "TrainResult",
     "TrainingInterrupted",
     "WorkerLostError",
     "check_resume_config",

@@ -37,6 +37,9 @@ from ring_loss_tf.data import kanji
 from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
 from ring_loss_tf.training import trainer as trainer_lib
+from ring_loss_tf.training import distribution
+from ring_loss_tf.training import schedules
+from ring_loss_tf.training import signals
 from ring_loss_tf.errors import NonFiniteLossError
 from ring_loss_tf.errors import TrainingDataError
 from ring_loss_tf.errors import TrainingInterrupted
@@ -427,7 +430,7 @@ def _build_trainer(config, strategy, total_steps):
             strategy,
             lambda: models_lib.build_models(config),
             global_batch_size=optim.batch_size,
-            learning_rate=trainer_lib.LearningRate(
+            learning_rate=schedules.LearningRate(
                 optim.lr, total_steps, optim.lr_schedule,
                 warmup_steps=optim.warmup_steps,
             ),
@@ -631,17 +634,17 @@ def train(
     # and a fork after MultiWorkerMirroredStrategy has started its gRPC
     # threads hangs the children.
     root, source = _training_data(config, cluster.is_chief_task())
-    strategy = trainer_lib.build_strategy(devices, run.collectives)
+    strategy = distribution.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync
     )
-    chief = trainer_lib.is_chief(strategy)
+    chief = distribution.is_chief(strategy)
     config = config_lib.resolve(config, num_classes=source.num_classes)
     if run.jit is None:
         backbone = registry.backbone(config.model.backbone)
         config = config_lib.replace(
             config,
-            jit=trainer_lib.jit_by_default(strategy, backbone.xla_on_cpu),
+            jit=distribution.jit_by_default(strategy, backbone.xla_on_cpu),
         )
     if config.optim.batch_size > source.num_examples:
         n = source.num_examples
@@ -696,7 +699,7 @@ def train(
             str(pathlib.Path(run.model_dir) / "train")
         )
     stopper = (
-        trainer_lib.StopOnSignals(print_fn=print_fn) if stop_on_signals
+        signals.StopOnSignals(print_fn=print_fn) if stop_on_signals
         else None
     )
     try:

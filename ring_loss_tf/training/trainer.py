@@ -1,4 +1,4 @@
-"""The distributed step: strategy, `Trainer`, checkpoints, learning rate.
+"""The distributed step: `Trainer`.
 
 One training step, for a global batch of B examples on N replicas:
 
@@ -34,14 +34,8 @@ also overflow or flush tiny gradients to zero.
 from __future__ import annotations
 
 import collections.abc
-import math
-import os
 import pathlib
-import re
 import shutil
-import signal
-import tempfile
-import threading
 
 import keras
 import tensorflow as tf
@@ -58,254 +52,13 @@ from ring_loss_tf.errors import WorkersDisagreeError
 from ring_loss_tf.errors import first_line
 from ring_loss_tf.layers.ops import safe_norm
 from ring_loss_tf.models.sharded_head import ShardedHead
+from ring_loss_tf.training.checkpoints import remove_unfinished_checkpoints
+from ring_loss_tf.training.checkpoints import scratch_directory
+from ring_loss_tf.training.distribution import is_chief
+from ring_loss_tf.training.distribution import jit_by_default
+from ring_loss_tf.training.schedules import LearningRate
 
 # SphereFace's solver: lr × 0.1 at 16k and 24k of 28k iterations.
-STEP_BOUNDARIES = (16 / 28, 24 / 28)
-
-
-class StopOnSignals:
-    """Turns SIGINT / SIGTERM into a request to stop after the current step.
-
-    Use as a context manager around the training loop and pass the instance
-    as `stop_requested` (calling it returns the signal's name, or None). A
-    second signal of the same kind acts at once (Ctrl-C twice: a
-    KeyboardInterrupt; SIGTERM twice: the default termination); the
-    checkpoints already written are intact either way. Outside the main
-    thread, where Python cannot install handlers, it does nothing.
-
-    Args:
-        signals: the signals to catch.
-        print_fn: told once when a stop is requested.
-    """
-
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM),
-                 print_fn=print):
-        self.signals = tuple(signals)
-        self.print_fn = print_fn
-        self.received = None
-        self._previous = {}
-
-    def __call__(self):
-        return self.received
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
-            return
-        self.received = name
-        self.print_fn(
-            f"{name} received: stopping after this step with a checkpoint "
-            f"(send {name} again to stop at once)."
-        )
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous or signal.SIG_DFL)
-        self._previous = {}
-        return False
-
-
-# --------------------------------------------------------------------------
-# Strategy
-# --------------------------------------------------------------------------
-
-
-def build_strategy(devices=None, collectives="auto"):
-    """The distribution strategy for this process.
-
-    - `TF_CONFIG` naming several workers: `MultiWorkerMirroredStrategy`
-      (one replica per local GPU, or the CPU) with `collectives`: "auto"
-      lets TensorFlow choose (NCCL where every worker has GPUs, ring
-      otherwise), "nccl" or "ring" force one.
-    - Otherwise `MirroredStrategy` over `devices`, default all visible GPUs,
-      or the CPU when there is none. On CPU-only device lists the gradients
-      are reduced with `ReductionToOneDevice`: the default collectives can
-      fail with "Shape mismatch in the collective instance" when a second
-      strategy with another model runs in the same process (seen with
-      TensorFlow 2.21 when a test builds two trainers).
-
-    Args:
-        devices: device names, e.g. `["/cpu:0", "/cpu:1"]` (logical CPU
-            devices); None for the default above.
-        collectives: "auto", "nccl" or "ring" (multi-worker runs only; one
-            machine's GPUs use NCCL through `MirroredStrategy`'s default).
-    """
-    if len(tf_config_workers()) > 1:
-        if devices is not None:
-            raise ValueError(
-                "`devices` cannot be combined with a multi-worker TF_CONFIG: "
-                "each worker uses its local devices. Received: "
-                f"devices={devices!r}"
-            )
-        implementations = tf.distribute.experimental.CommunicationImplementation
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=getattr(implementations, collectives.upper())
-        )
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=options
-        )
-    if devices is None:
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or ["/cpu:0"]
-    devices = list(devices)
-    cpu_only = all("CPU" in d.upper() for d in devices)
-    cross_device_ops = None
-    if cpu_only:
-        cross_device_ops = tf.distribute.ReductionToOneDevice()
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=cross_device_ops
-    )
-
-
-def jit_by_default(strategy, xla_on_cpu=True):
-    """Whether a run that does not say compiles with XLA.
-
-    On GPUs, yes. On a CPU, only when TensorFlow's convolutions are not
-    oneDNN's (`onednn_kernels_enabled`): TensorFlow turns oneDNN on by
-    default only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX, and
-    without it its Eigen convolutions trained at half XLA's rate, while
-    with it XLA was the slower one (docs: performance). XLA when the
-    question cannot be answered. `xla_on_cpu=False` (a backbone's
-    `registry.Backbone.xla_on_cpu`) keeps XLA off on any CPU.
-    """
-    if any("GPU" in device.upper()
-           for device in strategy.extended.worker_devices):
-        return True
-    return xla_on_cpu and not onednn_kernels_enabled()
-
-
-def onednn_kernels_enabled():
-    """Whether this process's TensorFlow runs its CPU ops with oneDNN: its
-    default on CPUs of the AVX-512 VNNI / AMX kind, not on AVX2-only ones;
-    `TF_ENABLE_ONEDNN_OPTS=0|1` (read when TensorFlow loads) overrides.
-    None when TensorFlow does not say."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return None
-
-
-def is_chief(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    cluster = resolver.cluster_spec().as_dict()
-    return (
-        "chief" not in cluster
-        and resolver.task_type == "worker"
-        and resolver.task_id == 0
-    )
-
-
-# --------------------------------------------------------------------------
-# Learning rate
-# --------------------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="ring_loss_tf")
-class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """lr(t) = base · warm-up(t) · decay(t), t = optimizer step (from 0).
-
-    warm-up(t) = min(1, (t + 1) / warmup_steps) (1 without warm-up);
-    decay: "step" × 0.1 at each fraction of `total_steps` in `boundaries`
-    (SphereFace: 16k and 24k of 28k), "cosine" ½(1 + cos(π · t/total_steps)),
-    "constant" 1.
-    """
-
-    def __init__(
-        self,
-        base,
-        total_steps,
-        schedule="cosine",
-        warmup_steps=0,
-        boundaries=STEP_BOUNDARIES,
-    ):
-        self.base = float(base)
-        self.total_steps = int(total_steps)
-        self.schedule = schedule
-        self.warmup_steps = int(warmup_steps)
-        self.boundaries = tuple(float(b) for b in boundaries)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        total = float(max(self.total_steps, 1))
-        if self.schedule == "cosine":
-            progress = tf.minimum(step / total, 1.0)
-            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
-        elif self.schedule == "step":
-            factor = tf.constant(1.0)
-            for fraction in self.boundaries:
-                factor *= tf.where(step >= round(fraction * total), 0.1, 1.0)
-        else:
-            factor = tf.constant(1.0)
-        if self.warmup_steps > 0:
-            factor *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
-        return self.base * factor
-
-    def get_config(self):
-        return {
-            "base": self.base,
-            "total_steps": self.total_steps,
-            "schedule": self.schedule,
-            "warmup_steps": self.warmup_steps,
-            "boundaries": list(self.boundaries),
-        }
-
-
-# --------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------
-
-
-_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(_temp|\.index|\.data-.*)$")
-
-
-def remove_unfinished_checkpoints(directory):
-    """Deletes what a killed run left of checkpoints it had not finished.
-
-    TensorFlow writes ckpt-N_temp/, merges it into ckpt-N.index and
-    ckpt-N.data-*, and only then names ckpt-N in the `checkpoint` index
-    (atomically). A kill before that leaves a temporary directory or a
-    partial ckpt-N.index; neither is ever read (the index names the last
-    complete checkpoint), and the resumed run writes ckpt-N again. Without
-    a `checkpoint` index only the temporary directories go: checkpoint
-    files nothing names may be a user's copy.
-
-    Returns:
-        The names removed.
-    """
-    directory = pathlib.Path(directory)
-    latest = tf.train.latest_checkpoint(str(directory))
-    newest = -1
-    if latest:
-        match = _CHECKPOINT_FILE.match(pathlib.Path(latest).name + ".index")
-        newest = int(match.group(1)) if match else -1
-    removed = []
-    for path in sorted(directory.glob("ckpt-*")):
-        match = _CHECKPOINT_FILE.match(path.name)
-        if match is None:
-            continue
-        unfinished = latest is not None and int(match.group(1)) > newest
-        if match.group(2) == "_temp" or unfinished:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
 
 
 def _all_reduce_in(optimizer, dtype):
@@ -335,28 +88,6 @@ def _all_reduce_in(optimizer, dtype):
         ]
 
     optimizer._all_reduce_sum_gradients = reduce_in_dtype
-
-
-def _scratch_directory(scratch_dir):
-    """A new directory for a worker's checkpoint copies, in `scratch_dir`
-    (made if missing; None: the system's temporary directory).
-
-    Raises:
-        ConfigError: it cannot be made there (a file, no permission, ...).
-    """
-    try:
-        if scratch_dir is not None:
-            os.makedirs(scratch_dir, exist_ok=True)
-        return pathlib.Path(
-            tempfile.mkdtemp(prefix="ring_loss_tf-worker-", dir=scratch_dir)
-        )
-    except OSError as error:
-        raise ConfigError(
-            "worker_scratch_dir", scratch_dir,
-            f"cannot make a directory there ({first_line(error)})",
-            "give a writable directory, or omit it to use the system's "
-            "temporary directory",
-        ) from None
 
 
 # What `_forward_backward_fn` reports for each step, in this order.
@@ -404,7 +135,7 @@ class Trainer:
     """Runs the custom distributed training loop on one `Models`.
 
     Args:
-        strategy: a `tf.distribute` strategy (see `build_strategy`).
+        strategy: a `tf.distribute` strategy (see `distribution.build_strategy`).
         model_fn: called without arguments under the strategy scope; returns
             a `Models`.
         global_batch_size: B, divisible by the number of replicas.
@@ -413,7 +144,7 @@ class Trainer:
         momentum: SGD momentum.
         weight_decay: wd of the term wd/2 · Σ‖W‖² over `decayed_variables`.
         jit: compile the replica forward/backward with XLA (None:
-            `jit_by_default`, on for GPUs, off on a CPU).
+            `distribution.jit_by_default`, on for GPUs, off on a CPU).
         model_dir: checkpoints and summaries (None: neither).
         max_to_keep: checkpoints kept.
         mixed_precision: None, "mixed_float16" (dynamic loss scaling) or
@@ -562,7 +293,7 @@ class Trainer:
             # Its checkpoints hold shards no other worker has: kept.
             directory = self.model_dir / self._task_index()
         elif not self.is_chief:
-            self._worker_dir = _scratch_directory(scratch_dir)
+            self._worker_dir = scratch_directory(scratch_dir)
             directory = self._worker_dir
         if self.is_chief:
             remove_unfinished_checkpoints(directory)
