@@ -757,12 +757,12 @@ FORMATS = (
     Format("recordio", detect_recordio, open_recordio, True, "train.rec"),
     Format("tfrecord", detect_tfrecord, open_tfrecord, True,
            "train-*.tfrecord shards"),
-    Format("folder", detect_folder, open_folder, False,
-           "train/ (a folder per identity)"),
+    Format("folder", detect_folder, open_folder, False, "train/ folder"),
 )
 
-LAYOUTS = ", ".join(f.layout for f in FORMATS[:-1]) + " or " + (
-    FORMATS[-1].layout
+# "train/ folder, train-*.tfrecord shards or train.rec", for messages.
+LAYOUTS = ", ".join(f.layout for f in FORMATS[:0:-1]) + " or " + (
+    FORMATS[0].layout
 )
 
 
