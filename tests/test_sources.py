@@ -355,3 +355,15 @@ def test_config_check_accepts_shards_and_refuses_empty_keys(tmp_path):
                        match="tfrecord_image_key.*must name a tf.train"):
         config_lib.check(config_lib.make(data_dir=str(tmp_path / "root"),
                                          tfrecord_image_key=""))
+
+
+def test_a_record_error_in_training_keeps_its_own_fix():
+    from ring_loss_tf import training
+
+    text = ("x/train-0.tfrecord record 3: its length does not match the "
+            "index (the shard changed since it was indexed; delete "
+            "x/train-0.tfrecord.idx).")
+    error = training.data_error(tf.errors.InvalidArgumentError(
+        None, None, f"py_function failed: {data.RECORD_ERROR}{text}\n..."))
+    assert str(error).startswith(text + " Or rerun with skip_corrupt=True")
+    assert ".idx again" not in str(error)
