@@ -3,6 +3,7 @@ as a folder, a .rec and TFRecord shards give the same batches; TFRecord
 indexing and its one-line errors."""
 
 import pathlib
+import re
 import struct
 
 import numpy as np
@@ -367,3 +368,29 @@ def test_a_record_error_in_training_keeps_its_own_fix():
         None, None, f"py_function failed: {data.RECORD_ERROR}{text}\n..."))
     assert str(error).startswith(text + " Or rerun with skip_corrupt=True")
     assert ".idx again" not in str(error)
+
+
+def test_damaged_shards_fail_in_one_line_naming_the_record(tmp_path):
+    """Random byte flips and cuts: the shard opens with its records intact
+    or fails with one ValueError line naming the shard and a record."""
+    records = [example_bytes(constant_png(k), k % 3) for k in range(6)]
+    (shard,) = write_tfrecords(tmp_path / "set", [records])
+    good = shard.read_bytes()
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        raw = bytearray(good)
+        if trial % 4 == 0:
+            raw = raw[: int(rng.integers(1, len(raw)))]
+        else:
+            raw[int(rng.integers(len(raw)))] ^= int(rng.integers(1, 256))
+        shard.write_bytes(bytes(raw))
+        shard.with_name(shard.name + ".idx").unlink(missing_ok=True)
+        try:
+            source = sources.open_source(tmp_path / "set")
+        except ValueError as error:
+            assert re.match(rf"^{re.escape(str(shard))} record [0-5]: "
+                            r"[^\n]+$", str(error)), (trial, str(error))
+        else:
+            # A flip in a CRC-checked byte cannot pass: nothing else can.
+            assert bytes(raw) == good, trial
+            assert source.num_examples == 6
