@@ -60,7 +60,7 @@ SLOW = {
     "test_convert.py": [
         "test_train_on_tf_writer_shards_with_other_keys",
         "test_command_prints_progress_and_refuses_in_one_line",
-        "test_train_on_converted_shards",
+        "test_train_on_converted_shards_and_evaluate",
     ],
     "test_train_cli.py": [
         "test_asoftmax_default_warmup_keeps_features_from_collapsing",

@@ -14,6 +14,7 @@ from ring_loss_tf import recordio
 from ring_loss_tf import sources
 from tests.data_files import example_bytes
 from tests.data_files import folder_examples
+from tests.data_files import make_lfw
 from tests.data_files import random_images
 from tests.data_files import write_tfrecords
 
@@ -141,16 +142,26 @@ def tiny_train(data_dir, tmp_path, *extra):
     ], tmp_path)
 
 
-def test_train_on_converted_shards(tmp_path):
+def test_train_on_converted_shards_and_evaluate(tmp_path):
+    """Shards beside an LFW-layout test/ + pairs.txt: train, export and the
+    final verification table."""
+    from ring_loss_tf import eval_data
+
     random_images(tmp_path / "folder" / "train", [4, 4, 4])
-    convert.convert(tmp_path / "folder", tmp_path / "shards", "tfrecord",
+    shards = tmp_path / "shards"
+    convert.convert(tmp_path / "folder", shards, "tfrecord",
                     records_per_shard=5)
-    result = tiny_train(tmp_path / "shards", tmp_path)
+    make_lfw(shards / "test", [3] * 20)
+    eval_data.make_pairs_file(shards / "test", shards / "pairs.txt",
+                              pairs_per_fold=2)
+    result = tiny_train(shards, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^Training: .* 3 classes, 12 images", result.stdout,
                      re.M), result.stdout
     assert re.search(r"^step 3/3  loss [\d.]+", result.stdout, re.M)
     assert (tmp_path / "run" / "export").is_dir()
+    assert re.search(r"\| 10-fold accuracy \| TAR@FAR=1e-3 \|",
+                     result.stdout), result.stdout
 
 
 def test_train_on_tf_writer_shards_with_other_keys(tmp_path):
