@@ -40,7 +40,7 @@ import pathlib
 
 from ring_loss_tf import cluster
 from ring_loss_tf import registry
-from ring_loss_tf import sources
+from ring_loss_tf import layouts
 from ring_loss_tf.errors import ConfigError
 
 VERSION = 2
@@ -512,8 +512,8 @@ class _Checks:
                     "give a directory holding train/ (a folder per "
                     "identity), or omit it to use the embedded character "
                     "set")
-            if sources.find(root) is None:
-                bad("data_dir", f"has no {sources.LAYOUTS}",
+            if layouts.find(root) is None:
+                bad("data_dir", f"has no {layouts.DESCRIPTION}",
                     "put a folder of images per identity under "
                     "<data_dir>/train (docs/data-formats.md)")
         for name in ("tfrecord_image_key", "tfrecord_label_key"):

@@ -22,8 +22,9 @@ of a data set, whatever its format:
 Each worker calls `read` only for the indices of its own rows, so a source
 must read one example by its global index without reading the others.
 
-`FORMATS` is the one list of (detect, open) pairs: the configuration check
-(`find`, without TensorFlow), the trainer and `open_source` all use it.
+`FORMATS` is the one list of (detect, open) pairs: the trainer and
+`open_source` use it, and the configuration check uses its detect half
+(`ring_loss_tf.layouts`, which needs no TensorFlow and no data module).
 
     folder      root/train/<identity>/*.jpg
     recordio    root/train.rec + train.idx (insightface), or train/train.rec
@@ -36,8 +37,7 @@ once into an index of record offsets and labels, written beside it as
 `<shard>.idx` (or under the cache directory when the shard's directory is
 read-only); reads then go straight to the offset.
 
-This module imports no TensorFlow at load time (`find` serves the
-configuration check, which runs before TensorFlow loads).
+This module imports TensorFlow only where it reads records.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from ring_loss_tf import layouts
 from ring_loss_tf import recordio
 
 # Starts the ValueError a record read raises inside tf.data, so that the
@@ -198,10 +199,6 @@ class FolderSource(Source):
         return load
 
 
-def detect_folder(path: pathlib.Path):
-    return path if path.is_dir() else None
-
-
 def open_folder(path: pathlib.Path, options: Options) -> FolderSource:
     from ring_loss_tf import data
 
@@ -266,13 +263,6 @@ class RecordIOSource(Source):
 
     def name(self, index):
         return f"record {int(self.keys[index])} of {self.path}"
-
-
-def detect_recordio(path: pathlib.Path):
-    if path.is_file():
-        return path if path.suffix == ".rec" else None
-    rec = path / "train.rec"
-    return rec if rec.is_file() else None
 
 
 def open_recordio(rec: pathlib.Path, options: Options) -> RecordIOSource:
@@ -550,21 +540,6 @@ def parse_example(payload, image_key, label_key, shard, record):
     return image, label
 
 
-def tfrecord_shards(path: pathlib.Path) -> list[pathlib.Path]:
-    """`train-*.tfrecord` in `path`, or every `*.tfrecord` of a directory
-    named train; sorted."""
-    if not path.is_dir():
-        return []
-    shards = sorted(path.glob("train-*.tfrecord"))
-    if not shards and path.name == "train":
-        shards = sorted(path.glob("*.tfrecord"))
-    return [s for s in shards if s.is_file()]
-
-
-def detect_tfrecord(path: pathlib.Path):
-    return path if tfrecord_shards(path) else None
-
-
 def _index_path(shard: pathlib.Path) -> pathlib.Path:
     return shard.with_name(shard.name + INDEX_SUFFIX)
 
@@ -681,7 +656,7 @@ def _read_labels(shard, offsets, options):
 def open_tfrecord(path: pathlib.Path, options: Options) -> TFRecordSource:
     from ring_loss_tf import data
 
-    shards = tfrecord_shards(path)
+    shards = layouts.tfrecord_shards(path)
     offsets, labels = [], []
     for shard in shards:
         o, label = index_shard(shard, options)
@@ -735,53 +710,45 @@ def open_tfrecord(path: pathlib.Path, options: Options) -> TFRecordSource:
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A data format: how to recognise it and how to open it.
+    """A data format: its layout (how to recognise it, without TensorFlow:
+    `ring_loss_tf.layouts`) and how to open it.
 
     Attributes:
-        name: as the sources' `kind`.
-        detect: path -> the path to open, or None (no TensorFlow).
-        open: (that path, Options) -> a Source.
-        at_root: whether the set may sit at the data root itself (a
-            folder's identities must be under <root>/train).
-        layout: how the layout reads in messages.
+        layout: the `layouts.Layout` (name, detect, at_root, description).
+        open: (the detected path, Options) -> a Source.
     """
 
-    name: str
-    detect: Callable[[pathlib.Path], pathlib.Path | None]
+    layout: layouts.Layout
     open: Callable[[pathlib.Path, Options], Source]
-    at_root: bool
-    layout: str
+
+    @property
+    def name(self):
+        return self.layout.name
+
+    @property
+    def detect(self):
+        return self.layout.detect
 
 
-FORMATS = (
-    Format("recordio", detect_recordio, open_recordio, True, "train.rec"),
-    Format("tfrecord", detect_tfrecord, open_tfrecord, True,
-           "train-*.tfrecord shards"),
-    Format("folder", detect_folder, open_folder, False, "train/ folder"),
-)
+_OPENERS = {
+    "recordio": open_recordio,
+    "tfrecord": open_tfrecord,
+    "folder": open_folder,
+}
 
-# "train/ folder, train-*.tfrecord shards or train.rec", for messages.
-LAYOUTS = ", ".join(f.layout for f in FORMATS[:0:-1]) + " or " + (
-    FORMATS[0].layout
-)
+# In the order of `layouts.LAYOUTS`: the first that detects a path wins.
+FORMATS = tuple(Format(layout, _OPENERS[layout.name])
+                for layout in layouts.LAYOUTS)
 
 
 def find(root: str | os.PathLike):
-    """(Format, path to open) of the training set under a data root, or
-    None: <root>/train first (any format), then the root itself."""
-    root = pathlib.Path(root)
-    train = root / "train"
-    if train.is_dir():
-        for entry in FORMATS:
-            found = entry.detect(train)
-            if found is not None:
-                return entry, found
-    for entry in FORMATS:
-        if entry.at_root:
-            found = entry.detect(root)
-            if found is not None:
-                return entry, found
-    return None
+    """(Format, path to open) of the training set under a data root
+    (`layouts.find`), or None."""
+    found = layouts.find(root)
+    if found is None:
+        return None
+    layout, path = found
+    return FORMATS[layouts.LAYOUTS.index(layout)], path
 
 
 def open_source(path: str | os.PathLike,
@@ -804,7 +771,7 @@ def open_root(root: str | os.PathLike, options: Options = Options()):
     found = find(root)
     if found is None:
         raise FileNotFoundError(
-            f"{root} has no training set: expected {LAYOUTS}."
+            f"{root} has no training set: expected {layouts.DESCRIPTION}."
         )
     entry, path = found
     return entry.open(path, options)
