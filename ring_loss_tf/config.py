@@ -128,8 +128,10 @@ class DataConfig:
         "label (int64).", resume="free")
     cache_dir: str | None = setting(
         None,
-        "Where the embedded character set is generated (default: the user "
-        "cache directory).", kind="str", resume="free")
+        "Where the embedded character set is generated, and where a "
+        "TFRecord shard's index goes when the shard's directory is "
+        "read-only (default: the user cache directory).", kind="str",
+        resume="free")
     num_train_identities: int = setting(
         1000, "Embedded set: training characters.", resume="free")
     num_test_identities: int = setting(

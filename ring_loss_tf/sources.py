@@ -730,14 +730,14 @@ class Format:
         return self.layout.detect
 
 
-_OPENERS = {
+OPENERS = {
     "recordio": open_recordio,
     "tfrecord": open_tfrecord,
     "folder": open_folder,
 }
 
 # In the order of `layouts.LAYOUTS`: the first that detects a path wins.
-FORMATS = tuple(Format(layout, _OPENERS[layout.name])
+FORMATS = tuple(Format(layout, OPENERS[layout.name])
                 for layout in layouts.LAYOUTS)
 
 
