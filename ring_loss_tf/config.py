@@ -40,6 +40,7 @@ import pathlib
 
 from ring_loss_tf import cluster
 from ring_loss_tf import registry
+from ring_loss_tf import layouts
 from ring_loss_tf.errors import ConfigError
 
 VERSION = 2
@@ -87,9 +88,10 @@ class DataConfig:
 
     data_dir: str | None = setting(
         None,
-        "Directory with train/ (a folder per identity, or train.rec) and "
-        "optionally test/ + pairs.txt (LFW layout). Default: the embedded "
-        "KanjiVG character set.", kind="str", resume="free")
+        "Directory with train/ (a folder per identity), train.rec or "
+        "train-*.tfrecord shards, and optionally test/ + pairs.txt (LFW "
+        "layout). Default: the embedded KanjiVG character set.",
+        kind="str", resume="free")
     image_size: tuple[int, int] | None = setting(
         None,
         "HEIGHT,WIDTH or SIZE the images are resized to (default 112 for "
@@ -115,10 +117,20 @@ class DataConfig:
         "pixels (width x height) stops training with an error naming the "
         "file, before it is decoded (a small compressed file can decode to "
         "gigabytes). Default 8192x8192.", resume="free")
+    tfrecord_image_key: str = setting(
+        "image/encoded",
+        "TFRecord sets: the tf.train.Example feature holding the encoded "
+        "image (JPEG/PNG bytes).", resume="free")
+    tfrecord_label_key: str = setting(
+        "image/class/label",
+        "TFRecord sets: the tf.train.Example feature holding the class "
+        "label (int64).", resume="free")
     cache_dir: str | None = setting(
         None,
-        "Where the embedded character set is generated (default: the user "
-        "cache directory).", kind="str", resume="free")
+        "Where the embedded character set is generated, and where a "
+        "TFRecord shard's index goes when the shard's directory is "
+        "read-only (default: the user cache directory).", kind="str",
+        resume="free")
     num_train_identities: int = setting(
         1000, "Embedded set: training characters.", resume="free")
     num_test_identities: int = setting(
@@ -521,11 +533,14 @@ class _Checks:
                     "give a directory holding train/ (a folder per "
                     "identity), or omit it to use the embedded character "
                     "set")
-            if not ((root / "train").is_dir()
-                    or (root / "train.rec").is_file()):
-                bad("data_dir", "has no train/ folder or train.rec",
+            if layouts.find(root) is None:
+                bad("data_dir", f"has no {layouts.DESCRIPTION}",
                     "put a folder of images per identity under "
-                    "<data_dir>/train")
+                    "<data_dir>/train (docs/data-formats.md)")
+        for name in ("tfrecord_image_key", "tfrecord_label_key"):
+            if not isinstance(s[name], str) or not s[name].strip():
+                bad(name, "must name a tf.train.Example feature",
+                    "use e.g. image/encoded and image/class/label")
         size = s["image_size"]
         if size is not None and not (
             isinstance(size, (tuple, list)) and len(size) == 2

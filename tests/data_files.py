@@ -234,3 +234,65 @@ class CallsAFunction:
 
     def __reduce__(self):
         return (os.mkdir, (self.path,))
+
+
+# --------------------------------------------------------------------------
+# TFRecord, written with TensorFlow's own writer (not ring_loss_tf's).
+
+
+def example_bytes(image, label, image_key="image/encoded",
+                  label_key="image/class/label"):
+    """A serialized tf.train.Example of one image and its int64 label."""
+    import tensorflow as tf
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        image_key: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[image])),
+        label_key: tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[label])),
+    })).SerializeToString()
+
+
+def write_tfrecords(directory, shards, name="train-{:05d}.tfrecord"):
+    """directory/train-NNNNN.tfrecord, one per list of serialized records
+    in `shards`, written with tf.io.TFRecordWriter; their paths."""
+    import tensorflow as tf
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, records in enumerate(shards):
+        path = directory / name.format(number)
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for record in records:
+                writer.write(record)
+        paths.append(path)
+    return paths
+
+
+def folder_examples(root):
+    """(file bytes, label) of root/<identity>/<image> in the order of a
+    folder source: identities sorted, their files sorted."""
+    out = []
+    identities = sorted(p for p in pathlib.Path(root).iterdir() if p.is_dir())
+    for label, identity in enumerate(identities):
+        for path in sorted(identity.iterdir()):
+            out.append((path.read_bytes(), label))
+    return out
+
+
+def random_images(root, counts, size=(8, 8), jpeg_every=3):
+    """root/<idNN>/<k>.png (every `jpeg_every`-th a .jpg) of random grey
+    pixels, so that shifts, flips and decoders show."""
+    rng = np.random.default_rng(7)
+    root = pathlib.Path(root)
+    for label, count in enumerate(counts):
+        directory = root / f"id{label:02d}"
+        directory.mkdir(parents=True)
+        for k in range(count):
+            pixels = rng.integers(0, 256, size, dtype=np.uint8)
+            if k % jpeg_every == jpeg_every - 1:
+                (directory / f"{k}.jpg").write_bytes(encode(pixels, "JPEG"))
+            else:
+                (directory / f"{k}.png").write_bytes(encode(pixels, "PNG"))
+    return root

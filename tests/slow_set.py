@@ -63,6 +63,11 @@ SLOW = {
         "test_sharded_step_is_the_replicated_step[4-arcface-0.0]",
         "test_sharded_step_is_the_replicated_step[4-arcface-0.01]",
     ],
+    "test_convert.py": [
+        "test_train_on_tf_writer_shards_with_other_keys",
+        "test_command_prints_progress_and_refuses_in_one_line",
+        "test_train_on_converted_shards_and_evaluate",
+    ],
     "test_train_cli.py": [
         "test_asoftmax_default_warmup_keeps_features_from_collapsing",
         "test_release_0_1_run_exports_and_evaluates_on_its_embedded_set",

@@ -653,9 +653,10 @@ CASES = [
      ConfigError, r"^data_dir='{tmp}/no_faces': no such directory; give a "
                   r"directory holding train/"),
     ("train --data_dir without train/", _data_dir_without_train,
-     ConfigError, r"^data_dir='{tmp}/faces': has no train/ folder or "
-                  r"train\.rec; put a folder of images per identity under "
-                  r"<data_dir>/train$"),
+     ConfigError, r"^data_dir='{tmp}/faces': has no train/ folder, "
+                  r"train-\*\.tfrecord shards or train\.rec; put a folder of "
+                  r"images per identity under <data_dir>/train "
+                  r"\(docs/data-formats\.md\)$"),
     ("train on one identity", _one_identity,
      ConfigError, r"^data_dir='{tmp}/faces': holds 1 identity, and a "
                   r"classifier needs at least 2 identities; add a folder per "

@@ -347,8 +347,8 @@ def test_model_dir_that_is_a_file_and_data_dir_without_train(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         config_lib.check(config_lib.make(model_dir=str(tmp_path / "file")))
-    with pytest.raises(ConfigError, match="has no train/ folder or "
-                       "train.rec; put a folder of images per identity"):
+    with pytest.raises(ConfigError, match="has no train/ folder, "
+                       "train-.*tfrecord shards or train.rec; put a folder of images per identity"):
         config_lib.check(config_lib.make(data_dir=str(tmp_path)))
     (tmp_path / "train.rec").write_bytes(b"")
     config_lib.check(config_lib.make(data_dir=str(tmp_path)))

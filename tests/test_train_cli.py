@@ -162,7 +162,8 @@ def test_data_dir_without_train_folder(tmp_path):
     (tmp_path / "faces").mkdir()
     result = _run([f"--data_dir={tmp_path / 'faces'}"], tmp_path)
     assert result.returncode == 2
-    assert "has no train/ folder or train.rec" in result.stderr
+    assert ("has no train/ folder, train-*.tfrecord shards or train.rec"
+            in result.stderr)
 
 
 def test_model_dir_that_is_a_file_is_refused_and_kept(tmp_path):

@@ -2,9 +2,10 @@
 
 Training data comes as a folder per identity (`root/<identity>/*.jpg`, the
 layout of CASIA-WebFace and of aligned face sets, and of the embedded default
-set `ring_loss_tf.data.kanji`) or as insightface's MXNet RecordIO `train.rec` +
-`train.idx` (MS1M, Glint360K, WebFace), read without MXNet
-(`open_training_source`). `training_dataset` makes the tf.data pipeline:
+set `ring_loss_tf.data.kanji`), as insightface's MXNet RecordIO `train.rec` +
+`train.idx` (MS1M, Glint360K, WebFace), read without MXNet, or as TFRecord
+shards of tf.train.Example (`open_training_source`; the sources are in
+`ring_loss_tf.data.sources`). `training_dataset` makes the tf.data pipeline:
 
     position c = 0, 1, 2, ...  (this worker's share when sharded)
     example    = shuffled_index(c): permutation of epoch c div n at c mod n
@@ -33,7 +34,6 @@ same global batches, and a resumed run the same positions).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import io
@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from ring_loss_tf.data import recordio
+from ring_loss_tf.data import sources
 # By name: `images` is the usual name of a batch here.
 from ring_loss_tf.data.images import AUGMENTATIONS
 from ring_loss_tf.data.images import CORRUPT_IMAGE_FIX
@@ -64,9 +65,7 @@ from ring_loss_tf.data.images import resize_image
 IN_MEMORY_LIMIT_BYTES = 256 * 2**20
 
 
-class DataWarning(UserWarning):
-    """Something in the data was skipped; training goes on without it."""
-
+DataWarning = sources.DataWarning
 
 # --------------------------------------------------------------------------
 # Folders of images
@@ -164,167 +163,47 @@ def find_corrupt_images(paths: Sequence[str]) -> list[tuple[str, str]]:
 # Training sources
 
 
-@dataclasses.dataclass
-class TrainingSource:
-    """Where training images come from: a folder per identity or RecordIO.
-
-    Attributes:
-        kind: "folder" or "recordio".
-        path: the folder, or the `.rec` file.
-        num_classes: number of identities (labels are 0 .. num_classes - 1).
-        num_examples: number of images.
-        class_names: a name per label (folder names; "0", "1", ... for
-            RecordIO).
-        paths, labels: (folder) file paths and their labels, in the order
-            the pipeline indexes them.
-        keys: (RecordIO) the record keys of the images.
-        num_skipped: images left out as corrupt (with skip_corrupt=True).
-    """
-
-    kind: str
-    path: pathlib.Path
-    num_classes: int
-    num_examples: int
-    class_names: list[str]
-    paths: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    keys: np.ndarray | None = None
-    reader: recordio.RecordIOReader | None = dataclasses.field(
-        default=None, repr=False
-    )
-    num_skipped: int = 0
+# The sources themselves (folder, RecordIO, TFRecord) are in
+# `ring_loss_tf.data.sources`; this is their common type.
+TrainingSource = sources.Source
 
 
 def open_training_source(
-    path: str | os.PathLike, *, skip_corrupt: bool = False
+    path: str | os.PathLike,
+    *,
+    skip_corrupt: bool = False,
+    options: sources.Options | None = None,
 ) -> TrainingSource:
-    """Opens a folder per identity, a `train.rec`, or a dir with train.rec.
+    """Opens a folder per identity, a `train.rec`, a dir with train.rec, or
+    a dir of TFRecord shards (`ring_loss_tf.data.sources.FORMATS`).
 
     Args:
         path: `root/<identity>/*.jpg`; or a `.rec` file with its `.idx`
             beside it; or a directory holding `train.rec` (as insightface
-            distributes MS1M, Glint360K, WebFace).
-        skip_corrupt: decode every image (file, or `.rec` record) once now
-            and leave out those that fail (a record that cannot even be
-            read too), counted in one warning. Without it a corrupt or
+            distributes MS1M, Glint360K, WebFace); or a directory holding
+            `train-*.tfrecord` shards (or a `train/` of `*.tfrecord`).
+        skip_corrupt: decode every image (file, or record) once now and
+            leave out those that fail (a record that cannot even be read
+            too), counted in one warning. Without it a corrupt or
             truncated image stops training with an error naming the file
             or the record.
+        options: the TFRecord keys and index directory; its
+            `skip_corrupt` is overridden by the argument when that is True.
 
     RecordIO labels are each image record's own label; the class count comes
     from insightface's header record 0 when present (each label is then
     checked against it as its record is read), otherwise from reading and
     checking every record's header once (a warning says if some classes
-    below the largest label have no image).
+    below the largest label have no image). TFRecord labels and the class
+    count (the largest label + 1) come from the shards' index.
     """
     path = pathlib.Path(path)
     if not path.exists():
         raise _missing_dir_error(path)
-    rec = None
-    if path.is_file():
-        if path.suffix != ".rec":
-            raise ValueError(
-                f"Training data must be a directory or a .rec file. "
-                f"Received: {path}"
-            )
-        rec = path
-    elif (path / "train.rec").is_file():
-        rec = path / "train.rec"
-    if rec is not None:
-        return _open_recordio(rec, skip_corrupt)
-    paths, labels, class_names = list_image_folder(path)
-    skipped = 0
+    options = options or sources.Options()
     if skip_corrupt:
-        bad = find_corrupt_images(paths)
-        if bad:
-            skipped = len(bad)
-            bad_set = {p for p, _ in bad}
-            keep = np.array([p not in bad_set for p in paths])
-            paths = [p for p, k in zip(paths, keep) if k]
-            labels = labels[keep]
-            warnings.warn(
-                f"Skipped {skipped} corrupt or truncated image(s) in {path} "
-                f"(first: {bad[0][0]}: {bad[0][1]}).",
-                DataWarning,
-                stacklevel=2,
-            )
-            if not paths:
-                raise ValueError(
-                    f"Every image in {path} is corrupt: all {skipped} files "
-                    f"failed to decode (first: {bad[0][0]}: {bad[0][1]}). "
-                    "Check that the files are images (jpg/png/...) and copy "
-                    "the data set again, or point to another directory."
-                )
-    return TrainingSource(
-        kind="folder",
-        path=path,
-        num_classes=len(class_names),
-        num_examples=len(paths),
-        class_names=class_names,
-        paths=np.asarray(paths, dtype=object),
-        labels=np.asarray(labels, np.int32),
-        num_skipped=skipped,
-    )
-
-
-def _open_recordio(
-    rec: pathlib.Path, skip_corrupt: bool = False
-) -> TrainingSource:
-    reader = recordio.RecordIOReader(rec)
-    keys, num_classes = recordio.image_records(reader)
-    if len(keys) == 0:
-        raise ValueError(
-            f"No image records in {rec}: its index lists no records. "
-            "Re-create the .rec and .idx with MXNet's im2rec."
-        )
-    skipped = 0
-    if skip_corrupt:
-        bad = find_corrupt_records(reader, keys)
-        if bad:
-            skipped = len(bad)
-            keep = ~np.isin(keys, [k for k, _ in bad])
-            keys = keys[keep]
-            first = f"record {bad[0][0]}: {bad[0][1]}"
-            if len(keys) == 0:
-                raise ValueError(
-                    f"Every image record in {rec} is unreadable or corrupt: "
-                    f"all {skipped} failed (first: {first}). Copy the .rec "
-                    "and .idx again, or re-create them with MXNet's im2rec."
-                )
-            warnings.warn(
-                f"Skipped {skipped} unreadable or corrupt record(s) in {rec} "
-                f"(first: {first}).",
-                DataWarning,
-                stacklevel=3,
-            )
-    if num_classes is None:
-        # No header record: every label is read now, checked, and counted.
-        labels = np.asarray([
-            recordio.class_label(
-                reader.read_header(int(k)), None, f"{rec} record {int(k)}"
-            )
-            for k in keys
-        ], np.int64)
-        num_classes = int(labels.max()) + 1
-        empty = num_classes - len(np.unique(labels))
-        if empty:
-            warnings.warn(
-                f"{rec}: labels run up to {num_classes - 1}, but {empty} of "
-                f"those {num_classes} classes have no image (the head still "
-                f"has {num_classes} outputs). Check the labels, or "
-                "re-create the .rec with MXNet's im2rec.",
-                DataWarning,
-                stacklevel=3,
-            )
-    return TrainingSource(
-        kind="recordio",
-        path=rec,
-        num_classes=num_classes,
-        num_examples=len(keys),
-        class_names=[str(k) for k in range(num_classes)],
-        keys=keys,
-        reader=reader,
-        num_skipped=skipped,
-    )
+        options = dataclasses.replace(options, skip_corrupt=True)
+    return sources.open_source(path, options)
 
 
 def find_corrupt_records(
@@ -353,6 +232,32 @@ def find_corrupt_records(
     workers = min(32, (os.cpu_count() or 1) * 2)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return [r for r in pool.map(check, keys, chunksize=64) if r]
+
+
+def find_corrupt_examples(source: TrainingSource) -> list[tuple[int, str]]:
+    """(index, "<name>: reason") of each example of `source` that cannot be
+    read or decoded (threads, one per core); `find_corrupt_records` for any
+    source."""
+    from PIL import Image
+
+    def check(index):
+        try:
+            payload, _, name = source.read(index)
+        except Exception as error:  # framing, keys, labels
+            return (index, str(error))
+        try:
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+            if bool(image_bytes_ok(payload).numpy()):
+                return None
+            return (index, f"{name}: truncated image")
+        except Exception as error:  # Pillow's many types
+            return (index, f"{name}: {type(error).__name__}: {error}")
+
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        found = pool.map(check, range(source.num_examples), chunksize=64)
+        return [r for r in found if r]
 
 
 def _check_size(image_size, channels):
@@ -478,13 +383,14 @@ def training_dataset(
         return first + tf.range(per_replica, dtype=tf.int64)
 
     seed_tensor = tf.constant(int(seed), tf.int64)
+    preloadable = source.preloadable
     if in_memory is None:
         size = num * height * width * channels
-        in_memory = source.kind == "folder" and size <= IN_MEMORY_LIMIT_BYTES
-    if in_memory and source.kind != "folder":
+        in_memory = preloadable and size <= IN_MEMORY_LIMIT_BYTES
+    if in_memory and not preloadable:
         raise ValueError(
-            "`in_memory=True` needs a folder source; RecordIO sets stream. "
-            f"Received: a {source.kind} source"
+            "`in_memory=True` needs a folder source; RecordIO and TFRecord "
+            f"sets stream. Received: a {source.kind} source"
         )
 
     def finish(images, labels, positions):
@@ -500,8 +406,7 @@ def training_dataset(
     if in_memory:
         # Decoded once with the same ops; a batch is then one gather.
         pixels = tf.constant(
-            load_images(source.paths, image_size=(height, width),
-                        channels=channels, max_pixels=max_pixels)
+            source.preload((height, width), channels, max_pixels)
         )
         labels = tf.constant(source.labels, tf.int32)
 
@@ -515,10 +420,8 @@ def training_dataset(
             gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
     else:
-        load = _folder_loader(source) if source.kind == "folder" else (
-            _recordio_loader(source)
-        )
-        expect = _expected_format(source)
+        load = source.loader()
+        expect = source.expect
 
         def element(position):
             index = shuffled_index(position, seed_tensor, num)
@@ -535,7 +438,7 @@ def training_dataset(
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
-    if source.kind == "recordio":
+    if source.external_state:
         options.experimental_external_state_policy = (
             tf.data.experimental.ExternalStatePolicy.IGNORE
         )
@@ -570,67 +473,9 @@ def shuffled_index(
     )
 
 
-def _expected_format(source):
-    """The fast-path format of `decode_image` for most of a source's files."""
-    if source.kind == "recordio":
-        return "jpeg"
-    suffixes = collections.Counter(
-        os.path.splitext(str(p))[1].lower() for p in source.paths[:1000]
-    )
-    suffix = suffixes.most_common(1)[0][0]
-    return {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(suffix)
-
-
-def _folder_loader(source):
-    paths = tf.constant([str(p) for p in source.paths])
-    labels = tf.constant(source.labels, tf.int32)
-
-    def load(index):
-        path = tf.gather(paths, index)
-        return (tf.io.read_file(path), path), tf.gather(labels, index)
-
-    return load
-
-
-# Starts the ValueError a RecordIO read raises inside tf.data, so that the
+# Starts the ValueError a record read raises inside tf.data, so that the
 # training loop finds our one-line message in TensorFlow's error text.
-RECORD_ERROR = "Unreadable training record: "
-
-
-def _recordio_loader(source):
-    reader = source.reader
-    keys = source.keys
-    path = str(source.path)
-    num_classes = source.num_classes
-
-    def read(index):
-        key = int(keys[int(index)])
-        try:
-            header, payload = reader.read_image(key)
-            label = recordio.class_label(
-                header, num_classes, f"{path} record {key}"
-            )
-        except (ValueError, KeyError) as error:
-            text = str(error).strip("'\"")
-            if not text.startswith(f"{path} record "):
-                text = f"{path} record {key}: " + text.removeprefix(
-                    f"{path}: "
-                )
-            raise ValueError(RECORD_ERROR + text) from None
-        return np.int64(label), payload, key
-
-    def load(index):
-        label, payload, key = tf.py_function(
-            read, [index], [tf.int64, tf.string, tf.int64]
-        )
-        label = tf.ensure_shape(label, [])
-        payload = tf.ensure_shape(payload, [])
-        name = tf.strings.join(
-            ["record ", tf.strings.as_string(key), " of ", path]
-        )
-        return (payload, name), tf.cast(label, tf.int32)
-
-    return load
+RECORD_ERROR = sources.RECORD_ERROR
 
 
 # --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ring_loss_tf import export as export_lib
 from ring_loss_tf.data import kanji
 from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
+from ring_loss_tf.data import sources
 from ring_loss_tf.training import trainer as trainer_lib
 from ring_loss_tf.training import distribution
 from ring_loss_tf.training import schedules
@@ -65,14 +66,18 @@ def data_error(error, trainer=None):
     if match:
         message = f"{match.group(1)} {match.group(2)}"
     elif record:
-        # The reader's message names the .rec and the record or offset.
+        # The reader's message names the file and the record.
         message = record.group(1).strip()
-        if "class label" not in message:
-            message += (
-                " Copy the .rec and .idx again, or rerun with "
-                "skip_corrupt=True (--skip_corrupt): it reads every record "
-                "once at the start and leaves out those that fail."
-            )
+        skip = (
+            "rerun with skip_corrupt=True (--skip_corrupt): it reads every "
+            "record once at the start and leaves out those that fail."
+        )
+        if "class label" in message:
+            pass
+        elif ".rec record " in message:
+            message += " Copy the .rec and .idx again, or " + skip
+        else:
+            message += " Or " + skip
     else:
         message = (
             "A training image could not be decoded "
@@ -410,12 +415,13 @@ def _training_data(config, chief):
         root = pathlib.Path(kanji.prepare(progress=chief, **options))
     else:
         root = pathlib.Path(config.data.data_dir)
-    # A folder per identity under train/, or insightface's train.rec.
-    train_path = root / "train" if (root / "train").is_dir() else root
-    source = pipeline.open_training_source(
-        train_path, skip_corrupt=config.data.skip_corrupt
+    options = sources.Options(
+        skip_corrupt=config.data.skip_corrupt,
+        image_key=config.data.tfrecord_image_key,
+        label_key=config.data.tfrecord_label_key,
+        index_dir=config.data.cache_dir,
     )
-    return root, source
+    return root, sources.open_root(root, options)
 
 
 def _build_trainer(config, strategy, total_steps):
@@ -594,7 +600,8 @@ def train(
         config: the run's `TrainConfig` (train.py's flags, one field each).
             With `data_dir` None it trains on the embedded character set
             (`kanji.prepare`, generated on first use); else `data_dir` holds
-            train/ (one folder per identity, or train.rec) and optionally
+            train/ (one folder per identity), train.rec or TFRecord
+            shards (`ring_loss_tf.data.sources.FORMATS`) and optionally
             test/ + pairs.txt (LFW layout) for the final table.
         devices: device list of `trainer.build_strategy`; default one
             logical CPU device per `cpu_replicas`, else every GPU, else the
