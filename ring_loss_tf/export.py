@@ -32,10 +32,13 @@ moved into place: a converter can return a model that runs and is wrong
 Everything is written to a temporary directory beside the target and renamed
 into place: an interrupted or failed export leaves the previous one intact.
 
-Command line (reads a training `--model_dir`: config.json + checkpoint):
+Command line (reads a training `--model_dir`: config.json + checkpoint;
+ring_loss_tf/commands/export.py):
 
-    python -m ring_loss_tf.export --model_dir runs/sm_r --output exported \
+    ring-loss-export --model_dir=runs/sm_r --output_dir=exported \
         [--tflite] [--onnx] [--keras] [--overwrite]
+
+or `python -m ring_loss_tf.export` with the same flags.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Sequence
 
 import keras
 import numpy as np
@@ -478,68 +480,7 @@ def _move_into_place(new, output_dir, staging):
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ring_loss_tf.export`; returns the exit status."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m ring_loss_tf.export",
-        description="Export the embedding model of a training run.",
-    )
-    parser.add_argument(
-        "--model_dir",
-        required=True,
-        help="training directory (config.json + checkpoint)",
-    )
-    parser.add_argument(
-        "--output", required=True, help="SavedModel directory to write"
-    )
-    parser.add_argument(
-        "--tflite", action="store_true", help="also write model.tflite"
-    )
-    parser.add_argument(
-        "--onnx",
-        action="store_true",
-        help=f"also write model.onnx ({ONNX_INSTALL})",
-    )
-    parser.add_argument(
-        "--keras",
-        action="store_true",
-        help=f"also write {KERAS_FILE} (with heads)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing export at --output",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.onnx:
-            _require_onnx()
-        if pathlib.Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(
-                f"--output={args.output} already exists; add --overwrite to "
-                "replace it or choose another directory."
-            )
-        trained = models.load_training_models(args.model_dir)
-        path = export_saved_model(
-            trained.embedding_model,
-            args.output,
-            overwrite=args.overwrite,
-            tflite=args.tflite,
-            onnx=args.onnx,
-            training_model=trained.train_model if args.keras else None,
-        )
-    except (FileExistsError, FileNotFoundError, ImportError,
-            ValueError) as error:
-        parser.error(str(error))
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    written = [p.name for p in sorted(path.iterdir())]
-    print(f"Exported {args.model_dir} to {path}: {', '.join(written)}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ring_loss_tf.commands import export as _command
+
+    _command.run()
