@@ -15,8 +15,9 @@ TensorFlow 2.21 would add, and where each is stopped:
   user set it.
 - Python INFO lines through absl logging (SavedModel writing, checkpoint
   sharding, the distribution strategy): absl.app raises the verbosity to
-  INFO; `absl_warnings_only` sets it back to WARNING unless --verbosity was
-  given.
+  INFO; the commands set it back to WARNING unless --verbosity was given
+  (`ring_loss_tf.commands.common.quiet_tensorflow`: flags stay out of the
+  library).
 
 Importing the package from other code changes nothing: `ring_loss_tf`
 calls `import_tensorflow` on import only under `python -m
@@ -173,12 +174,3 @@ def import_tensorflow():
 
         # CUDA is initialised, and its failure logged, at the first query.
         tf.config.list_physical_devices()
-
-
-def absl_warnings_only():
-    """Under absl.app: WARNING and above, unless --verbosity was given."""
-    from absl import flags
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)

@@ -150,7 +150,10 @@ def fail_setting(default: str, error: ConfigError):
 def quiet_tensorflow():
     """Imports TensorFlow without its start-up log (`ring_loss_tf.quiet`)
     and leaves absl logging at WARNING unless --verbosity was given."""
+    from absl import logging
+
     from ring_loss_tf import quiet
 
-    quiet.absl_warnings_only()
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     quiet.import_tensorflow()
