@@ -41,6 +41,12 @@ SLOW = {
         "test_a_worker_that_fails_at_start_stops_the_other_with_one_line",
     ],
     "test_ijb.py": ["test_evaluate_py_ijb_dir"],
+    "test_commands_install.py": [
+        "test_the_install_puts_each_command_on_the_path",
+        "test_each_installed_command_prints_its_help",
+        "test_an_installed_command_checks_flags_before_tensorflow",
+        "test_installed_train_runs_five_steps",
+    ],
     "test_quiet.py": [
         "test_entry_points_print_only_the_project_lines",
         "test_importing_the_package_elsewhere_changes_no_logging",
