@@ -117,7 +117,10 @@ def program(default: str) -> str:
     installed command; `default` (the installed name) otherwise."""
     path = sys.argv[0] if sys.argv else ""
     name = os.path.basename(path)
-    if name in COMMANDS or name in ("train.py", "evaluate.py"):
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if name in COMMANDS or (
+        name in ("train.py", "evaluate.py") and parent != "commands"
+    ):
         return name
     module = f"python -m ring_loss_tf.{name[:-3]}"
     if os.path.basename(os.path.dirname(path)) == "ring_loss_tf" and (
