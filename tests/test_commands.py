@@ -55,46 +55,79 @@ def _entry_point(name, *args, cwd=None):
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd or REPO, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code, *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_the_entry_points_import_this_checkout():
     result = subprocess.run(
-        [sys.executable, "-c", "import ring_loss_tf.commands.train, sys; "
-         "print(sys.modules['ring_loss_tf'].__file__)"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import ring_loss_tf.commands.train, sys; "
+            "print(sys.modules['ring_loss_tf'].__file__)",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert result.stdout.strip() == str(REPO / "ring_loss_tf" /
-                                        "__init__.py"), result
+    assert result.stdout.strip() == str(
+        REPO / "ring_loss_tf" / "__init__.py"
+    ), result
 
 
 @pytest.mark.parametrize(
     "name, args, message",
     [
-        ("train", ["--lambda_ring=0.01", "--steps=0"],
-         r"ring-loss-train: error: --steps=0: must be a positive integer; "
-         r"use e\.g\. 1000"),
-        ("train", ["--lambda_ring=0.01", "--image_size=3"],
-         r"ring-loss-train: error: --image_size=3: must be SIZE or "
-         r"HEIGHT,WIDTH, each >= 8; use e\.g\. 32 or 112,96"),
-        ("evaluate", [],
-         r"ring-loss-evaluate: --model is required: a SavedModel directory "
-         r"or a training --model_dir\."),
-        ("evaluate", ["--model=m", "--kanji_image_size=4"],
-         r"ring-loss-evaluate: --kanji_image_size=4: must be an integer "
-         r">= 8; use e\.g\. 32\."),
-        ("export", ["--model_dir=run"],
-         r"ring-loss-export: error: --output_dir is required: the "
-         r"SavedModel directory to write, e\.g\. --output_dir=exported\."),
-        ("align", ["--input_dir=in", "--output_dir=out", "--num_workers=0"],
-         r"ring-loss-align: error: --num_workers and --min_face_size must "
-         r"be >= 1\."),
-        ("align", ["--output_dir=out"],
-         r"ring-loss-align: error: --input_dir is required: the folder of "
-         r"photos, e\.g\. --input_dir=photos\."),
+        (
+            "train",
+            ["--lambda_ring=0.01", "--steps=0"],
+            r"ring-loss-train: error: --steps=0: must be a positive integer; "
+            r"use e\.g\. 1000",
+        ),
+        (
+            "train",
+            ["--lambda_ring=0.01", "--image_size=3"],
+            r"ring-loss-train: error: --image_size=3: must be SIZE or "
+            r"HEIGHT,WIDTH, each >= 8; use e\.g\. 32 or 112,96",
+        ),
+        (
+            "evaluate",
+            [],
+            r"ring-loss-evaluate: --model is required: a SavedModel directory "
+            r"or a training --model_dir\.",
+        ),
+        (
+            "evaluate",
+            ["--model=m", "--kanji_image_size=4"],
+            r"ring-loss-evaluate: --kanji_image_size=4: must be an integer "
+            r">= 8; use e\.g\. 32\.",
+        ),
+        (
+            "export",
+            ["--model_dir=run"],
+            r"ring-loss-export: error: --output_dir is required: the "
+            r"SavedModel directory to write, e\.g\. --output_dir=exported\.",
+        ),
+        (
+            "align",
+            ["--input_dir=in", "--output_dir=out", "--num_workers=0"],
+            r"ring-loss-align: error: --num_workers and --min_face_size must "
+            r"be >= 1\.",
+        ),
+        (
+            "align",
+            ["--output_dir=out"],
+            r"ring-loss-align: error: --input_dir is required: the folder of "
+            r"photos, e\.g\. --input_dir=photos\.",
+        ),
     ],
 )
 def test_a_bad_flag_is_one_line_before_tensorflow_loads(
@@ -113,9 +146,10 @@ def test_a_bad_flag_is_one_line_before_tensorflow_loads(
 def test_an_unexpected_argument_is_one_line(tmp_path):
     for name in COMMANDS:
         result = _entry_point(name, "stray", cwd=tmp_path)
-        (line, imported) = result.stderr.splitlines()
-        assert re.match(rf"ring-loss-{name}: .*unexpected arguments", line), (
-            line)
+        line, imported = result.stderr.splitlines()
+        assert re.match(
+            rf"ring-loss-{name}: .*unexpected arguments", line
+        ), line
         assert "stray" in line and "--" in line, line
         assert imported == "tensorflow imported: False"
 
@@ -123,15 +157,11 @@ def test_an_unexpected_argument_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def helps():
     """{command: (stdout of --help, its status)}."""
-    return {
-        name: _entry_point(name, "--help") for name in COMMANDS
-    }
+    return {name: _entry_point(name, "--help") for name in COMMANDS}
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_help_gives_the_description_and_the_commands_own_flags(
-    helps, name
-):
+def test_help_gives_the_description_and_the_commands_own_flags(helps, name):
     result = helps[name]
     assert result.returncode == 1, result.stderr  # absl's --help status
     module = COMMANDS[name]
@@ -146,14 +176,18 @@ def test_help_gives_the_description_and_the_commands_own_flags(
 def test_the_repository_scripts_print_the_same_help(helps):
     for script, name in (("train.py", "train"), ("evaluate.py", "evaluate")):
         result = subprocess.run(
-            [sys.executable, str(REPO / script), "--help"], cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-            text=True, timeout=300,
+            [sys.executable, str(REPO / script), "--help"],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 1, result.stderr  # absl's --help
         # The same but for absl's line naming the program (train.py:).
         assert _program_line_out(result.stdout) == _program_line_out(
-            helps[name].stdout)
+            helps[name].stdout
+        )
 
 
 def _program_line_out(text):
@@ -161,12 +195,29 @@ def _program_line_out(text):
 
 
 def test_the_figure_pattern_finds_figures_and_nothing_else():
-    for text in ("97.4 %", "97.42%", "3 min 31 s", "58 s", "1.5 h",
-                 "took 200 ms", "about 4 minutes", "12,5 %"):
+    for text in (
+        "97.4 %",
+        "97.42%",
+        "3 min 31 s",
+        "58 s",
+        "1.5 h",
+        "took 200 ms",
+        "about 4 minutes",
+        "12,5 %",
+    ):
         assert FIGURE.search(text), text
-    for text in ("8192x8192", "112x96", "--steps=5", "(x - 127.5) / 128",
-                 "TAR@FAR 1e-3", "938 steps of 256", "5 stages", "3 hands",
-                 "--log_every=2", "a 12-d small_cnn"):
+    for text in (
+        "8192x8192",
+        "112x96",
+        "--steps=5",
+        "(x - 127.5) / 128",
+        "TAR@FAR 1e-3",
+        "938 steps of 256",
+        "5 stages",
+        "3 hands",
+        "--log_every=2",
+        "a 12-d small_cnn",
+    ):
         assert not FIGURE.search(text), text
 
 
@@ -195,7 +246,8 @@ def test_no_measured_figure_in_the_scripts_and_command_library_modules():
         "ring_loss_tf.align": align.__doc__,
         "ring_loss_tf.export": export.__doc__,
         "ring_loss_tf.commands": importlib.import_module(
-            "ring_loss_tf.commands").__doc__,
+            "ring_loss_tf.commands"
+        ).__doc__,
     }
     for where, text in texts.items():
         assert not FIGURE.findall(text), where
@@ -204,7 +256,8 @@ def test_no_measured_figure_in_the_scripts_and_command_library_modules():
 def test_shared_flags_have_one_spelling():
     names = {
         name: {
-            f.name for f in module.FLAGS._flags().values()
+            f.name
+            for f in module.FLAGS._flags().values()
             if not f.help.startswith("Alias for --")
         }
         for name, module in COMMANDS.items()
@@ -243,7 +296,8 @@ def test_evaluate_takes_the_embedded_set_flags_of_train():
             assert flag.help == field.help, (module.__name__, name)
             assert flag.default == field.default, (module.__name__, name)
     assert {"kanji_image_size", "kanji_seed", "pairs_per_fold"} <= set(
-        config_lib.EMBEDDED_SET)
+        config_lib.EMBEDDED_SET
+    )
 
 
 def test_the_commands_copies_of_library_constants_agree():
@@ -256,7 +310,8 @@ def test_the_commands_copies_of_library_constants_agree():
     assert align_command.NO_FACE_ACTIONS == tuple(align.NO_FACE_ACTIONS)
     assert align_command.NO_FACE_FILE == align.NO_FACE_FILE
     assert align_command.FLAGS["max_image_pixels"].default == (
-        align.MAX_IMAGE_PIXELS)
+        align.MAX_IMAGE_PIXELS
+    )
 
 
 def test_no_library_module_imports_absl_flags():
@@ -267,14 +322,19 @@ def test_no_library_module_imports_absl_flags():
         text = path.read_text()
         assert not re.search(
             r"^\s*(from absl import flags|import absl\.flags|"
-            r"from absl\.flags import)", text, re.M), path
+            r"from absl\.flags import)",
+            text,
+            re.M,
+        ), path
 
 
 def test_pyproject_installs_each_command():
     text = (REPO / "pyproject.toml").read_text()
     for installed, name in (
-        ("ring-loss-train", "train"), ("ring-loss-evaluate", "evaluate"),
-        ("ring-loss-export", "export"), ("ring-loss-align", "align"),
+        ("ring-loss-train", "train"),
+        ("ring-loss-evaluate", "evaluate"),
+        ("ring-loss-export", "export"),
+        ("ring-loss-align", "align"),
     ):
         assert f'{installed} = "ring_loss_tf.commands.{name}:run"' in text
         assert installed in common.COMMANDS

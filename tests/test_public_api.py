@@ -69,9 +69,13 @@ def test_the_docs_mention_names_and_each_resolves():
 def test_resolve_refuses_a_name_that_does_not_exist():
     assert _resolve("ring_loss_tf.RingLoss") is layers.RingLoss
     assert _resolve("ring_loss_tf.config.TrainConfig").__name__ == (
-        "TrainConfig")
-    for name in ("ring_loss_tf.NoSuchLayer", "ring_loss_tf.config.Nothing",
-                 "ring_loss_tf.nosuchmodule.X"):
+        "TrainConfig"
+    )
+    for name in (
+        "ring_loss_tf.NoSuchLayer",
+        "ring_loss_tf.config.Nothing",
+        "ring_loss_tf.nosuchmodule.X",
+    ):
         try:
             _resolve(name)
         except (ImportError, AttributeError):
@@ -82,8 +86,7 @@ def test_resolve_refuses_a_name_that_does_not_exist():
 def test_all_lists_each_public_name_once_and_each_resolves():
     names = ring_loss_tf.__all__
     assert len(names) == len(set(names)), [
-        name for name, count in collections.Counter(names).items()
-        if count > 1
+        name for name, count in collections.Counter(names).items() if count > 1
     ]
     for name in names:
         assert getattr(ring_loss_tf, name) is not None, name
@@ -93,23 +96,24 @@ def test_all_lists_each_public_name_once_and_each_resolves():
 
 def test_every_registered_layer_is_public():
     registered = {
-        name for module in (layers, heads)
+        name
+        for module in (layers, heads)
         for name, value in vars(module).items()
-        if inspect.isclass(value) and not name.startswith("_")
+        if inspect.isclass(value)
+        and not name.startswith("_")
         and issubclass(value, keras.layers.Layer)
         and value.__module__ == module.__name__
-        and keras.saving.get_registered_name(value).startswith(
-            "ring_loss_tf>")
+        and keras.saving.get_registered_name(value).startswith("ring_loss_tf>")
     }
     assert registered, "no layer found: the check would be vacuous"
     assert registered <= set(ring_loss_tf.__all__), sorted(
-        registered - set(ring_loss_tf.__all__))
+        registered - set(ring_loss_tf.__all__)
+    )
 
 
 def test_dir_lists_each_name_once():
     names = dir(ring_loss_tf)
     assert len(names) == len(set(names)), [
-        name for name, count in collections.Counter(names).items()
-        if count > 1
+        name for name, count in collections.Counter(names).items() if count > 1
     ]
     assert set(ring_loss_tf.__all__) <= set(names)

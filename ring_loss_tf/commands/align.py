@@ -30,43 +30,61 @@ NO_FACE_FILE = "no_face.txt"
 
 FLAGS = common.new_flags()
 flags.DEFINE_string(
-    "input_dir", None,
-    "Folder of photos (identity sub-folders are kept).", flag_values=FLAGS,
+    "input_dir",
+    None,
+    "Folder of photos (identity sub-folders are kept).",
+    flag_values=FLAGS,
 )
 flags.DEFINE_alias("input", "input_dir", flag_values=FLAGS)
 flags.DEFINE_string(
-    "output_dir", None,
-    "Folder for the aligned crops (outside --input_dir).", flag_values=FLAGS,
+    "output_dir",
+    None,
+    "Folder for the aligned crops (outside --input_dir).",
+    flag_values=FLAGS,
 )
 flags.DEFINE_alias("output", "output_dir", flag_values=FLAGS)
 flags.DEFINE_enum(
-    "template", "sphereface", TEMPLATE_NAMES,
-    "sphereface: 112x96; arcface: 112x112.", flag_values=FLAGS,
+    "template",
+    "sphereface",
+    TEMPLATE_NAMES,
+    "sphereface: 112x96; arcface: 112x112.",
+    flag_values=FLAGS,
 )
 flags.DEFINE_boolean(
-    "all_faces", False,
-    "Every face as <name>_<k>, not only the largest one.", flag_values=FLAGS,
+    "all_faces",
+    False,
+    "Every face as <name>_<k>, not only the largest one.",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
-    "landmarks", None,
+    "landmarks",
+    None,
     "Five-point list instead of detection (path x1 y1 ... x5 y5 [score] "
-    "per face).", flag_values=FLAGS,
+    "per face).",
+    flag_values=FLAGS,
 )
 flags.DEFINE_enum(
-    "on_no_face", "skip", NO_FACE_ACTIONS,
-    "What to write for an image without a face.", flag_values=FLAGS,
+    "on_no_face",
+    "skip",
+    NO_FACE_ACTIONS,
+    "What to write for an image without a face.",
+    flag_values=FLAGS,
 )
 flags.DEFINE_integer(
-    "min_face_size", 20, "Smallest face MTCNN looks for, in pixels.",
+    "min_face_size",
+    20,
+    "Smallest face MTCNN looks for, in pixels.",
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
     "num_workers", 2, "Images processed at once.", flag_values=FLAGS
 )
 flags.DEFINE_integer(
-    "max_image_pixels", config_lib.MAX_IMAGE_PIXELS,
+    "max_image_pixels",
+    config_lib.MAX_IMAGE_PIXELS,
     "Skip (and list) images of more pixels, width x height, read before "
-    "decoding (default 8192x8192).", flag_values=FLAGS,
+    "decoding (default 8192x8192).",
+    flag_values=FLAGS,
 )
 
 
@@ -77,16 +95,22 @@ def _fail(message):
 def _check_flags():
     """Exits with one line on a missing or out-of-range flag."""
     if not FLAGS.input_dir:
-        _fail("--input_dir is required: the folder of photos, e.g. "
-              "--input_dir=photos.")
+        _fail(
+            "--input_dir is required: the folder of photos, e.g. "
+            "--input_dir=photos."
+        )
     if not FLAGS.output_dir:
-        _fail("--output_dir is required: where the aligned crops go, e.g. "
-              "--output_dir=aligned.")
+        _fail(
+            "--output_dir is required: where the aligned crops go, e.g. "
+            "--output_dir=aligned."
+        )
     if FLAGS.num_workers < 1 or FLAGS.min_face_size < 1:
         _fail("--num_workers and --min_face_size must be >= 1.")
     if FLAGS.max_image_pixels < 1:
-        _fail(f"--max_image_pixels={FLAGS.max_image_pixels}: must be >= 1 "
-              "(e.g. 67108864, 8192x8192).")
+        _fail(
+            f"--max_image_pixels={FLAGS.max_image_pixels}: must be >= 1 "
+            "(e.g. 67108864, 8192x8192)."
+        )
 
 
 def main(argv):
@@ -99,19 +123,29 @@ def main(argv):
     from ring_loss_tf import align
 
     try:
-        points = (align.read_landmarks_file(FLAGS.landmarks)
-                  if FLAGS.landmarks else None)
+        points = (
+            align.read_landmarks_file(FLAGS.landmarks)
+            if FLAGS.landmarks
+            else None
+        )
         summary = align.align_folder(
-            FLAGS.input_dir, FLAGS.output_dir, template=FLAGS.template,
-            landmarks=points, all_faces=FLAGS.all_faces,
-            on_no_face=FLAGS.on_no_face, num_workers=FLAGS.num_workers,
+            FLAGS.input_dir,
+            FLAGS.output_dir,
+            template=FLAGS.template,
+            landmarks=points,
+            all_faces=FLAGS.all_faces,
+            on_no_face=FLAGS.on_no_face,
+            num_workers=FLAGS.num_workers,
             min_face_size=FLAGS.min_face_size,
             max_pixels=FLAGS.max_image_pixels,
         )
     except (FileNotFoundError, ImportError, ValueError) as error:
         _fail(str(error))
-    listed = (f", listed in {pathlib.Path(FLAGS.output_dir) / NO_FACE_FILE}"
-              if summary.no_face else "")
+    listed = (
+        f", listed in {pathlib.Path(FLAGS.output_dir) / NO_FACE_FILE}"
+        if summary.no_face
+        else ""
+    )
     print(
         f"Aligned {summary.aligned} of {summary.images} images "
         f"({summary.faces_written} faces) into {FLAGS.output_dir}; "

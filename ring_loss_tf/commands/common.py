@@ -51,8 +51,7 @@ def define_settings(flag_values, names):
             default = ",".join(str(v) for v in default)
         elif field.kind == "radius":
             default = str(default)
-        _DEFINE[field.kind](name, default, field.help,
-                            flag_values=flag_values)
+        _DEFINE[field.kind](name, default, field.help, flag_values=flag_values)
 
 
 def settings_of(flag_values, names, present_only=False):
@@ -146,8 +145,10 @@ def fail(default: str, message: str, status: int = 2):
 
 def fail_setting(default: str, error: ConfigError):
     """One line for a `ConfigError`: the flag, its value, the fix."""
-    fail(default, f"--{error.setting}={error.value}: {error.problem}; "
-         f"{error.fix}")
+    fail(
+        default,
+        f"--{error.setting}={error.value}: {error.problem}; " f"{error.fix}",
+    )
 
 
 def quiet_tensorflow():

@@ -24,13 +24,13 @@ from ring_loss_tf.commands import common
 NAME = "ring-loss-export"
 # ring_loss_tf.export's, repeated: that module imports TensorFlow.
 KERAS_FILE = "training_model.keras"
-ONNX_INSTALL = (
-    "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
-)
+ONNX_INSTALL = "pip install 'ring_loss_tf[onnx]' (tf2onnx==1.17.*, onnxruntime)"
 
 FLAGS = common.new_flags()
 flags.DEFINE_string(
-    "model_dir", None, "Training directory (config.json + checkpoint).",
+    "model_dir",
+    None,
+    "Training directory (config.json + checkpoint).",
     flag_values=FLAGS,
 )
 flags.DEFINE_string(
@@ -41,15 +41,21 @@ flags.DEFINE_boolean(
     "tflite", False, "Also write model.tflite.", flag_values=FLAGS
 )
 flags.DEFINE_boolean(
-    "onnx", False, f"Also write model.onnx ({ONNX_INSTALL}).",
+    "onnx",
+    False,
+    f"Also write model.onnx ({ONNX_INSTALL}).",
     flag_values=FLAGS,
 )
 flags.DEFINE_boolean(
-    "keras", False, f"Also write {KERAS_FILE} (with the heads).",
+    "keras",
+    False,
+    f"Also write {KERAS_FILE} (with the heads).",
     flag_values=FLAGS,
 )
 flags.DEFINE_boolean(
-    "overwrite", False, "Replace an existing export at --output_dir.",
+    "overwrite",
+    False,
+    "Replace an existing export at --output_dir.",
     flag_values=FLAGS,
 )
 
@@ -61,14 +67,20 @@ def _fail(message, status=2):
 def _check_flags():
     """Exits with one line on a missing or conflicting flag."""
     if not FLAGS.model_dir:
-        _fail("--model_dir is required: the training directory "
-              "(config.json + checkpoint), e.g. --model_dir=runs/default.")
+        _fail(
+            "--model_dir is required: the training directory "
+            "(config.json + checkpoint), e.g. --model_dir=runs/default."
+        )
     if not FLAGS.output_dir:
-        _fail("--output_dir is required: the SavedModel directory to "
-              "write, e.g. --output_dir=exported.")
+        _fail(
+            "--output_dir is required: the SavedModel directory to "
+            "write, e.g. --output_dir=exported."
+        )
     if pathlib.Path(FLAGS.output_dir).exists() and not FLAGS.overwrite:
-        _fail(f"--output_dir={FLAGS.output_dir} already exists; add "
-              "--overwrite to replace it or choose another directory.")
+        _fail(
+            f"--output_dir={FLAGS.output_dir} already exists; add "
+            "--overwrite to replace it or choose another directory."
+        )
 
 
 def main(argv):
@@ -93,8 +105,12 @@ def main(argv):
             onnx=FLAGS.onnx,
             training_model=trained.train_model if FLAGS.keras else None,
         )
-    except (FileExistsError, FileNotFoundError, ImportError,
-            ValueError) as error:
+    except (
+        FileExistsError,
+        FileNotFoundError,
+        ImportError,
+        ValueError,
+    ) as error:
         _fail(str(error))
     except export.ExportError as error:
         _fail(str(error), status=1)

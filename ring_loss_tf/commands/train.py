@@ -59,8 +59,12 @@ def _config():
 
 def main(argv):
     if len(argv) > 1:
-        _fail("", " ".join(argv[1:]), "unexpected arguments",
-              "pass settings as --flag=value")
+        _fail(
+            "",
+            " ".join(argv[1:]),
+            "unexpected arguments",
+            "pass settings as --flag=value",
+        )
     try:
         config = _config()
     except ConfigError as error:
@@ -91,8 +95,9 @@ def main(argv):
     except errors.TrainingInterrupted as error:
         # 128 + signal number, as a shell reports a process it stopped.
         signum = getattr(signal.Signals, error.reason, signal.SIGTERM)
-        print(f"{prog}: {error} Resume with: {_command_line()}",
-              file=sys.stderr)
+        print(
+            f"{prog}: {error} Resume with: {_command_line()}", file=sys.stderr
+        )
         sys.exit(128 + int(signum))
     except KeyboardInterrupt:
         print(
@@ -101,8 +106,12 @@ def main(argv):
             file=sys.stderr,
         )
         sys.exit(128 + int(signal.SIGINT))
-    except (errors.NonFiniteLossError, errors.CheckpointWriteError,
-            errors.WorkersDisagreeError, errors.WorkerLostError) as error:
+    except (
+        errors.NonFiniteLossError,
+        errors.CheckpointWriteError,
+        errors.WorkersDisagreeError,
+        errors.WorkerLostError,
+    ) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as error:
@@ -116,9 +125,12 @@ def main(argv):
         # A path the run could not read or write (a symbolic link loop, a
         # directory made read-only since the flags were checked).
         where = f": {error.filename}" if error.filename else ""
-        print(f"{prog}: error: {error.strerror or error}{where}; fix or "
-              "remove that path and rerun (the checkpoints already in "
-              f"{FLAGS.model_dir} are intact).", file=sys.stderr)
+        print(
+            f"{prog}: error: {error.strerror or error}{where}; fix or "
+            "remove that path and rerun (the checkpoints already in "
+            f"{FLAGS.model_dir} are intact).",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
