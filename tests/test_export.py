@@ -436,7 +436,8 @@ def test_export_refuses_a_wrong_tflite_conversion_end_to_end(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert re.fullmatch(
-        r"error: TFLite: the converted model's embedding of check image \d "
+        r"ring-loss-export: error: TFLite: the converted model's embedding "
+        r"of check image \d "
         r"of 3 differs from the Keras model's by [\d.]+ of its norm, cosine "
         r"-?[\d.]+ \(allowed: at most 0\.01, cosine at least 0\.9999\); the "
         r"export was not written\. .*",

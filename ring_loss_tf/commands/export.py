@@ -16,6 +16,7 @@ signatures and the preprocessing.
 """
 
 import pathlib
+import sys
 
 from absl import flags
 
@@ -60,8 +61,8 @@ flags.DEFINE_boolean(
 )
 
 
-def _fail(message, status=2):
-    common.fail(NAME, message, status)
+def _fail(message):
+    common.fail(NAME, message)
 
 
 def _check_flags():
@@ -113,7 +114,9 @@ def main(argv):
     ) as error:
         _fail(str(error))
     except export.ExportError as error:
-        _fail(str(error), status=1)
+        # The export could not be made: not a usage error.
+        print(f"{common.program(NAME)}: error: {error}", file=sys.stderr)
+        return 1
     written = [p.name for p in sorted(path.iterdir())]
     print(f"Exported {FLAGS.model_dir} to {path}: {', '.join(written)}")
     return 0
