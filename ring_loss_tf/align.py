@@ -345,7 +345,8 @@ def _check_folders(input_dir: pathlib.Path, output_dir: pathlib.Path):
         target in source.parents
     ):
         raise ValueError(
-            f"--output={output_dir} and --input={input_dir} overlap; the "
+            f"--output_dir={output_dir} and --input_dir={input_dir} overlap; "
+            "the "
             "aligner never writes into its input: give an output folder "
             "outside the input folder (and not containing it)."
         )
@@ -354,7 +355,7 @@ def _check_folders(input_dir: pathlib.Path, output_dir: pathlib.Path):
 def _check_inside(path: pathlib.Path, output_dir: pathlib.Path):
     """Refuses a folder of `path` that a link takes out of `output_dir`.
 
-    A sub-folder of the output that is a symbolic link (into --input, say)
+    A sub-folder of the output that is a symbolic link (into the input, say)
     would have the crops written wherever it points.
     """
     root = output_dir.resolve()
@@ -365,9 +366,9 @@ def _check_inside(path: pathlib.Path, output_dir: pathlib.Path):
     while link != output_dir and not link.is_symlink():
         link = link.parent
     raise ValueError(
-        f"{link} is a symbolic link to {link.resolve()}, outside --output="
-        f"{output_dir}; the aligner writes only inside its output folder: "
-        "remove the link, or give another --output."
+        f"{link} is a symbolic link to {link.resolve()}, outside "
+        f"--output_dir={output_dir}; the aligner writes only inside its "
+        "output folder: remove the link, or give another --output_dir."
     )
 
 
@@ -530,7 +531,7 @@ def align_folder(
             raise ValueError(
                 f"The landmarks name images that are not under {input_dir} "
                 f"({len(missing)}, e.g. {missing[:3]}); paths are relative "
-                "to --input."
+                "to --input_dir."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
     # Before any work: a sub-folder linked out of the output is refused.

@@ -359,9 +359,9 @@ def test_an_output_folder_linked_into_the_input_is_refused(tmp_path, capsys):
     before = snapshot(source)
     message = (
         rf"^{re.escape(str(out / 'ann'))} is a symbolic link to "
-        rf"{re.escape(str(source.resolve()))}, outside --output="
+        rf"{re.escape(str(source.resolve()))}, outside --output_dir="
         rf"{re.escape(str(out))}; the aligner writes only inside its output "
-        r"folder: remove the link, or give another --output\.$"
+        r"folder: remove the link, or give another --output_dir\.$"
     )
     with pytest.raises(ValueError, match=message):
         align.align_folder(source, out, landmarks={"ann/1.png": [SPHEREFACE]},
