@@ -10,17 +10,17 @@ loop) → `evaluation` (embedder, metrics, protocols, reports) → `export`;
 imported where they are used so that the layers work on every backend.
 
 Importing the package imports the layers, which registers them with Keras
-(a `.keras` file holding them then loads). Only in train.py and evaluate.py
-do they load on first use (PEP 562), so that those scripts check their
-flags with `ring_loss_tf.config`, which needs no TensorFlow, before
-TensorFlow starts.
+(a `.keras` file holding them then loads). Only in a command
+(`ring_loss_tf.commands`: the installed `ring-loss-*` programs, train.py,
+evaluate.py) do they load on first use (PEP 562), so that the command
+checks its flags, which needs no TensorFlow, before TensorFlow starts.
 """
 
 from ring_loss_tf import quiet as _quiet
 
 # Only in `python -m ring_loss_tf.export` or `.align`: their output is
 # the project's lines (ring_loss_tf/quiet.py), and the package is imported
-# before the module can say so. train.py and evaluate.py call
+# before the module can say so. The commands call
 # `quiet.import_tensorflow` themselves, after their flag checks; elsewhere
 # importing the package leaves TensorFlow's logging as it is.
 if _quiet.is_module_entry_point():

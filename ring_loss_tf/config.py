@@ -796,6 +796,15 @@ def steps_of(config: TrainConfig, num_examples: int) -> int:
     ))
 
 
+# The settings that pick the embedded set: evaluate.py takes them as flags
+# too (the same names, defaults and help), to find the set a run trained on.
+EMBEDDED_SET = (
+    "cache_dir", "num_train_identities", "num_test_identities",
+    "train_samples_per_identity", "test_samples_per_identity",
+    "kanji_image_size", "kanji_seed", "pairs_per_fold", "seed",
+)
+
+
 def kanji_options(config: TrainConfig) -> dict:
     """`kanji.prepare` keyword arguments of the embedded set of `config`."""
     data = config.data

@@ -32,10 +32,13 @@ moved into place: a converter can return a model that runs and is wrong
 Everything is written to a temporary directory beside the target and renamed
 into place: an interrupted or failed export leaves the previous one intact.
 
-Command line (reads a training `--model_dir`: config.json + checkpoint):
+Command line (reads a training `--model_dir`: config.json + checkpoint;
+ring_loss_tf/commands/export.py):
 
-    python -m ring_loss_tf.export --model_dir runs/sm_r --output exported \
+    ring-loss-export --model_dir=runs/sm_r --output_dir=exported \
         [--tflite] [--onnx] [--keras] [--overwrite]
+
+or `python -m ring_loss_tf.export` with the same flags.
 """
 
 from __future__ import annotations
@@ -48,13 +51,11 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf.models import assembly
 from ring_loss_tf import quiet
 from ring_loss_tf.errors import first_line
 
@@ -349,7 +350,7 @@ def _run_onnx(path, images):
     return outputs[names.index("embedding")]
 
 
-def _require_onnx():
+def require_onnx():
     missing = [
         module
         for module in ("tf2onnx", "onnxruntime")
@@ -425,7 +426,7 @@ def export_saved_model(
             "nor empty; refusing to replace it. Choose another directory."
         )
     if onnx:
-        _require_onnx()
+        require_onnx()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(
         tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent)
@@ -478,68 +479,7 @@ def _move_into_place(new, output_dir, staging):
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ring_loss_tf.export`; returns the exit status."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m ring_loss_tf.export",
-        description="Export the embedding model of a training run.",
-    )
-    parser.add_argument(
-        "--model_dir",
-        required=True,
-        help="training directory (config.json + checkpoint)",
-    )
-    parser.add_argument(
-        "--output", required=True, help="SavedModel directory to write"
-    )
-    parser.add_argument(
-        "--tflite", action="store_true", help="also write model.tflite"
-    )
-    parser.add_argument(
-        "--onnx",
-        action="store_true",
-        help=f"also write model.onnx ({ONNX_INSTALL})",
-    )
-    parser.add_argument(
-        "--keras",
-        action="store_true",
-        help=f"also write {KERAS_FILE} (with heads)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing export at --output",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.onnx:
-            _require_onnx()
-        if pathlib.Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(
-                f"--output={args.output} already exists; add --overwrite to "
-                "replace it or choose another directory."
-            )
-        trained = assembly.load_training_models(args.model_dir)
-        path = export_saved_model(
-            trained.embedding_model,
-            args.output,
-            overwrite=args.overwrite,
-            tflite=args.tflite,
-            onnx=args.onnx,
-            training_model=trained.train_model if args.keras else None,
-        )
-    except (FileExistsError, FileNotFoundError, ImportError,
-            ValueError) as error:
-        parser.error(str(error))
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    written = [p.name for p in sorted(path.iterdir())]
-    print(f"Exported {args.model_dir} to {path}: {', '.join(written)}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ring_loss_tf.commands import export as _command
+
+    _command.run()

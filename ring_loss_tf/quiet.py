@@ -1,6 +1,7 @@
 """Keeps TensorFlow's own log out of what the entry points print.
 
-`python train.py`, `python evaluate.py` and `python -m ring_loss_tf.export`
+The commands (`ring-loss-train` and the others of ring_loss_tf/commands/,
+`python train.py`, `python evaluate.py`, `python -m ring_loss_tf.export`)
 print the project's lines and the warnings that matter, nothing else. What
 TensorFlow 2.21 would add, and where each is stopped:
 
@@ -14,14 +15,16 @@ TensorFlow 2.21 would add, and where each is stopped:
   user set it.
 - Python INFO lines through absl logging (SavedModel writing, checkpoint
   sharding, the distribution strategy): absl.app raises the verbosity to
-  INFO; `absl_warnings_only` sets it back to WARNING unless --verbosity was
-  given.
+  INFO; the commands set it back to WARNING unless --verbosity was given
+  (`ring_loss_tf.commands.common.quiet_tensorflow`: flags stay out of the
+  library).
 
 Importing the package from other code changes nothing: `ring_loss_tf`
 calls `import_tensorflow` on import only under `python -m
-ring_loss_tf.export` (`is_module_entry_point`); the two scripts call it
-after checking their flags. This module imports nothing but the standard
-library, so that the package can use it before TensorFlow is imported.
+ring_loss_tf.export` or `.align` (`is_module_entry_point`); the commands
+call it after checking their flags (`is_script_entry_point`). This module
+imports nothing but the standard library, so that the package can use it
+before TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ import tempfile
 from typing import Iterable
 
 SCRIPTS = ("train.py", "evaluate.py")  # beside the package
-MODULES = ("ring_loss_tf.export", "ring_loss_tf.data.align")  # python -m
+MODULES = (
+    "ring_loss_tf.export", "ring_loss_tf.data.align", "ring_loss_tf.data.convert"
+)  # python -m
+# The installed commands ([project.scripts] of pyproject.toml).
+COMMANDS = (
+    "ring-loss-train", "ring-loss-evaluate", "ring-loss-export",
+    "ring-loss-align", "ring-loss-convert",
+)
+COMMAND_PACKAGE = "ring_loss_tf.commands"
 
 _STARTUP_NOISE = (
     r"WARNING: All log messages before absl::InitializeLog\(\) is called "
@@ -48,14 +59,40 @@ _CUINIT_FAILED = r"E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] failed call to cuInit: .*"
 
 
 def is_script_entry_point() -> bool:
-    """Whether this process runs train.py or evaluate.py of this checkout."""
+    """Whether this process runs a command (ring_loss_tf/commands/): an
+    installed one, `python -m ring_loss_tf.commands.<name>`, `python -c`
+    code that imports one, or train.py or evaluate.py of this checkout.
+
+    The package then leaves the layers, and so TensorFlow, to load on first
+    use, and the command checks its flags first.
+    """
+    module = _module_being_started()
+    if module is not None and module.startswith(COMMAND_PACKAGE + "."):
+        return True
+    if _code_being_run() is not None:
+        return COMMAND_PACKAGE in _code_being_run()
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and os.path.basename(main_file) in COMMANDS:
+        return True
     if not main_file or os.path.basename(main_file) not in SCRIPTS:
         return False
     here = os.path.dirname(os.path.realpath(__file__))
     return os.path.dirname(os.path.realpath(main_file)) == (
         os.path.dirname(here)
     )
+
+
+def _code_being_run():
+    """The code of `python -c code`, else None."""
+    if sys.argv[:1] != ["-c"]:
+        return None
+    argv = getattr(sys, "orig_argv", [])
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "-c":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if arg.startswith("-c"):
+            return arg[2:]
+    return None
 
 
 def is_module_entry_point() -> bool:
@@ -139,12 +176,3 @@ def import_tensorflow():
 
         # CUDA is initialised, and its failure logged, at the first query.
         tf.config.list_physical_devices()
-
-
-def absl_warnings_only():
-    """Under absl.app: WARNING and above, unless --verbosity was given."""
-    from absl import flags
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)

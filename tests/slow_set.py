@@ -47,6 +47,12 @@ SLOW = {
         "test_two_srun_tasks_train_as_one_process_with_two_replicas",
         "test_scancel_stops_both_tasks_at_one_step_and_resubmitting_resumes",
     ],
+    "test_commands_install.py": [
+        "test_the_install_puts_each_command_on_the_path",
+        "test_each_installed_command_prints_its_help",
+        "test_an_installed_command_checks_flags_before_tensorflow",
+        "test_installed_train_runs_five_steps",
+    ],
     "test_quiet.py": [
         "test_entry_points_print_only_the_project_lines",
         "test_importing_the_package_elsewhere_changes_no_logging",

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from ring_loss_tf.data import align
+from ring_loss_tf.commands import align as align_command
 from tests.data_files import png_of_size
 from tests.data_files import png_with_broken_chunk
 
@@ -281,8 +282,8 @@ def test_landmarks_file_and_command_line(tmp_path, capsys):
         "a/x.png " + " ".join(f"{v:.4f}" for v in points.ravel())
         + " 0.99\n")
     out = tmp_path / "out"
-    assert align.main([f"--input={source}", f"--output={out}",
-                       f"--landmarks={listing}"]) == 0
+    assert align_command.call([f"--input={source}", f"--output={out}",
+                               f"--landmarks={listing}"]) == 0
     printed = capsys.readouterr().out
     assert "Aligned 1 of 2 images (1 faces)" in printed
     assert "1 without a face, listed in" in printed
@@ -308,9 +309,9 @@ def test_bad_landmarks_files(tmp_path, capsys, text, message):
     write_photo(tmp_path / "in" / "a" / "x.png")
     (tmp_path / "5pts.txt").write_text(text)
     with pytest.raises(SystemExit) as stopped:
-        align.main([f"--input={tmp_path / 'in'}",
-                    f"--output={tmp_path / 'out'}",
-                    f"--landmarks={tmp_path / '5pts.txt'}"])
+        align_command.call([f"--input={tmp_path / 'in'}",
+                            f"--output={tmp_path / 'out'}",
+                            f"--landmarks={tmp_path / '5pts.txt'}"])
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, error), error
@@ -358,9 +359,9 @@ def test_an_output_folder_linked_into_the_input_is_refused(tmp_path, capsys):
     before = snapshot(source)
     message = (
         rf"^{re.escape(str(out / 'ann'))} is a symbolic link to "
-        rf"{re.escape(str(source.resolve()))}, outside --output="
+        rf"{re.escape(str(source.resolve()))}, outside --output_dir="
         rf"{re.escape(str(out))}; the aligner writes only inside its output "
-        r"folder: remove the link, or give another --output\.$"
+        r"folder: remove the link, or give another --output_dir\.$"
     )
     with pytest.raises(ValueError, match=message):
         align.align_folder(source, out, landmarks={"ann/1.png": [SPHEREFACE]},
@@ -369,8 +370,8 @@ def test_an_output_folder_linked_into_the_input_is_refused(tmp_path, capsys):
     listing.write_text(
         "ann/1.png " + " ".join(f"{v:.4f}" for v in SPHEREFACE.ravel()) + "\n")
     with pytest.raises(SystemExit) as stopped:
-        align.main([f"--input={source}", f"--output={out}",
-                    f"--landmarks={listing}"])
+        align_command.call([f"--input={source}", f"--output={out}",
+                            f"--landmarks={listing}"])
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message[1:], error), error
@@ -450,15 +451,17 @@ def test_images_over_the_pixel_budget_are_listed_before_decoding(
     listing.write_text("".join(
         f"{name} " + " ".join(f"{v:.4f}" for v in SPHEREFACE.ravel()) + "\n"
         for name in points))
-    assert align.main([f"--input={source}", f"--output={tmp_path / 'out2'}",
-                       f"--landmarks={listing}",
-                       "--max_image_pixels=50000"]) == 0
+    assert align_command.call([
+        f"--input={source}", f"--output={tmp_path / 'out2'}",
+        f"--landmarks={listing}", "--max_image_pixels=50000",
+    ]) == 0
     assert "fake.png\ttoo large (300x200 pixels, more than "\
         "--max_image_pixels=50000), skipped" in (
             tmp_path / "out2" / "no_face.txt").read_text()
     with pytest.raises(SystemExit):
-        align.main([f"--input={source}", f"--output={tmp_path / 'out3'}",
-                    "--max_image_pixels=0"])
+        align_command.call([f"--input={source}",
+                            f"--output={tmp_path / 'out3'}",
+                            "--max_image_pixels=0"])
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "--max_image_pixels=0: must be >= 1 (e.g. 67108864, 8192x8192).")
 

@@ -9,7 +9,6 @@ set, one test per page, in the page's order (`python train.py` shrunk to a
 
 import os
 import re
-import pathlib
 import shutil
 import subprocess
 import sys

@@ -31,6 +31,7 @@ from ring_loss_tf import layers
 from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
 from ring_loss_tf.training import loop
+from ring_loss_tf.commands import export as export_command
 from tests import hidden_package
 from tests.tiny_runs import batches
 from tests.tiny_runs import model_fn
@@ -300,7 +301,7 @@ def test_cli_exports_a_trained_model_to_tflite_and_onnx(
     trained, tmp_path, capsys
 ):
     output = tmp_path / "exported"
-    status = export.main(
+    status = export_command.call(
         [f"--model_dir={trained}", f"--output={output}", "--tflite", "--onnx"]
     )
     assert status == 0, capsys.readouterr().err
@@ -428,14 +429,15 @@ def test_export_refuses_a_wrong_tflite_conversion_end_to_end(
 
     monkeypatch.setattr(export, "_run_tflite", permuted)
     output = tmp_path / "exported"
-    status = export.main(
+    status = export_command.call(
         [f"--model_dir={trained}", f"--output={output}", "--tflite"]
     )
     assert status == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert re.fullmatch(
-        r"error: TFLite: the converted model's embedding of check image \d "
+        r"ring-loss-export: error: TFLite: the converted model's embedding "
+        r"of check image \d "
         r"of 3 differs from the Keras model's by [\d.]+ of its norm, cosine "
         r"-?[\d.]+ \(allowed: at most 0\.01, cosine at least 0\.9999\); the "
         r"export was not written\. .*",
@@ -559,7 +561,7 @@ def _training_dir(tmp_path):
 def test_cli_exports_a_training_dir_and_the_keras_round_trip(tmp_path, capsys):
     model_dir, models = _training_dir(tmp_path)
     output = tmp_path / "exported"
-    status = export.main(
+    status = export_command.call(
         [
             f"--model_dir={model_dir}",
             f"--output={output}",
@@ -598,7 +600,7 @@ def test_cli_exports_a_training_dir_and_the_keras_round_trip(tmp_path, capsys):
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, monkeypatch):
     def error(argv):
         with pytest.raises(SystemExit) as info:
-            export.main(argv)
+            export_command.call(argv)
         assert info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         return lines[-1]
@@ -677,7 +679,9 @@ def test_a_trained_runs_export_passes_the_saved_model_check(
     trained, tmp_path, capsys
 ):
     output = tmp_path / "exported"
-    assert export.main([f"--model_dir={trained}", f"--output={output}"]) == 0
+    assert export_command.call(
+        [f"--model_dir={trained}", f"--output={output}"]
+    ) == 0
     embedder.check_saved_model(output)
     embedder.load_embedder(output)
 
@@ -693,8 +697,8 @@ def test_export_with_config_json_of_another_head_is_one_line(
     config_path.write_text(json.dumps(saved))
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     with pytest.raises(SystemExit) as info:
-        export.main([f"--model_dir={model_dir}",
-                     f"--output={tmp_path / 'out'}"])
+        export_command.call([f"--model_dir={model_dir}",
+                             f"--output={tmp_path / 'out'}"])
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert re.fullmatch(
@@ -704,8 +708,8 @@ def test_export_with_config_json_of_another_head_is_one_line(
         r"config\.json "
         r"of the run that wrote it in .*/run\.", lines[-1]
     ), lines
-    # argparse's usage (wrapped), then the one error line.
-    assert lines[0].startswith("usage:"), lines
+    # One line, named by the command.
+    assert lines[-1].startswith("ring-loss-export: error: "), lines
     assert not any("Traceback" in line for line in lines), lines
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
     assert not (tmp_path / "out").exists()

@@ -50,7 +50,7 @@ def _digests(directory):
 
 def _error_lines(stderr):
     return [l for l in stderr.splitlines()
-            if l.startswith(("train.py:", "error:"))]
+            if l.startswith(("train.py:", "python -m ring_loss_tf.export:"))]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,8 @@ def test_no_room_for_an_export_keeps_the_previous_one(finished, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     (message,) = _error_lines(result.stderr)
     assert re.fullmatch(
-        rf"error: Could not write the export to {re.escape(str(output))} "
+        r"python -m ring_loss_tf\.export: error: "
+        rf"Could not write the export to {re.escape(str(output))} "
         r"\(.*File too large.*\); the previous export there is intact\. "
         r"Free disk space \(or raise the file size limit, `ulimit -f`\) and "
         r"export again\.",

@@ -368,6 +368,28 @@ def test_evaluate_reads_the_embedded_set_of_either_config_version(
     )
 
 
+def test_evaluate_takes_every_setting_of_the_embedded_set(
+    tmp_path, monkeypatch
+):
+    # No config.json: the flags alone pick the set, with train.py's names.
+    with _evaluate_data_plan(monkeypatch, tmp_path,
+                             model=str(tmp_path / "plain"),
+                             kanji_image_size=24, pairs_per_fold=50,
+                             seed=3, num_train_identities=20) as given:
+        pass
+    assert given == dict(
+        cache_dir=None, seed=3, num_train_identities=20,
+        num_test_identities=500, train_samples_per_identity=40,
+        test_samples_per_identity=10, image_size=24, pairs_per_fold=50,
+    )
+    # --kanji_seed names the set whatever --seed says, as in train.py.
+    with _evaluate_data_plan(monkeypatch, tmp_path,
+                             model=str(tmp_path / "plain"),
+                             seed=3, kanji_seed=8) as given:
+        pass
+    assert given["seed"] == 8
+
+
 def test_evaluate_reads_the_seed_of_a_version_1_embedded_set(
     tmp_path, monkeypatch
 ):

@@ -229,14 +229,15 @@ def test_shaping_settings_are_saved_exported_and_checked_on_resume(
     name, shaped_runs, tiny_kanji, tmp_path
 ):
     from ring_loss_tf import export
+    from ring_loss_tf.commands import export as export_command
 
     where, value, read = SHAPING_SETTINGS[name]
     model_dir, settings = shaped_runs[where]
     saved = json.loads((model_dir / config_lib.CONFIG_FILE).read_text())
     assert config_lib.saved_settings(saved)[name] == value
     output = tmp_path / "export"
-    assert export.main(["--model_dir", str(model_dir), "--output",
-                        str(output), "--keras"]) == 0
+    assert export_command.call(["--model_dir", str(model_dir), "--output",
+                                str(output), "--keras"]) == 0
     loaded = keras.saving.load_model(str(output / export.KERAS_FILE))
     assert read(loaded) == value
     with pytest.raises(

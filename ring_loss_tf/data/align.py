@@ -21,14 +21,14 @@ coordinates put pixel (i, j)'s centre at x = j, y = i, as OpenCV's
 Landmarks come from a detector (`MtcnnDetector`, the `mtcnn` package: `pip
 install "ring_loss_tf[align]"`) or from a five-point list
 (`read_landmarks_file`). `align_folder` aligns a folder of identity folders;
-its command line:
+its command line
+(ring_loss_tf/commands/align.py; `python -m ring_loss_tf.data.align` takes the
+same flags):
 
-    python -m ring_loss_tf.data.align --input=photos --output=aligned \\
+    ring-loss-align --input_dir=photos --output_dir=aligned \\
         --template=sphereface [--all_faces] [--landmarks=5pts.txt]
 
-On 40 copies of matplotlib's grace_hopper.jpg (512×600) this took 15.9 s
-wall on 2 shared cores, 9.2 s of it the images (README, "Aligning
-photos").
+Its speed, with the command that measures it, is in the docs.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import dataclasses
 import os
 import pathlib
 import secrets
-import sys
 import threading
 from typing import Callable, Sequence
 
@@ -346,7 +345,8 @@ def _check_folders(input_dir: pathlib.Path, output_dir: pathlib.Path):
         target in source.parents
     ):
         raise ValueError(
-            f"--output={output_dir} and --input={input_dir} overlap; the "
+            f"--output_dir={output_dir} and --input_dir={input_dir} overlap; "
+            "the "
             "aligner never writes into its input: give an output folder "
             "outside the input folder (and not containing it)."
         )
@@ -355,7 +355,7 @@ def _check_folders(input_dir: pathlib.Path, output_dir: pathlib.Path):
 def _check_inside(path: pathlib.Path, output_dir: pathlib.Path):
     """Refuses a folder of `path` that a link takes out of `output_dir`.
 
-    A sub-folder of the output that is a symbolic link (into --input, say)
+    A sub-folder of the output that is a symbolic link (into the input, say)
     would have the crops written wherever it points.
     """
     root = output_dir.resolve()
@@ -366,9 +366,9 @@ def _check_inside(path: pathlib.Path, output_dir: pathlib.Path):
     while link != output_dir and not link.is_symlink():
         link = link.parent
     raise ValueError(
-        f"{link} is a symbolic link to {link.resolve()}, outside --output="
-        f"{output_dir}; the aligner writes only inside its output folder: "
-        "remove the link, or give another --output."
+        f"{link} is a symbolic link to {link.resolve()}, outside "
+        f"--output_dir={output_dir}; the aligner writes only inside its "
+        "output folder: remove the link, or give another --output_dir."
     )
 
 
@@ -531,7 +531,7 @@ def align_folder(
             raise ValueError(
                 f"The landmarks name images that are not under {input_dir} "
                 f"({len(missing)}, e.g. {missing[:3]}); paths are relative "
-                "to --input."
+                "to --input_dir."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
     # Before any work: a sub-folder linked out of the output is refused.
@@ -629,71 +629,7 @@ def align_folder(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ring_loss_tf.data.align`; returns the exit status."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m ring_loss_tf.data.align",
-        description="Detect faces and warp them to an aligned template.",
-    )
-    parser.add_argument("--input", required=True,
-                        help="folder of photos (identity sub-folders kept)")
-    parser.add_argument("--output", required=True,
-                        help="folder for the aligned crops (outside --input)")
-    parser.add_argument("--template", default="sphereface",
-                        choices=sorted(TEMPLATES),
-                        help="sphereface: 112x96; arcface: 112x112")
-    parser.add_argument("--all_faces", action="store_true",
-                        help="every face as <name>_<k>, not the largest one")
-    parser.add_argument("--landmarks", default=None,
-                        help="five-point list instead of detection "
-                             "(path x1 y1 ... x5 y5 [score] per face)")
-    parser.add_argument("--on_no_face", default="skip",
-                        choices=NO_FACE_ACTIONS,
-                        help="what to write for an image without a face")
-    parser.add_argument("--min_face_size", type=int, default=20,
-                        help="smallest face MTCNN looks for, in pixels")
-    parser.add_argument("--num_workers", type=int, default=2,
-                        help="images processed at once")
-    parser.add_argument("--max_image_pixels", type=int,
-                        default=MAX_IMAGE_PIXELS,
-                        help="skip (and list) images of more pixels, width "
-                             "x height, read before decoding (default "
-                             "8192x8192)")
-    args = parser.parse_args(argv)
-    try:
-        if args.num_workers < 1 or args.min_face_size < 1:
-            raise ValueError(
-                "--num_workers and --min_face_size must be >= 1."
-            )
-        if args.max_image_pixels < 1:
-            raise ValueError(
-                f"--max_image_pixels={args.max_image_pixels}: must be >= 1 "
-                "(e.g. 67108864, 8192x8192)."
-            )
-        points = read_landmarks_file(args.landmarks) if args.landmarks \
-            else None
-        summary = align_folder(
-            args.input, args.output, template=args.template,
-            landmarks=points, all_faces=args.all_faces,
-            on_no_face=args.on_no_face, num_workers=args.num_workers,
-            min_face_size=args.min_face_size,
-            max_pixels=args.max_image_pixels,
-        )
-    except (FileNotFoundError, ImportError, ValueError) as error:
-        parser.error(str(error))
-    print(
-        f"Aligned {summary.aligned} of {summary.images} images "
-        f"({summary.faces_written} faces) into {args.output}; "
-        f"{summary.already_done} were done before; "
-        f"{len(summary.no_face)} without a face"
-        + (f", listed in {pathlib.Path(args.output) / NO_FACE_FILE}"
-           if summary.no_face else "")
-        + "."
-    )
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ring_loss_tf.commands import align as _command
+
+    _command.run()

@@ -1,6 +1,6 @@
 """Converts a training set between formats: folder, RecordIO, TFRecord.
 
-    python -m ring_loss_tf.data.convert --input DIR --output DIR --to tfrecord
+    ring-loss-convert --input_dir=DIR --output_dir=DIR --to=tfrecord
 
 reads any training set `ring_loss_tf.data.sources` opens (a folder per identity,
 a `train.rec` + `train.idx`, `train-*.tfrecord` shards) and writes it as
@@ -19,8 +19,8 @@ name: a bad one stops the conversion with one line naming the file and the
 record, and leaves no output set behind. An output directory that already
 holds a training set is refused.
 
-The library function is `convert`; the flags are defined only when this
-module runs as a command.
+The library function is `convert`; the command and its flags are in
+`ring_loss_tf.commands.convert`.
 """
 
 from __future__ import annotations
@@ -242,54 +242,7 @@ def _write_rec(source, output, temporaries, report, **unused):
     return [rec, idx]
 
 
-def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_string("input", None, "The training set to read: a folder "
-                        "per identity, a .rec (or its directory), or a "
-                        "directory of train-*.tfrecord shards.")
-    flags.DEFINE_string("output", None, "The directory to write; it must "
-                        "not hold a training set already.")
-    flags.DEFINE_enum("to", None, list(FORMATS), "The output format.")
-    flags.DEFINE_string("tfrecord_image_key", sources.IMAGE_KEY,
-                        "The tf.train.Example feature of the encoded image.")
-    flags.DEFINE_string("tfrecord_label_key", sources.LABEL_KEY,
-                        "The tf.train.Example feature of the class label.")
-    flags.DEFINE_integer("records_per_shard", RECORDS_PER_SHARD,
-                         "TFRecord output: records per shard.")
-    flags.mark_flags_as_required(["input", "output", "to"])
-
-
-def main(argv):
-    from absl import flags
-
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {' '.join(argv[1:])}; pass settings "
-              "as --flag=value")
-    from ring_loss_tf import quiet
-
-    quiet.absl_warnings_only()
-    quiet.import_tensorflow()
-    try:
-        convert(
-            FLAGS.input, FLAGS.output, FLAGS.to,
-            image_key=FLAGS.tfrecord_image_key,
-            label_key=FLAGS.tfrecord_label_key,
-            records_per_shard=FLAGS.records_per_shard,
-            progress=lambda line: print(line, flush=True),
-        )
-    except (ValueError, OSError) as error:
-        _fail(str(error))
-
-
-def _fail(message):
-    print(f"convert: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    from absl import app
+    from ring_loss_tf.commands import convert as convert_command
 
-    _define_flags()
-    app.run(main)
+    convert_command.run()
