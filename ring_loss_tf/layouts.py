@@ -92,3 +92,14 @@ def find(root: str | os.PathLike):
             if found is not None:
                 return layout, found
     return None
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where generated data sets and indexes are kept: $RING_LOSS_TF_CACHE,
+    else $XDG_CACHE_HOME/ring_loss_tf, else ~/.cache/ring_loss_tf."""
+    if os.environ.get("RING_LOSS_TF_CACHE"):
+        return pathlib.Path(os.environ["RING_LOSS_TF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return pathlib.Path(base) / "ring_loss_tf"

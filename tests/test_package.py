@@ -44,11 +44,31 @@ def stage(module):
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _is_main_block(node):
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__")
+
+
+def _nodes(tree):
+    """The nodes of `tree` outside `if __name__ == "__main__":` blocks: a
+    module run as a program (`python -m ring_loss_tf.export`) may hand over
+    to its command, which is not an import of the library."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_main_block(node):
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def imports(path):
     """(module, name or None, line) of every ring_loss_tf import in `path`,
     with `from package import module` resolved to the module."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith(FACADE):

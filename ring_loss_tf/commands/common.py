@@ -24,6 +24,7 @@ COMMANDS = {
     "ring-loss-evaluate": "evaluate.py",
     "ring-loss-export": "python -m ring_loss_tf.export",
     "ring-loss-align": "python -m ring_loss_tf.data.align",
+    "ring-loss-convert": "python -m ring_loss_tf.data.convert",
 }
 
 _DEFINE = {

@@ -60,6 +60,9 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFilter
 
+# `prepare` keeps each generated set there.
+from ring_loss_tf.layouts import default_cache_dir  # noqa: F401
+
 # Bump when the renderer or the layout changes: it is part of the cache key.
 GENERATOR_VERSION = 1
 
@@ -456,17 +459,6 @@ def split_identities(
     ).permutation(len(codepoints))
     chosen = codepoints[order[:total]].tolist()
     return chosen[:num_train_identities], chosen[num_train_identities:]
-
-
-def default_cache_dir() -> pathlib.Path:
-    """$RING_LOSS_TF_CACHE, else $XDG_CACHE_HOME/ring_loss_tf, else
-    ~/.cache/ring_loss_tf."""
-    if os.environ.get("RING_LOSS_TF_CACHE"):
-        return pathlib.Path(os.environ["RING_LOSS_TF_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
-    return pathlib.Path(base) / "ring_loss_tf"
 
 
 def _render_chunk(task):

@@ -34,32 +34,35 @@ same global batches, and a resumed run the same positions).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import io
 import os
 import pathlib
-import re
-import warnings
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from ring_loss_tf.data import recordio
 from ring_loss_tf.data import sources
 # By name: `images` is the usual name of a batch here.
 from ring_loss_tf.data.images import AUGMENTATIONS
-from ring_loss_tf.data.images import CORRUPT_IMAGE_FIX
-from ring_loss_tf.data.images import IMAGE_EXTENSIONS
+from ring_loss_tf.data.images import CORRUPT_IMAGE_FIX  # noqa: F401
+from ring_loss_tf.data.images import IMAGE_EXTENSIONS  # noqa: F401
 from ring_loss_tf.data.images import MAX_IMAGE_PIXELS
 from ring_loss_tf.data.images import augment_batch
+from ring_loss_tf.data.images import check_size
 from ring_loss_tf.data.images import decode_image
-from ring_loss_tf.data.images import decode_native
-from ring_loss_tf.data.images import image_bytes_ok
-from ring_loss_tf.data.images import is_image_file
+from ring_loss_tf.data.images import decode_native  # noqa: F401
+from ring_loss_tf.data.images import image_bytes_ok  # noqa: F401
+from ring_loss_tf.data.images import is_image_file  # noqa: F401
 from ring_loss_tf.data.images import normalize
 from ring_loss_tf.data.images import resize_image
+# Readers and checks of the sources and of image lists, named here too
+# (`ring_loss_tf.data.training_dataset`'s neighbours before 0.3).
+from ring_loss_tf.data.images import load_encoded_images  # noqa: F401
+from ring_loss_tf.data.images import load_images  # noqa: F401
+from ring_loss_tf.data.sources import find_corrupt_examples  # noqa: F401
+from ring_loss_tf.data.sources import find_corrupt_images  # noqa: F401
+from ring_loss_tf.data.sources import find_corrupt_records  # noqa: F401
+from ring_loss_tf.data.sources import list_image_folder  # noqa: F401
 
 # `training_dataset` keeps a folder set's decoded images in memory up to this.
 IN_MEMORY_LIMIT_BYTES = 256 * 2**20
@@ -69,94 +72,6 @@ DataWarning = sources.DataWarning
 
 # --------------------------------------------------------------------------
 # Folders of images
-
-
-def _missing_dir_error(path, what="Data directory"):
-    return FileNotFoundError(
-        f"{what} not found: {path}. Check the path (a folder per identity, "
-        "a train.rec with train.idx, or a directory holding train.rec)."
-    )
-
-
-def _is(entry: os.DirEntry, kind: str) -> bool:
-    """`entry.is_dir()` / `is_file()`, a link that cannot be followed (a
-    loop) named in one line."""
-    try:
-        return entry.is_dir() if kind == "dir" else entry.is_file()
-    except OSError as error:
-        raise ValueError(
-            f"{entry.path}: cannot be read ({error.strerror or error}); "
-            "remove it or make the link point to an image or folder."
-        ) from None
-
-
-def list_image_folder(
-    root: str | os.PathLike,
-) -> tuple[list[str], np.ndarray, list[str]]:
-    """Lists a folder-per-identity set: (paths, labels int32, class_names).
-
-    Identities are the sub-directories of `root` in sorted order (label k is
-    `class_names[k]`); images are their files with an image extension
-    (jpg, jpeg, png, bmp, pgm, gif; any case), sorted. Identity folders
-    without images are skipped with one warning naming them; no images at
-    all is an error.
-    """
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise _missing_dir_error(root)
-    paths, labels, class_names, empty = [], [], [], []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith(".") or not _is(entry, "dir"):
-            continue
-        files = sorted(
-            f.name for f in os.scandir(entry.path)
-            if is_image_file(f.name) and _is(f, "file")
-        )
-        if not files:
-            empty.append(entry.name)
-            continue
-        label = len(class_names)
-        class_names.append(entry.name)
-        paths.extend(os.path.join(entry.path, name) for name in files)
-        labels.extend([label] * len(files))
-    if empty:
-        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
-        warnings.warn(
-            f"Skipped {len(empty)} identity folder(s) with no images in "
-            f"{root}: {shown}",
-            DataWarning,
-            stacklevel=2,
-        )
-    if not paths:
-        raise ValueError(
-            f"No images found in {root}: expected one sub-directory per "
-            f"identity holding {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
-            "files (root/<identity>/<image>)."
-        )
-    return paths, np.asarray(labels, np.int32), class_names
-
-
-def find_corrupt_images(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, reason) of each image Pillow cannot fully decode.
-
-    Decodes every file (threads, one per core), so it costs about as much as
-    one epoch of reading. Used by `skip_corrupt=True`.
-    """
-    from PIL import Image
-
-    def check(path):
-        try:
-            with Image.open(path) as image:
-                image.load()
-            with open(path, "rb") as file:
-                ok = bool(image_bytes_ok(file.read()).numpy())
-            return None if ok else (path, "truncated")
-        except Exception as error:  # Pillow raises many types
-            return (path, f"{type(error).__name__}: {error}")
-
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [r for r in pool.map(check, paths, chunksize=64) if r]
 
 
 # --------------------------------------------------------------------------
@@ -199,82 +114,11 @@ def open_training_source(
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise _missing_dir_error(path)
+        raise sources.missing_dir_error(path)
     options = options or sources.Options()
     if skip_corrupt:
         options = dataclasses.replace(options, skip_corrupt=True)
     return sources.open_source(path, options)
-
-
-def find_corrupt_records(
-    reader: recordio.RecordIOReader, keys: np.ndarray
-) -> list[tuple[int, str]]:
-    """(key, reason) of each image record that cannot be read or decoded.
-
-    Reads every record (threads, one per core) and decodes its image with
-    Pillow, as `find_corrupt_images` does for files; used by
-    `skip_corrupt=True` on RecordIO sets. A bad class label is not skipped
-    here: the pipeline stops on it, naming the record.
-    """
-    from PIL import Image
-
-    def check(key):
-        key = int(key)
-        try:
-            _, payload = reader.read_image(key)
-            with Image.open(io.BytesIO(payload)) as image:
-                image.load()
-            ok = bool(image_bytes_ok(payload).numpy())
-            return None if ok else (key, "truncated image")
-        except Exception as error:  # framing errors, Pillow's many types
-            return (key, f"{type(error).__name__}: {error}")
-
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [r for r in pool.map(check, keys, chunksize=64) if r]
-
-
-def find_corrupt_examples(source: TrainingSource) -> list[tuple[int, str]]:
-    """(index, "<name>: reason") of each example of `source` that cannot be
-    read or decoded (threads, one per core); `find_corrupt_records` for any
-    source."""
-    from PIL import Image
-
-    def check(index):
-        try:
-            payload, _, name = source.read(index)
-        except Exception as error:  # framing, keys, labels
-            return (index, str(error))
-        try:
-            with Image.open(io.BytesIO(payload)) as image:
-                image.load()
-            if bool(image_bytes_ok(payload).numpy()):
-                return None
-            return (index, f"{name}: truncated image")
-        except Exception as error:  # Pillow's many types
-            return (index, f"{name}: {type(error).__name__}: {error}")
-
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        found = pool.map(check, range(source.num_examples), chunksize=64)
-        return [r for r in found if r]
-
-
-def _check_size(image_size, channels):
-    try:
-        height, width = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise ValueError(
-            "`image_size` must be (height, width). "
-            f"Received: image_size={image_size!r}"
-        ) from None
-    if height < 1 or width < 1:
-        raise ValueError(f"`image_size` must be positive: {image_size!r}")
-    if channels not in (1, 3):
-        raise ValueError(
-            f"`channels` must be 1 (grey) or 3 (RGB). Received: {channels!r}"
-        )
-    return height, width
 
 
 def training_dataset(
@@ -332,7 +176,7 @@ def training_dataset(
             height) fails, naming the file, before it is decoded (None: no
             budget).
     """
-    height, width = _check_size(image_size, channels)
+    height, width = check_size(image_size, channels)
     if augment not in AUGMENTATIONS:
         raise ValueError(
             f"`augment` must be one of {AUGMENTATIONS}. "
@@ -478,149 +322,3 @@ def shuffled_index(
 RECORD_ERROR = sources.RECORD_ERROR
 
 
-# --------------------------------------------------------------------------
-# Loading images into arrays (in-memory sets, evaluation)
-
-
-def load_encoded_images(
-    items: tf.data.Dataset,
-    count: int,
-    image_size: tuple[int, int] | None,
-    channels: int | None,
-    max_pixels: int | None = MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """Decodes `count` encoded images into a uint8 (count, h, w, c) array.
-
-    `items` yields (encoded bytes, name), the name being what an error
-    reports (a path, or "<file> image <i>"). `image_size`, `channels` and
-    `max_pixels` are as in `load_images`.
-    """
-    if count == 0:
-        raise ValueError("No images to load.")
-    if channels is None:
-        first = next(iter(items.take(1)))
-        decoded = decode_native(first[0], first[1], max_pixels=max_pixels)
-        channels = 1 if decoded.shape[-1] in (1, 2) else 3
-    if image_size is None:
-        first = next(iter(items.take(1)))
-        size = tuple(decode_image(
-            first[0], channels, first[1], max_pixels=max_pixels
-        ).shape[:2])
-    else:
-        size = _check_size(image_size, channels)
-
-    def element(contents, name):
-        image = decode_image(contents, channels, name, max_pixels=max_pixels)
-        # Without image_size: the first image's (a model of any input size
-        # takes one batch of one size).
-        return tf.cast(resize_image(image, size), tf.uint8)
-
-    dataset = items.map(
-        element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    ).batch(256).prefetch(tf.data.AUTOTUNE)
-    out = np.empty((count, size[0], size[1], channels), np.uint8)
-    start = 0
-    try:
-        for batch in dataset:
-            out[start : start + len(batch)] = batch.numpy()
-            start += len(batch)
-    except tf.errors.InvalidArgumentError as error:
-        if "File:" in error.message:  # our own checks name the file
-            raise
-        # A corrupt middle that passed `image_bytes_ok`: the decoder's
-        # error does not say which file; find it, from the failed batch on.
-        for contents, name in items.skip(start):
-            try:
-                decode_native(contents, name, max_pixels=max_pixels)
-            except tf.errors.InvalidArgumentError as bad:
-                reason = bad.message.splitlines()[0].split("}}")[-1]
-                reason = re.sub(r"\s*\[Op:.*", "", reason).strip()
-                raise tf.errors.InvalidArgumentError(
-                    None, None,
-                    "Corrupt or truncated image file. "
-                    f"{CORRUPT_IMAGE_FIX} File: "
-                    f"{name.numpy().decode('utf-8', 'replace')} ({reason})",
-                ) from None
-        raise
-    return out
-
-
-def load_images(
-    paths: Sequence[str | os.PathLike],
-    *,
-    image_size: tuple[int, int] | None,
-    channels: int | None,
-    max_pixels: int | None = MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """Reads image files into a uint8 array (len(paths), h, w, channels).
-
-    Uses the training pipeline's `decode_image` and `resize_image`.
-    `image_size=None` keeps the first file's size and resizes the others
-    to it; `channels=None` takes the first image's (1 for grey, else 3); an
-    image of more than `max_pixels` pixels (its header read, not decoded)
-    fails, naming the file (None: no budget). PNGs that need no resizing
-    and no colour conversion (grey to grey or RGB, RGB to RGB) are decoded
-    with Pillow in threads, which gives the same pixels (PNG is lossless) at
-    a fraction of the per-image cost of a tf.data pipeline.
-    """
-    paths = [str(p) for p in paths]
-    for p in paths[:1]:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"Image file not found: {p}")
-    if image_size is not None and channels is not None and paths:
-        height, width = _check_size(image_size, channels)
-        out = np.empty((len(paths), height, width, channels), np.uint8)
-        done = _load_lossless(paths, out, max_pixels)
-        rest = [i for i, ok in enumerate(done) if not ok]
-        if rest:
-            out[rest] = _load_with_tensorflow(
-                [paths[i] for i in rest], image_size, channels, max_pixels
-            )
-        return out
-    return _load_with_tensorflow(paths, image_size, channels, max_pixels)
-
-
-def _load_with_tensorflow(paths, image_size, channels, max_pixels):
-    names = tf.constant(paths)
-    items = tf.data.Dataset.from_tensor_slices(names).map(
-        lambda p: (tf.io.read_file(p), p)
-    )
-    return load_encoded_images(
-        items, len(paths), image_size, channels, max_pixels
-    )
-
-
-def _load_lossless(paths, out, max_pixels) -> list[bool]:
-    """Fills out[i] from paths[i] with Pillow where that is exact."""
-    from PIL import Image
-
-    height, width, channels = out.shape[1:]
-
-    def load(i):
-        path = paths[i]
-        if not path.lower().endswith(".png"):
-            return False
-        try:
-            with Image.open(path) as image:
-                if image.format != "PNG" or image.size != (width, height):
-                    return False
-                # Over the budget: the TensorFlow path refuses it by name.
-                if max_pixels is not None and width * height > max_pixels:
-                    return False
-                if image.mode not in ("L", "RGB") or (
-                    image.mode == "RGB" and channels == 1
-                ):
-                    return False
-                pixels = np.asarray(image)
-        except Exception:  # left to the TensorFlow path, which names it
-            return False
-        if pixels.ndim == 2:
-            pixels = pixels[..., None]
-        out[i] = pixels if pixels.shape[-1] == channels else np.repeat(
-            pixels, channels, axis=-1
-        )
-        return True
-
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(load, range(len(paths)), chunksize=256))

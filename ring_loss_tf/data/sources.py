@@ -1,6 +1,6 @@
 """Training data sources: one class per format, one list that finds them.
 
-A source is what the pipeline (`ring_loss_tf.data.pipeline.training_dataset`) needs
+A source is what the pipeline (`pipeline.training_dataset`) needs
 of a data set, whatever its format:
 
     kind            a name for messages: "folder", "recordio", "tfrecord"
@@ -43,14 +43,16 @@ This module imports TensorFlow only where it reads records.
 from __future__ import annotations
 
 import dataclasses
+import concurrent.futures
 import hashlib
+import io
 import os
 import pathlib
 import struct
 import tempfile
 import threading
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -181,10 +183,10 @@ class FolderSource(Source):
         return str(self.paths[index])
 
     def preload(self, image_size, channels, max_pixels):
-        from ring_loss_tf.data import pipeline
+        from ring_loss_tf.data import images
 
-        return pipeline.load_images(self.paths, image_size=image_size,
-                                channels=channels, max_pixels=max_pixels)
+        return images.load_images(self.paths, image_size=image_size,
+                                  channels=channels, max_pixels=max_pixels)
 
     def loader(self):
         import tensorflow as tf
@@ -200,12 +202,10 @@ class FolderSource(Source):
 
 
 def open_folder(path: pathlib.Path, options: Options) -> FolderSource:
-    from ring_loss_tf.data import pipeline
-
-    paths, labels, class_names = pipeline.list_image_folder(path)
+    paths, labels, class_names = list_image_folder(path)
     skipped = 0
     if options.skip_corrupt:
-        bad = pipeline.find_corrupt_images(paths)
+        bad = find_corrupt_images(paths)
         if bad:
             skipped = len(bad)
             bad_set = {p for p, _ in bad}
@@ -266,8 +266,6 @@ class RecordIOSource(Source):
 
 
 def open_recordio(rec: pathlib.Path, options: Options) -> RecordIOSource:
-    from ring_loss_tf.data import pipeline
-
     reader = recordio.RecordIOReader(rec)
     keys, num_classes = recordio.image_records(reader)
     if len(keys) == 0:
@@ -277,7 +275,7 @@ def open_recordio(rec: pathlib.Path, options: Options) -> RecordIOSource:
         )
     skipped = 0
     if options.skip_corrupt:
-        bad = pipeline.find_corrupt_records(reader, keys)
+        bad = find_corrupt_records(reader, keys)
         if bad:
             skipped = len(bad)
             keep = ~np.isin(keys, [k for k, _ in bad])
@@ -546,9 +544,7 @@ def _index_path(shard: pathlib.Path) -> pathlib.Path:
 
 def _cached_index_path(shard, index_dir) -> pathlib.Path:
     if index_dir is None:
-        from ring_loss_tf.data import kanji
-
-        index_dir = kanji.default_cache_dir()
+        index_dir = layouts.default_cache_dir()
     digest = hashlib.sha1(str(shard.resolve()).encode()).hexdigest()[:16]
     return (pathlib.Path(index_dir).expanduser() / "tfrecord-index"
             / f"{digest}-{shard.name}{INDEX_SUFFIX}")
@@ -654,8 +650,6 @@ def _read_labels(shard, offsets, options):
 
 
 def open_tfrecord(path: pathlib.Path, options: Options) -> TFRecordSource:
-    from ring_loss_tf.data import pipeline
-
     shards = layouts.tfrecord_shards(path)
     offsets, labels = [], []
     for shard in shards:
@@ -682,7 +676,7 @@ def open_tfrecord(path: pathlib.Path, options: Options) -> TFRecordSource:
     first = source.read(0)[0]
     source.expect = "png" if first.startswith(b"\x89PNG") else "jpeg"
     if options.skip_corrupt:
-        bad = pipeline.find_corrupt_examples(source)
+        bad = find_corrupt_examples(source)
         if bad:
             if len(bad) == source.num_examples:
                 raise ValueError(
@@ -775,3 +769,158 @@ def open_root(root: str | os.PathLike, options: Options = Options()):
         )
     entry, path = found
     return entry.open(path, options)
+
+
+# --------------------------------------------------------------------------
+# Folders of images, and finding corrupt examples
+
+
+def missing_dir_error(path, what="Data directory"):
+    return FileNotFoundError(
+        f"{what} not found: {path}. Check the path (a folder per identity, "
+        "a train.rec with train.idx, or a directory holding train.rec)."
+    )
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """`entry.is_dir()` / `is_file()`, a link that cannot be followed (a
+    loop) named in one line."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        raise ValueError(
+            f"{entry.path}: cannot be read ({error.strerror or error}); "
+            "remove it or make the link point to an image or folder."
+        ) from None
+
+
+def list_image_folder(
+    root: str | os.PathLike,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Lists a folder-per-identity set: (paths, labels int32, class_names).
+
+    Identities are the sub-directories of `root` in sorted order (label k is
+    `class_names[k]`); images are their files with an image extension
+    (jpg, jpeg, png, bmp, pgm, gif; any case), sorted. Identity folders
+    without images are skipped with one warning naming them; no images at
+    all is an error.
+    """
+    from ring_loss_tf.data.images import IMAGE_EXTENSIONS
+    from ring_loss_tf.data.images import is_image_file
+
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise missing_dir_error(root)
+    paths, labels, class_names, empty = [], [], [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith(".") or not _is(entry, "dir"):
+            continue
+        files = sorted(
+            f.name for f in os.scandir(entry.path)
+            if is_image_file(f.name) and _is(f, "file")
+        )
+        if not files:
+            empty.append(entry.name)
+            continue
+        label = len(class_names)
+        class_names.append(entry.name)
+        paths.extend(os.path.join(entry.path, name) for name in files)
+        labels.extend([label] * len(files))
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        warnings.warn(
+            f"Skipped {len(empty)} identity folder(s) with no images in "
+            f"{root}: {shown}",
+            DataWarning,
+            stacklevel=2,
+        )
+    if not paths:
+        raise ValueError(
+            f"No images found in {root}: expected one sub-directory per "
+            f"identity holding {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
+            "files (root/<identity>/<image>)."
+        )
+    return paths, np.asarray(labels, np.int32), class_names
+
+
+def find_corrupt_images(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(path, reason) of each image Pillow cannot fully decode.
+
+    Decodes every file (threads, one per core), so it costs about as much as
+    one epoch of reading. Used by `skip_corrupt=True`.
+    """
+    from PIL import Image
+
+    from ring_loss_tf.data.images import image_bytes_ok
+
+    def check(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            with open(path, "rb") as file:
+                ok = bool(image_bytes_ok(file.read()).numpy())
+            return None if ok else (path, "truncated")
+        except Exception as error:  # Pillow raises many types
+            return (path, f"{type(error).__name__}: {error}")
+
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [r for r in pool.map(check, paths, chunksize=64) if r]
+
+
+def find_corrupt_records(
+    reader: recordio.RecordIOReader, keys: np.ndarray
+) -> list[tuple[int, str]]:
+    """(key, reason) of each image record that cannot be read or decoded.
+
+    Reads every record (threads, one per core) and decodes its image with
+    Pillow, as `find_corrupt_images` does for files; used by
+    `skip_corrupt=True` on RecordIO sets. A bad class label is not skipped
+    here: the pipeline stops on it, naming the record.
+    """
+    from PIL import Image
+
+    from ring_loss_tf.data.images import image_bytes_ok
+
+    def check(key):
+        key = int(key)
+        try:
+            _, payload = reader.read_image(key)
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+            ok = bool(image_bytes_ok(payload).numpy())
+            return None if ok else (key, "truncated image")
+        except Exception as error:  # framing errors, Pillow's many types
+            return (key, f"{type(error).__name__}: {error}")
+
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [r for r in pool.map(check, keys, chunksize=64) if r]
+
+
+def find_corrupt_examples(source: Source) -> list[tuple[int, str]]:
+    """(index, "<name>: reason") of each example of `source` that cannot be
+    read or decoded (threads, one per core); `find_corrupt_records` for any
+    source."""
+    from PIL import Image
+
+    from ring_loss_tf.data.images import image_bytes_ok
+
+    def check(index):
+        try:
+            payload, _, name = source.read(index)
+        except Exception as error:  # framing, keys, labels
+            return (index, str(error))
+        try:
+            with Image.open(io.BytesIO(payload)) as image:
+                image.load()
+            if bool(image_bytes_ok(payload).numpy()):
+                return None
+            return (index, f"{name}: truncated image")
+        except Exception as error:  # Pillow's many types
+            return (index, f"{name}: {type(error).__name__}: {error}")
+
+    workers = min(32, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        found = pool.map(check, range(source.num_examples), chunksize=64)
+        return [r for r in found if r]
