@@ -13,7 +13,9 @@ memory, and the command that measures them again are in the README
 (Training).
 
 Ctrl-C or SIGTERM stops after the current step with a checkpoint and prints
-the command that resumes (exit status 128 + the signal number).
+the command that resumes (exit status 128 + the signal number). A worker of
+a multi-worker TF_CONFIG waits at most --startup_timeout seconds for the
+others to start, saying whom it waits for; a signal stops that wait at once.
 
 The paper's setting on a face folder (GPU):
 
@@ -133,6 +135,9 @@ def main(argv):
         print(f"train.py: {error} Resume with: {_command_line()}",
               file=sys.stderr)
         sys.exit(128 + int(signum))
+    except errors.StartupInterrupted as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(128 + int(getattr(signal.Signals, error.reason)))
     except KeyboardInterrupt:
         print(
             "train.py: interrupted; the checkpoints already in "
