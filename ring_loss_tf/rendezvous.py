@@ -8,7 +8,10 @@ peers never come would wait there forever, silent and deaf to SIGTERM. So
 `train` waits here first, in Python: each worker listens on its own
 TF_CONFIG port (its peers see that it has come) and connects to theirs
 until all of them answer at once; then it closes the port, which
-TensorFlow's server binds a moment later.
+TensorFlow's server binds a moment later. A peer that answered and then
+stops before TensorFlow's start-up reaches it still leaves the others
+waiting inside TensorFlow: `strategy_deadline` ends them after the
+start-up timeout from a separate process.
 
 Imports no TensorFlow.
 """
@@ -16,8 +19,11 @@ Imports no TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -60,8 +66,10 @@ def wait_for_peers(
     peers, own_address = cluster.peer_tasks()
     if not peers:
         return
-    targets = [(name, address, cluster.split_address(address))
-               for name, address in peers]
+    targets = [
+        (name, address, cluster.split_address(address))
+        for name, address in peers
+    ]
     start = time.monotonic()
     received = []
     reported = None
@@ -75,8 +83,11 @@ def wait_for_peers(
                     f"{_names(missing)} to start; nothing was written"
                     f"{_in(model_dir)}.",
                 )
-            missing = [(name, address) for name, address, target in targets
-                       if not _answers(target)]
+            missing = [
+                (name, address)
+                for name, address, target in targets
+                if not _answers(target)
+            ]
             if not missing:
                 return
             waited = time.monotonic() - start
@@ -98,11 +109,16 @@ def wait_for_peers(
 def waiting_line(missing, timeout, stop_on_signals):
     """What a worker prints while it waits for the `missing` tasks
     [(name, address)]."""
-    until = (f"giving up after {timeout:g} s (startup_timeout)" if timeout
-             else "no time limit (startup_timeout=0)")
+    until = (
+        f"giving up after {timeout:g} s (startup_timeout)"
+        if timeout
+        else "no time limit (startup_timeout=0)"
+    )
     stop = "; Ctrl-C or SIGTERM stops" if stop_on_signals else ""
-    return (f"Waiting for {_names(missing)} to start (no answer there "
-            f"yet); {until}{stop}.")
+    return (
+        f"Waiting for {_names(missing)} to start (no answer there "
+        f"yet); {until}{stop}."
+    )
 
 
 def _names(tasks):
@@ -165,3 +181,72 @@ def _signals_noted(enabled, received):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler or signal.SIG_DFL)
+
+
+# The watcher: stdlib only, run with -I, so it starts in a fraction of a
+# second and nothing on PYTHONPATH shadows what it imports. Ctrl-C reaches
+# the whole process group, so the watcher sees it while the worker cannot.
+_WATCHER = """
+import os, select, signal, sys
+parent, timeout, late, stopped = sys.argv[1:5]
+
+def end(message):
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(int(parent), signal.SIGKILL)
+    sys.exit(0)
+
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda number, frame: end(
+        stopped.replace("SIGNAL", signal.Signals(number).name)))
+if not select.select([sys.stdin], [], [], float(timeout) or None)[0]:
+    end(late)
+"""
+
+
+@contextlib.contextmanager
+def strategy_deadline(timeout, *, model_dir=None):
+    """Around the strategy's start-up, after `wait_for_peers`: ends this
+    process (SIGKILL, after one line on standard error) if the block inside
+    has not finished `timeout` seconds after it began (0: no limit), or
+    when SIGINT / SIGTERM reaches its process group (Ctrl-C) meanwhile.
+
+    TensorFlow's start-up holds the GIL, so no Python thread or signal
+    handler of this process could act: a small process started here does,
+    and ends as soon as the block finishes (or this process ends).
+    """
+    peers, _ = cluster.peer_tasks()
+    if not peers:
+        yield
+        return
+    program = os.path.basename(sys.argv[0] or "python")
+    written = f"nothing was written{_in(model_dir)}"
+    late = (
+        f"{program}: The workers met, but TensorFlow's start-up did not "
+        f"finish within startup_timeout={timeout:g} s (--startup_timeout): "
+        f"another worker ({_names(peers)}) stopped, or is not a worker of "
+        f"this run; {written}. Start every worker again with the same "
+        "TF_CONFIG cluster."
+    )
+    stopped = (
+        f"{program}: Stopped by SIGNAL while TensorFlow's start-up waited "
+        f"for the other workers ({_names(peers)}); {written}."
+    )
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            _WATCHER,
+            str(os.getpid()),
+            str(timeout),
+            late,
+            stopped,
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        yield
+    finally:
+        watcher.stdin.close()
+        watcher.wait()

@@ -612,7 +612,9 @@ def train(
             run.startup_timeout, model_dir=run.model_dir,
             stop_on_signals=stop_on_signals, print_fn=print_fn,
         )
-    strategy = trainer_lib.build_strategy(devices, run.collectives)
+    with rendezvous.strategy_deadline(run.startup_timeout,
+                                      model_dir=run.model_dir):
+        strategy = trainer_lib.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync
     )

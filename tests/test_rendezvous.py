@@ -11,7 +11,10 @@ import json
 import os
 import re
 import signal
+import pathlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,6 +24,8 @@ from ring_loss_tf import cluster
 from ring_loss_tf import rendezvous
 from ring_loss_tf.errors import StartupInterrupted
 from ring_loss_tf.errors import WorkerMissingError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -56,8 +61,7 @@ def test_waits_until_the_other_worker_listens(worker_0):
     thread.start()
     start = time.monotonic()
     try:
-        rendezvous.wait_for_peers(20, print_fn=lines.append,
-                                  quiet_seconds=0.2)
+        rendezvous.wait_for_peers(20, print_fn=lines.append, quiet_seconds=0.2)
     finally:
         thread.join()
         seen["server"].close()
@@ -77,8 +81,9 @@ def test_the_timeout_names_the_missing_worker_and_the_flag(worker_0):
     lines = []
     start = time.monotonic()
     with pytest.raises(WorkerMissingError) as caught:
-        rendezvous.wait_for_peers(1, model_dir="runs/x",
-                                  print_fn=lines.append, quiet_seconds=0)
+        rendezvous.wait_for_peers(
+            1, model_dir="runs/x", print_fn=lines.append, quiet_seconds=0
+        )
     assert 1 <= time.monotonic() - start < 5
     assert str(caught.value) == (
         f"Worker 1 at 127.0.0.1:{other[1]} did not start within "
@@ -108,8 +113,11 @@ def test_a_signal_stops_the_wait_at_once(worker_0, signum):
         with pytest.raises(StartupInterrupted) as caught:
             # A limit, so that a signal not caught fails instead of hanging.
             rendezvous.wait_for_peers(
-                10, model_dir="runs/x", stop_on_signals=True,
-                print_fn=lines.append, quiet_seconds=0,
+                10,
+                model_dir="runs/x",
+                stop_on_signals=True,
+                print_fn=lines.append,
+                quiet_seconds=0,
             )
         elapsed = time.monotonic() - start
         restored = signal.getsignal(signum)
@@ -135,20 +143,28 @@ def test_a_signal_stops_the_wait_at_once(worker_0, signum):
 def test_a_taken_port_is_one_error(worker_0):
     own, _ = worker_0
     with socket.create_server(own):
-        with pytest.raises(ValueError, match=(
-            rf"^This worker cannot listen on port {own[1]} of its TF_CONFIG "
-            rf"address 127\.0\.0\.1:{own[1]} \(.+\): another process uses "
-            r"it\. Stop that process, or give this task another port in "
-            r"every worker's TF_CONFIG\.$"
-        )):
+        with pytest.raises(
+            ValueError,
+            match=(
+                rf"^This worker cannot listen on port {own[1]} of its "
+                rf"TF_CONFIG address 127\.0\.0\.1:{own[1]} \(.+\): another "
+                r"process uses it\. Stop that process, or give this task another port in "
+                r"every worker's TF_CONFIG\.$"
+            ),
+        ):
             rendezvous.wait_for_peers(5)
 
 
 def test_without_a_cluster_it_returns_at_once(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", json.dumps(
-        {"cluster": {"worker": ["127.0.0.1:1"]},
-         "task": {"type": "worker", "index": 0}}
-    ))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"worker": ["127.0.0.1:1"]},
+                "task": {"type": "worker", "index": 0},
+            }
+        ),
+    )
     start = time.monotonic()
     rendezvous.wait_for_peers(5, print_fn=pytest.fail)
     monkeypatch.delenv("TF_CONFIG")
@@ -157,13 +173,19 @@ def test_without_a_cluster_it_returns_at_once(monkeypatch):
 
 
 def test_a_bad_address_is_one_error(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", json.dumps(
-        {"cluster": {"worker": ["127.0.0.1:1", "other-host"]},
-         "task": {"type": "worker", "index": 0}}
-    ))
-    with pytest.raises(ValueError, match=re.escape(
-        "TF_CONFIG address 'other-host' is not host:port"
-    )):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"worker": ["127.0.0.1:1", "other-host"]},
+                "task": {"type": "worker", "index": 0},
+            }
+        ),
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape("TF_CONFIG address 'other-host' is not host:port"),
+    ):
         rendezvous.wait_for_peers(5)
 
 
@@ -178,3 +200,76 @@ def test_the_waiting_line_names_every_missing_task_and_the_limit():
         "yet); giving up after 600 s (startup_timeout); Ctrl-C or SIGTERM "
         "stops."
     )
+
+
+def test_a_deadline_that_is_met_ends_its_watcher_quietly(worker_0, capfd):
+    start = time.monotonic()
+    with rendezvous.strategy_deadline(30, model_dir="runs/x"):
+        time.sleep(0.2)
+    assert time.monotonic() - start < 5
+    assert capfd.readouterr().err == ""
+
+
+_HOLDS_THE_GIL = """
+import ctypes, sys, types
+# The package without its __init__ (which loads Keras and TensorFlow):
+# the module and what it imports need neither.
+package = types.ModuleType("ring_loss_tf")
+package.__path__ = [sys.argv[1] + "/ring_loss_tf"]
+sys.modules["ring_loss_tf"] = package
+from ring_loss_tf import rendezvous
+assert "tensorflow" not in sys.modules
+with rendezvous.strategy_deadline(2, model_dir="runs/x"):
+    # libc's sleep through PyDLL keeps the GIL, as TensorFlow's start-up
+    # does: no Python thread or signal handler runs meanwhile.
+    ctypes.PyDLL(None).sleep(60)
+print("not ended")
+"""
+
+
+def test_a_missed_deadline_ends_a_process_that_holds_the_gil(worker_0):
+    _, other = worker_0
+    process = subprocess.run(
+        [sys.executable, "-c", _HOLDS_THE_GIL, str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
+    assert "not ended" not in process.stdout
+    assert process.stderr.splitlines()[-1] == (
+        "-c: The workers met, but TensorFlow's start-up did not finish "
+        "within startup_timeout=2 s (--startup_timeout): another worker "
+        f"(worker 1 at 127.0.0.1:{other[1]}) stopped, or is not a worker of "
+        "this run; nothing was written to runs/x. Start every worker again "
+        "with the same TF_CONFIG cluster."
+    )
+
+
+def test_ctrl_c_during_a_start_up_that_holds_the_gil_ends_it(worker_0):
+    _, other = worker_0
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_THE_GIL.replace("(2,", "(0,"), str(REPO)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(2)  # the watcher has started
+        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal
+        sent = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, err[-3000:]
+    assert took < 5
+    assert "not ended" not in out
+    assert err.splitlines() == [
+        "-c: Stopped by SIGINT while TensorFlow's start-up waited for the "
+        f"other workers (worker 1 at 127.0.0.1:{other[1]}); nothing was "
+        "written to runs/x."
+    ]
