@@ -148,8 +148,8 @@ def test_a_taken_port_is_one_error(worker_0):
             match=(
                 rf"^This worker cannot listen on port {own[1]} of its "
                 rf"TF_CONFIG address 127\.0\.0\.1:{own[1]} \(.+\): another "
-                r"process uses it\. Stop that process, or give this task another port in "
-                r"every worker's TF_CONFIG\.$"
+                r"process uses it\. Stop that process, or give this task "
+                r"another port in every worker's TF_CONFIG\.$"
             ),
         ):
             rendezvous.wait_for_peers(5)
