@@ -188,7 +188,7 @@ def _signals_noted(enabled, received):
 # the whole process group, so the watcher sees it while the worker cannot.
 _WATCHER = """
 import os, select, signal, sys
-parent, timeout, late, stopped = sys.argv[1:5]
+parent, timeout, late, stopped_by, while_waiting = sys.argv[1:6]
 
 def end(message):
     sys.stderr.write(message + "\\n")
@@ -198,7 +198,7 @@ def end(message):
 
 for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, lambda number, frame: end(
-        stopped.replace("SIGNAL", signal.Signals(number).name)))
+        stopped_by + signal.Signals(number).name + while_waiting))
 if not select.select([sys.stdin], [], [], float(timeout) or None)[0]:
     end(late)
 """
@@ -228,9 +228,9 @@ def strategy_deadline(timeout, *, model_dir=None):
         f"this run; {written}. Start every worker again with the same "
         "TF_CONFIG cluster."
     )
-    stopped = (
-        f"{program}: Stopped by SIGNAL while TensorFlow's start-up waited "
-        f"for the other workers ({_names(peers)}); {written}."
+    while_waiting = (
+        " while TensorFlow's start-up waited for the other workers "
+        f"({_names(peers)}); {written}."
     )
     watcher = subprocess.Popen(
         [
@@ -241,9 +241,11 @@ def strategy_deadline(timeout, *, model_dir=None):
             str(os.getpid()),
             str(timeout),
             late,
-            stopped,
+            f"{program}: Stopped by ",
+            while_waiting,
         ],
         stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
     )
     try:
         yield
