@@ -303,6 +303,11 @@ class RunConfig:
         "the checkpoints they must take part in (deleted at the end; "
         "default: the system's temporary directory).", kind="str",
         resume="free")
+    startup_timeout: int = setting(
+        600,
+        "Multi-worker runs: seconds a worker waits for the other workers "
+        "of TF_CONFIG to start before it stops with an error (0: no "
+        "limit).", resume="free")
     collectives: str = setting(
         "auto",
         "Multi-worker all-reduce: auto (NCCL where every worker has GPUs, "
@@ -692,6 +697,9 @@ class _Checks:
         positive_integer("checkpoint_every", "use e.g. 500")
         positive_integer("steps_per_loop", "use e.g. 1, or 10")
         positive_integer("max_to_keep", "use e.g. 3")
+        if not _integer(s["startup_timeout"]) or s["startup_timeout"] < 0:
+            bad("startup_timeout", "must be an integer >= 0 (seconds)",
+                "use e.g. 600, or 0 to wait without a limit")
         _one_of("collectives", s["collectives"], COLLECTIVES,
                 "collective implementation")
         _one_of("all_reduce_dtype", s["all_reduce_dtype"],

@@ -72,6 +72,20 @@ class WorkerLostError(RuntimeError):
     checkpoints written before are intact."""
 
 
+class WorkerMissingError(WorkerLostError):
+    """A worker of a multi-worker run did not start within the start-up
+    timeout (`rendezvous.wait_for_peers`); nothing was written."""
+
+
+class StartupInterrupted(Exception):
+    """A signal stopped a worker while it waited for the others to start;
+    nothing was written. `reason`: the signal's name, e.g. "SIGTERM"."""
+
+    def __init__(self, reason, message):
+        self.reason = reason
+        super().__init__(message)
+
+
 def first_line(error) -> str:
     """The first line of an OSError's / tf.errors.OpError's message."""
     text = str(getattr(error, "message", None) or error).strip()

@@ -41,6 +41,10 @@ SLOW = {
         "test_a_failed_resume_writes_nothing_in_the_run_directory",
         "test_a_damaged_checkpoint_is_one_line_and_an_earlier_one_resumes",
         "test_a_worker_that_fails_at_start_stops_the_other_with_one_line",
+        "test_a_worker_alone_says_whom_it_waits_for_and_stops_at_the_"
+        "timeout",
+        "test_sigterm_while_waiting_for_a_worker_stops_at_once",
+        "test_a_peer_that_answers_but_never_joins_is_ended_at_the_timeout",
     ],
     "test_ijb.py": ["test_evaluate_py_ijb_dir"],
     "test_slurm.py": [

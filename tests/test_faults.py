@@ -15,7 +15,9 @@ subprocess, on the tiny embedded set of `kill_resume.tiny_flags`:
 - a checkpoint with damaged bytes: one line, nothing changed, and the
   earlier checkpoint the message points to resumes;
 - no room to write (`RLIMIT_FSIZE`, what `ulimit -f` sets): one line
-  saying so, the previous checkpoint and export unchanged.
+  saying so, the previous checkpoint and export unchanged;
+- a worker whose peers never come: it says whom it waits for, and SIGTERM
+  or --startup_timeout stops it with one line, having written nothing.
 """
 
 import hashlib
@@ -25,8 +27,10 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -443,3 +447,119 @@ def test_a_worker_that_fails_at_start_stops_the_other_with_one_line(
         chief_line,
     ), chief_line
     assert "Traceback" not in chief_err, chief_err[-3000:]
+
+
+def _lone_worker(tmp_path, index, extra=()):
+    """train.py as worker `index` of a two-worker TF_CONFIG whose other
+    worker never starts; returns it once it prints whom it waits for,
+    with that line, the other's address and the model_dir."""
+    model_dir = tmp_path / "run"
+    tf_config = cluster.loopback_tf_configs(2)[index]
+    other = json.loads(tf_config)["cluster"]["worker"][1 - index]
+    process = kill_resume.start_train(
+        kill_resume.tiny_flags(tmp_path, model_dir, steps=4) + list(extra),
+        env=dict(kill_resume.environment(), TF_CONFIG=tf_config),
+    )
+    # A worker that never says it waits (or hangs) fails instead of hanging.
+    deadline = threading.Timer(300, process.kill)
+    deadline.start()
+    try:
+        for line in process.stdout:
+            if line.startswith("Waiting for"):
+                return process, line.rstrip("\n"), other, model_dir
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        deadline.cancel()
+    process.kill()
+    pytest.fail("no waiting line: " + process.communicate()[1][-3000:])
+
+
+def test_a_worker_alone_says_whom_it_waits_for_and_stops_at_the_timeout(
+    tmp_path
+):
+    """Worker 0 of two, worker 1 never started: it names worker 1 and its
+    address, and after --startup_timeout stops with one line naming them
+    and the flag, having written nothing."""
+    process, waiting, other, model_dir = _lone_worker(
+        tmp_path, 0, ["--startup_timeout=8"]
+    )
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert waiting == (
+        f"Waiting for worker 1 at {other} to start (no answer there yet); "
+        "giving up after 8 s (startup_timeout); Ctrl-C or SIGTERM stops."
+    )
+    assert process.returncode == 1, err[-3000:]
+    assert _error_lines(err) == [
+        f"train.py: Worker 1 at {other} did not start within "
+        "startup_timeout=8 s (--startup_timeout); nothing was written to "
+        f"{model_dir}. Start every worker with the same TF_CONFIG cluster "
+        "and its own task index, or give them longer (0 waits forever)."
+    ], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not model_dir.exists()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_sigterm_while_waiting_for_a_worker_stops_at_once(tmp_path, index):
+    """SIGTERM to a worker waiting for the other (which never starts):
+    one line, exit status 128 + SIGTERM within seconds, nothing written.
+    TensorFlow's own start-up would ignore it (it catches SIGTERM)."""
+    process, waiting, other, model_dir = _lone_worker(tmp_path, index)
+    try:
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert waiting.startswith(
+        f"Waiting for worker {1 - index} at {other} to start"
+    ), waiting
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    # Python's shutdown after TensorFlow: about 4 s on 2 busy cores.
+    assert took < 20, took
+    assert _error_lines(err) == [
+        f"train.py: Stopped by SIGTERM while waiting for worker {1 - index} "
+        f"at {other} to start; nothing was written to {model_dir}."
+    ], err[-3000:]
+    assert not model_dir.exists()
+
+
+def test_a_peer_that_answers_but_never_joins_is_ended_at_the_timeout(
+    tmp_path
+):
+    """Worker 1's port answers (a plain socket), but no TensorFlow worker
+    is behind it: worker 0 passes the wait and then waits inside
+    TensorFlow's start-up, which Python cannot interrupt; after
+    --startup_timeout a separate process prints one line and ends it."""
+    model_dir = tmp_path / "run"
+    tf_config = cluster.loopback_tf_configs(2)[0]
+    other = json.loads(tf_config)["cluster"]["worker"][1]
+    with socket.create_server(cluster.split_address(other)):
+        process = kill_resume.start_train(
+            kill_resume.tiny_flags(tmp_path, model_dir, steps=4)
+            + ["--startup_timeout=10"],
+            env=dict(kill_resume.environment(), TF_CONFIG=tf_config),
+        )
+        try:
+            out, err = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == -signal.SIGKILL, err[-3000:]
+    assert "Waiting for" not in out
+    assert _error_lines(err) == [
+        "train.py: The workers met, but TensorFlow's start-up did not "
+        "finish within startup_timeout=10 s (--startup_timeout): another "
+        f"worker (worker 1 at {other}) stopped, or is not a worker of this "
+        f"run; nothing was written to {model_dir}. Start every worker again "
+        "with the same TF_CONFIG cluster."
+    ], err[-3000:]
+    assert not model_dir.exists()

@@ -95,6 +95,9 @@ def _run(args, cwd, timeout=600):
         (["--stop_at_step=0"],
          r"--stop_at_step=0: must be a positive integer; use e\.g\. 1000, or "
          r"omit it$"),
+        (["--startup_timeout=-1"],
+         r"--startup_timeout=-1: must be an integer >= 0 \(seconds\); use "
+         r"e\.g\. 600, or 0 to wait without a limit$"),
         (["--seed=-5"],
          r"--seed=-5: must be an integer in 0 \.\. 2\*\*32 - 1; use e\.g\. "
          r"0$"),

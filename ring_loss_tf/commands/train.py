@@ -12,7 +12,9 @@ resumes from the last checkpoint. What it prints, with the command that
 measures it again, is in the docs (docs/commands.md links to it).
 
 Ctrl-C or SIGTERM stops after the current step with a checkpoint and prints
-the command that resumes (exit status 128 + the signal number).
+the command that resumes (exit status 128 + the signal number). A worker of
+a multi-worker TF_CONFIG waits at most --startup_timeout seconds for the
+others to start, saying whom it waits for; a signal stops that wait at once.
 
 The paper's setting on a face folder (GPU):
 
@@ -100,6 +102,9 @@ def main(argv):
             f"{prog}: {error} Resume with: {_command_line()}", file=sys.stderr
         )
         sys.exit(128 + int(signum))
+    except errors.StartupInterrupted as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        sys.exit(128 + int(getattr(signal.Signals, error.reason)))
     except KeyboardInterrupt:
         print(
             f"{prog}: interrupted; the checkpoints already in "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import pathlib
 import struct
-import sys
 from typing import Callable
 
 import numpy as np

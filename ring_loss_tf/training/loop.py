@@ -36,6 +36,7 @@ from ring_loss_tf import export as export_lib
 from ring_loss_tf.data import kanji
 from ring_loss_tf.models import assembly as models_lib
 from ring_loss_tf import registry
+from ring_loss_tf import rendezvous
 from ring_loss_tf.data import sources
 from ring_loss_tf.training import trainer as trainer_lib
 from ring_loss_tf.training import distribution
@@ -608,7 +609,9 @@ def train(
             CPU.
         stop_on_signals: while training, SIGINT / SIGTERM stop after the
             current step with a checkpoint (`trainer.StopOnSignals`) and
-            raise `TrainingInterrupted`; needs the main thread.
+            raise `TrainingInterrupted`; while a worker waits for the
+            others to start, they raise `StartupInterrupted`. Needs the
+            main thread.
         print_fn: where progress lines go.
 
     Returns:
@@ -620,11 +623,15 @@ def train(
             kept).
         TrainingInterrupted: a signal stopped training (`stop_on_signals`);
             the current step was checkpointed.
+        StartupInterrupted: a signal came while this worker waited for the
+            others to start (`stop_on_signals`); nothing was written.
         CheckpointWriteError: a checkpoint could not be written; the
             earlier ones are intact.
         TrainingDataError: a training image could not be decoded, or a
             RecordIO record read or its label is bad (names the record).
-        WorkerLostError: a worker was lost, during start-up or training.
+        WorkerLostError: a worker was lost, during start-up or training;
+            `WorkerMissingError` if one did not start within
+            `startup_timeout`.
         ValueError: `model_dir` holds a checkpoint of another run.
     """
     config_lib.check(config)
@@ -641,7 +648,16 @@ def train(
     # and a fork after MultiWorkerMirroredStrategy has started its gRPC
     # threads hangs the children.
     root, source = _training_data(config, cluster.is_chief_task())
-    strategy = distribution.build_strategy(devices, run.collectives)
+    if devices is None:
+        # The strategy's start-up cannot be interrupted: the workers meet
+        # before it (rendezvous module docstring).
+        rendezvous.wait_for_peers(
+            run.startup_timeout, model_dir=run.model_dir,
+            stop_on_signals=stop_on_signals, print_fn=print_fn,
+        )
+    with rendezvous.strategy_deadline(run.startup_timeout,
+                                      model_dir=run.model_dir):
+        strategy = distribution.build_strategy(devices, run.collectives)
     config_lib.check_replicas(
         config.optim.batch_size, strategy.num_replicas_in_sync
     )
