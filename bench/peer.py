@@ -110,9 +110,9 @@ def keras_models(spec, head, seed=0):
     labels = keras.Input((), dtype="int32", name="labels")
     embeddings = embedding_model(images)
     ring = layers.RingLoss(loss_weight=LAMBDA_RING, name="ring_loss")
-    head_function = getattr(models_lib, f"{head}_head")
-    logits, head_layer = head_function(
-        ring(embeddings), labels, config.model, spec["num_classes"], seed
+    logits, head_layer = models_lib.build_head(
+        head, ring(embeddings), labels, config.model, spec["num_classes"],
+        seed,
     )
     train_model = keras.Model([images, labels], [logits, embeddings])
     return models_lib.Models(train_model, embedding_model, ring, head_layer)

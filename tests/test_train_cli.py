@@ -327,6 +327,12 @@ def _evaluate_data_plan(monkeypatch, tmp_path, **values):
     parsed_here = not flags.FLAGS.is_parsed()
     if parsed_here:
         flags.FLAGS(["evaluate.py"])
+    # The command reads its own flag set, which shares absl's flags: it
+    # counts as parsed once they are (an earlier test may have parsed them).
+    command_flags = module.FLAGS
+    command_parsed_here = not command_flags.is_parsed()
+    if command_parsed_here:
+        command_flags.mark_as_parsed()
     try:
         with flagsaver.flagsaver(**values):
             # Flags set here count as given on the command line.
@@ -335,6 +341,8 @@ def _evaluate_data_plan(monkeypatch, tmp_path, **values):
             module._data_plan()
             yield given
     finally:
+        if command_parsed_here:
+            command_flags.unparse_flags()
         if parsed_here:
             flags.FLAGS.unparse_flags()
 

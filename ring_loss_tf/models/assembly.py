@@ -134,6 +134,15 @@ def margin_head(name, features, labels, model, num_classes, seed):
     return logits, _seeded_kernel(head, seed)
 
 
+def build_head(name, features, labels, model, num_classes, seed):
+    """The logits and layer of the head registered as `name`: a margin head
+    (`margin_head`) or one its own function builds."""
+    spec = registry.head(name)
+    if spec.function is None:
+        return margin_head(name, features, labels, model, num_classes, seed)
+    return registry.load(spec)(features, labels, model, num_classes, seed)
+
+
 def build_models(config: config_lib.TrainConfig) -> Models:
     """Builds backbone → RingLoss (if λ > 0) → CenterLoss (if its weight is
     > 0) → head, as `config` says. Call under the strategy's scope.
@@ -188,15 +197,9 @@ def build_models(config: config_lib.TrainConfig) -> Models:
         )
         outputs = [features, embeddings]
     else:
-        spec = registry.head(model.head)
-        if spec.function is None:
-            logits, head = margin_head(
-                model.head, features, labels, model, model.num_classes, seed
-            )
-        else:
-            logits, head = registry.load(spec)(
-                features, labels, model, model.num_classes, seed
-            )
+        logits, head = build_head(
+            model.head, features, labels, model, model.num_classes, seed
+        )
         outputs = [logits, embeddings]
     train_model = keras.Model([images, labels], outputs,
                               name="training_model")
