@@ -104,11 +104,10 @@ class _Sample:
         name = os.path.basename(self.module)
         runnable = [item for item in items
                     if not is_slow(name, item.name, item.originalname)]
-        first = runnable[0].originalname if runnable else None
         keep = [
             item for item in items
             if item in runnable and bazel_sample.sampled(
-                name, item.originalname, item.originalname == first)
+                name, item.originalname, item is runnable[0])
         ]
         dropped = [item for item in items if item not in keep]
         if dropped:

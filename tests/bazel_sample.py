@@ -38,6 +38,13 @@ SAMPLE = {
         "test_release_0_1_config_json_loads_with_its_settings",  # fixtures/
         "test_train_py_checks_its_flags_without_tensorflow",  # train.py
     ],
+    # Cheaper than the module's first test, which trains or compiles.
+    "test_export.py": [
+        "test_l2_normalize_keeps_tiny_norms_and_maps_zero_to_zero",
+    ],
+    "test_trainer.py": [
+        "test_unfinished_checkpoints_of_a_killed_run_are_removed",
+    ],
     "test_evaluation.py": [  # evaluate.py in a subprocess
         "test_evaluate_py_flag_and_data_errors",
     ],
@@ -73,8 +80,9 @@ FIRST_PARTY = ("ring_loss_tf", "tests", "bench", "train", "evaluate")
 
 
 def sampled(module, function, first):
-    """Whether the test `function` of test module file `module` runs under
-    Bazel; `first` says whether it is the module's first collected test."""
+    """Whether a test of `function` in test module file `module` runs under
+    Bazel; `first` says whether it is the module's first collected test
+    case."""
     names = SAMPLE.get(module)
     return function in names if names is not None else first
 
