@@ -65,10 +65,13 @@ def finished(tmp_path_factory):
     return workdir, model_dir
 
 
-def test_sigkill_three_times_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_three_times_then_resume_equals_uninterrupted(finished):
+    # The module's uninterrupted run is the reference: the same flags.
+    workdir, reference_dir = finished
     lines = []
-    result = kill_resume.run(tmp_path, kills=3, seed=0, steps=12,
-                             print_fn=lines.append)
+    result = kill_resume.run(workdir, kills=3, seed=0, steps=12,
+                             print_fn=lines.append,
+                             reference_dir=reference_dir)
     kinds = [k.kind for k in result["kills"]]
     assert kinds == list(kill_resume.KINDS), lines
     assert result["differ"] == [], lines
@@ -282,11 +285,13 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     workers also generate the embedded set (which once hung: its children
     were forked after the strategy's gRPC threads started)."""
     model_dir = tmp_path / "run"
-    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=150)
+    # Enough steps that the chief is still training when its peer dies
+    # (it cannot pass the next collective without it).
+    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=40)
     chief, other = _start_two_workers(flags)
     try:
         for line in chief.stdout:
-            if line.startswith("step   5/"):
+            if line.startswith("step  5/"):
                 other.send_signal(signal.SIGKILL)
                 killed = time.monotonic()
                 break
@@ -318,7 +323,7 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     assert other.returncode == 0, other_err[-3000:]
     first = chief_out.splitlines()[0]
     assert first.startswith(f"Resuming from {latest}:"), first
-    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-150")
+    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-40")
 
 
 def _copy_run(model_dir, target):
