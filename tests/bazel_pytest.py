@@ -86,6 +86,7 @@ class _Sample:
     def __init__(self, module, pytest):
         self.module = module
         self.pytest = pytest
+        self.initial_path = list(sys.path)
 
     def pytest_collection_modifyitems(self, config, items):
         pytest = self.pytest
@@ -94,7 +95,16 @@ class _Sample:
 
         # After collection: the module has run its top level, so a helper
         # directory it put on sys.path (tests/ for kill_resume) is there.
-        problems = bazel_sample.import_problems(self.module, os.getcwd())
+        # A directory put there outside the runfiles (bench/peer.py adds
+        # the source tree it resolves to) is not part of the target.
+        root = os.getcwd()
+        path = [
+            entry for entry in sys.path
+            if entry in self.initial_path
+            or os.path.abspath(entry or root).startswith(root + os.sep)
+            or os.path.abspath(entry or root) == root
+        ]
+        problems = bazel_sample.import_problems(self.module, root, path)
         if problems:
             raise pytest.UsageError(
                 f"{self.module}: imports that this Bazel target cannot "
