@@ -289,8 +289,9 @@ def run(workdir, kills=10, seed=0, steps=STEPS, print_fn=print,
     steps)` already finished (its embedded set cached in `workdir`), used
     instead of training one here. `timings`: (start-up seconds, seconds a
     step) of that run, from `timed_run`; without them a second run
-    measures them. A start-up measured on a cold cache is longer, so a
-    "start-up" kill still lands before the first step of a warm start.
+    measures them. Timings from a cold start (the set generated first) are a
+    little long: a "start-up" kill that comes after the run has finished
+    is drawn again, as any kill that comes too late.
 
     Returns:
         dict: "kills" (list of `Kill`), "differ" (tensor names that differ
