@@ -261,8 +261,37 @@ def _kill_once(flags, model_dir, kind, startup_seconds, step_seconds, rng,
         process.stderr.close()
 
 
-def run(workdir, kills=10, seed=0, steps=STEPS, print_fn=print):
+def timed_run(flags):
+    """train.py to completion, timed from its progress lines: (exit code,
+    stderr, (seconds to the first step, seconds a step))."""
+    process = start_train(flags)
+    t0 = time.monotonic()
+    times = []
+    for line in process.stdout:
+        if _PROGRESS.match(line):
+            times.append(time.monotonic() - t0)
+    stderr = process.stderr.read()
+    process.wait()
+    process.stderr.close()
+    process.stdout.close()
+    startup_seconds = times[0] if times else time.monotonic() - t0
+    step_seconds = max(
+        1e-3, (times[-1] - times[0]) / max(1, len(times) - 1)
+    ) if times else 0.05
+    return process.returncode, stderr, (startup_seconds, step_seconds)
+
+
+def run(workdir, kills=10, seed=0, steps=STEPS, print_fn=print,
+        reference_dir=None, timings=None):
     """The whole check (see the module docstring).
+
+    `reference_dir`: an uninterrupted run of `tiny_flags(workdir, ...,
+    steps)` already finished (its embedded set cached in `workdir`), used
+    instead of training one here. `timings`: (start-up seconds, seconds a
+    step) of that run, from `timed_run`; without them a second run
+    measures them. Timings from a cold start (the set generated first) are a
+    little long: a "start-up" kill that comes after the run has finished
+    is drawn again, as any kill that comes too late.
 
     Returns:
         dict: "kills" (list of `Kill`), "differ" (tensor names that differ
@@ -276,30 +305,27 @@ def run(workdir, kills=10, seed=0, steps=STEPS, print_fn=print):
     workdir = pathlib.Path(workdir)
     rng = random.Random(seed)
     started = time.monotonic()
-    reference_dir = workdir / "uninterrupted"
     killed_dir = workdir / "killed"
     t0 = time.monotonic()
-    reference = run_train(tiny_flags(workdir, reference_dir, steps))
-    if reference.returncode != 0:
-        raise RuntimeError(f"uninterrupted run failed:\n{reference.stderr}")
+    if reference_dir is None:
+        reference_dir = workdir / "uninterrupted"
+        reference = run_train(tiny_flags(workdir, reference_dir, steps))
+        if reference.returncode != 0:
+            raise RuntimeError(
+                f"uninterrupted run failed:\n{reference.stderr}"
+            )
     total = time.monotonic() - t0
-    # Rough timings of this machine, from a second, warm start.
-    process = start_train(tiny_flags(workdir, workdir / "timing", steps))
-    t0 = time.monotonic()
-    times = []
-    for line in process.stdout:
-        if _PROGRESS.match(line):
-            times.append(time.monotonic() - t0)
-    process.wait()
-    process.stderr.close()
-    process.stdout.close()
-    startup_seconds = times[0] if times else total
-    step_seconds = max(
-        1e-3, (times[-1] - times[0]) / max(1, len(times) - 1)
-    ) if times else 0.05
+    if timings is None:
+        # Rough timings of this machine, from a second, warm start.
+        code, stderr, timings = timed_run(
+            tiny_flags(workdir, workdir / "timing", steps)
+        )
+        if code != 0:
+            raise RuntimeError(f"timing run failed:\n{stderr}")
+    startup_seconds, step_seconds = timings
     print_fn(
-        f"uninterrupted run: {total:.1f} s; start-up {startup_seconds:.1f} s, "
-        f"{1000 * step_seconds:.0f} ms a step"
+        f"uninterrupted run: {reference_dir} ({total:.1f} s here); start-up "
+        f"{startup_seconds:.1f} s, {1000 * step_seconds:.0f} ms a step"
     )
     record = []
     flags = tiny_flags(workdir, killed_dir, steps)

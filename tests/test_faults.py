@@ -62,17 +62,24 @@ def finished(tmp_path_factory):
     """An uninterrupted tiny run of 12 steps (module-wide reference)."""
     workdir = tmp_path_factory.mktemp("faults")
     model_dir = workdir / "uninterrupted"
-    result = kill_resume.run_train(
+    code, stderr, timings = kill_resume.timed_run(
         kill_resume.tiny_flags(workdir, model_dir, steps=12)
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
+    # For the kill soak, which would otherwise time a run of its own.
+    (workdir / "timings.json").write_text(json.dumps(timings))
     return workdir, model_dir
 
 
-def test_sigkill_three_times_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_three_times_then_resume_equals_uninterrupted(finished):
+    # The module's uninterrupted run is the reference: the same flags.
+    workdir, reference_dir = finished
     lines = []
-    result = kill_resume.run(tmp_path, kills=3, seed=0, steps=12,
-                             print_fn=lines.append)
+    result = kill_resume.run(workdir, kills=3, seed=0, steps=12,
+                             print_fn=lines.append,
+                             reference_dir=reference_dir,
+                             timings=json.loads(
+                                 (workdir / "timings.json").read_text()))
     kinds = [k.kind for k in result["kills"]]
     assert kinds == list(kill_resume.KINDS), lines
     assert result["differ"] == [], lines
@@ -287,11 +294,13 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     workers also generate the embedded set (which once hung: its children
     were forked after the strategy's gRPC threads started)."""
     model_dir = tmp_path / "run"
-    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=150)
+    # Enough steps that the chief is still training when its peer dies
+    # (it cannot pass the next collective without it).
+    flags = kill_resume.tiny_flags(tmp_path, model_dir, steps=40)
     chief, other = _start_two_workers(flags)
     try:
         for line in chief.stdout:
-            if line.startswith("step   5/"):
+            if line.startswith("step  5/"):
                 other.send_signal(signal.SIGKILL)
                 killed = time.monotonic()
                 break
@@ -323,7 +332,7 @@ def test_a_worker_that_dies_stops_the_other_and_a_restart_resumes(tmp_path):
     assert other.returncode == 0, other_err[-3000:]
     first = chief_out.splitlines()[0]
     assert first.startswith(f"Resuming from {latest}:"), first
-    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-150")
+    assert kill_resume.checkpoint_paths(model_dir)[-1].endswith("ckpt-40")
 
 
 def _copy_run(model_dir, target):

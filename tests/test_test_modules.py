@@ -11,6 +11,7 @@ imported, so the check needs no TensorFlow and sees imports inside functions.
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -131,3 +132,71 @@ def test_each_slow_set_name_names_a_test_of_its_module():
         f"tests/slow_set.py names tests that do not exist: {missing}; "
         "rename them there too"
     )
+
+
+def test_each_bazel_sample_name_names_a_test_of_its_module():
+    """A renamed test would leave its Bazel target running nothing of the
+    module (tests/bazel_sample.py): each name must be a fast test function
+    of the module it is listed under."""
+    from tests.bazel_sample import SAMPLE
+    from tests.slow_set import is_slow
+
+    missing = []
+    for module, names in SAMPLE.items():
+        source = (TESTS / module).read_text()
+        functions = {
+            node.name for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef)
+        }
+        for name in names:
+            if name not in functions or is_slow(module, name, name):
+                missing.append(f"{module}::{name}")
+    assert not missing, (
+        f"tests/bazel_sample.py names no fast test in: {missing}; rename "
+        "them there too"
+    )
+
+
+def _tree(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_bazel_import_check_names_each_import_a_target_lacks(tmp_path):
+    """A target without a module its test imports inside a function (which
+    collection alone does not show) fails with the file, line and name;
+    one found outside the target's files (the source tree) fails too."""
+    from tests.bazel_sample import import_problems
+
+    target, source = tmp_path / "runfiles", tmp_path / "source"
+    _tree(target, {
+        "tests/__init__.py": "",
+        "tests/test_x.py": (
+            "import os\nfrom tests import helper\n\n"
+            "def test_a():\n    from tests import lazy\n"
+            "    import bench.tool\n"
+        ),
+        "tests/helper.py": "from ring_loss_tf import gone\n",
+        "ring_loss_tf/__init__.py": "from . import here\n",
+        "ring_loss_tf/here.py": "import json\n",
+    })
+    _tree(source, {"bench/__init__.py": "", "bench/tool.py": ""})
+    problems = import_problems(
+        target / "tests" / "test_x.py", target,
+        search_path=[str(target), str(source)] + sys.path[1:],
+    )
+    assert sorted(problems) == sorted([
+        "test_x.py line 5: import tests.lazy: not found",
+        f"test_x.py line 6: import bench.tool: found at {source}/bench/"
+        f"tool.py, outside the target's files ({target})",
+        "helper.py line 1: import ring_loss_tf.gone: not found",
+    ]), problems
+    # With every file in the target, nothing is reported.
+    _tree(target, {"tests/lazy.py": "", "ring_loss_tf/gone.py": "",
+                   "bench/__init__.py": "", "bench/tool.py": ""})
+    assert import_problems(
+        target / "tests" / "test_x.py", target,
+        search_path=[str(target)] + sys.path[1:],
+    ) == []
