@@ -7,37 +7,33 @@
 - `report`: the tables and the report file.
 """
 
-import importlib
+from ring_loss_tf.forwarding import forward
 
-# Names of `ring_loss_tf.evaluation` before it was a package
+# The names of `ring_loss_tf.evaluation` before it was a package
 # (ring_loss_tf/evaluation.py), kept for code that imports them from here;
 # loaded on first use so that the package's TensorFlow-free modules import
 # without TensorFlow.
-_MOVED_TO_PROTOCOLS = frozenset({
-    "Embedder",
-    "LOW_RES_SIDES",
-    "ModelReport",
-    "TRAINING_FARS",
-    "all_pairs_tar",
-    "downsample",
-    "embed_folder",
-    "evaluate_identification",
-    "evaluate_model",
-    "evaluate_verification",
-    "identify_copies",
-    "load_distractor_embeddings",
-    "load_embedder",
-    "norm_ratio",
-    "pair_indices",
-    "resolve_model_path",
-    "verify_embedded",
-    "verify_pairs",
-})
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_PROTOCOLS:
-        module = importlib.import_module("ring_loss_tf.evaluation.protocols")
-        return getattr(module, name)
-    raise AttributeError(
-        f"module 'ring_loss_tf.evaluation' has no attribute {name!r}")
+__getattr__ = forward(
+    "ring_loss_tf.evaluation",
+    "ring_loss_tf.evaluation.protocols",
+    (
+        "Embedder",
+        "LOW_RES_SIDES",
+        "ModelReport",
+        "TRAINING_FARS",
+        "all_pairs_tar",
+        "downsample",
+        "embed_folder",
+        "evaluate_identification",
+        "evaluate_model",
+        "evaluate_verification",
+        "identify_copies",
+        "load_distractor_embeddings",
+        "load_embedder",
+        "norm_ratio",
+        "pair_indices",
+        "resolve_model_path",
+        "verify_embedded",
+        "verify_pairs",
+    ),
+)

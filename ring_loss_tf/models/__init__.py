@@ -5,30 +5,26 @@
 - `sharded_head`: a margin head split over the replicas (Partial FC).
 """
 
-import importlib
+from ring_loss_tf.forwarding import forward
 
-# Names of `ring_loss_tf.models` before it was a package
+# The names of `ring_loss_tf.models` before it was a package
 # (ring_loss_tf/models.py), kept for code that imports them from here;
 # loaded on first use so that the package's TensorFlow-free modules import
 # without TensorFlow.
-_MOVED_TO_ASSEMBLY = frozenset({
-    "Models",
-    "all_layers",
-    "build_models",
-    "checkpoint_error",
-    "decayed_variables",
-    "first_line",
-    "l2softmax_head",
-    "load_training_models",
-    "margin_layer",
-    "restore_checkpoint",
-    "softmax_head",
-})
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_ASSEMBLY:
-        module = importlib.import_module("ring_loss_tf.models.assembly")
-        return getattr(module, name)
-    raise AttributeError(
-        f"module 'ring_loss_tf.models' has no attribute {name!r}")
+__getattr__ = forward(
+    "ring_loss_tf.models",
+    "ring_loss_tf.models.assembly",
+    (
+        "Models",
+        "all_layers",
+        "build_models",
+        "checkpoint_error",
+        "decayed_variables",
+        "first_line",
+        "l2softmax_head",
+        "load_training_models",
+        "margin_layer",
+        "restore_checkpoint",
+        "softmax_head",
+    ),
+)

@@ -9,32 +9,28 @@
   (`TrainResult`).
 """
 
-import importlib
+from ring_loss_tf.forwarding import forward
 
-# Names of `ring_loss_tf.training` before it was a package
+# The names of `ring_loss_tf.training` before it was a package
 # (ring_loss_tf/training.py), kept for code that imports them from here;
 # loaded on first use so that the package's TensorFlow-free modules import
 # without TensorFlow.
-_MOVED_TO_LOOP = frozenset({
-    "EXPORT_DIR",
-    "NonFiniteLossError",
-    "TrainingDataError",
-    "TrainResult",
-    "TrainingInterrupted",
-    "WorkerLostError",
-    "check_resume_config",
-    "data_error",
-    "first_line",
-    "run_loop",
-    "train",
-    "write_histogram",
-    "write_scalar",
-})
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_LOOP:
-        module = importlib.import_module("ring_loss_tf.training.loop")
-        return getattr(module, name)
-    raise AttributeError(
-        f"module 'ring_loss_tf.training' has no attribute {name!r}")
+__getattr__ = forward(
+    "ring_loss_tf.training",
+    "ring_loss_tf.training.loop",
+    (
+        "EXPORT_DIR",
+        "NonFiniteLossError",
+        "TrainingDataError",
+        "TrainResult",
+        "TrainingInterrupted",
+        "WorkerLostError",
+        "check_resume_config",
+        "data_error",
+        "first_line",
+        "run_loop",
+        "train",
+        "write_histogram",
+        "write_scalar",
+    ),
+)
