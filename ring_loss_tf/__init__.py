@@ -53,7 +53,7 @@ _PUBLIC = {
 }
 
 __all__ = list(_PUBLIC)
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 if not _quiet.is_script_entry_point():
