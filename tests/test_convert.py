@@ -86,7 +86,7 @@ def test_existing_output_is_refused_and_kept(tmp_path):
     before = (tmp_path / "out" / "train.rec").read_bytes()
     with pytest.raises(ValueError, match=(
         f"^{re.escape(str(tmp_path / 'out'))} already holds a training set "
-        r"\(train.rec\); choose another --output or delete it first.$"
+        r"\(train.rec\); choose another --output_dir or delete it first.$"
     )):
         convert.convert(tmp_path / "folder", tmp_path / "out", "tfrecord")
     assert (tmp_path / "out" / "train.rec").read_bytes() == before
@@ -114,8 +114,8 @@ def test_bad_input_names_the_file_and_leaves_no_output(tmp_path):
 
 def test_command_prints_progress_and_refuses_in_one_line(tmp_path):
     random_images(tmp_path / "folder" / "train", [3, 3])
-    args = [f"--input={tmp_path / 'folder'}", f"--output={tmp_path / 'o'}",
-            "--to=tfrecord"]
+    args = [f"--input_dir={tmp_path / 'folder'}",
+            f"--output_dir={tmp_path / 'o'}", "--to=tfrecord"]
     result = run(args, tmp_path, module="ring_loss_tf.data.convert")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [
@@ -127,9 +127,9 @@ def test_command_prints_progress_and_refuses_in_one_line(tmp_path):
     again = run(args, tmp_path, module="ring_loss_tf.data.convert")
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1] == (
-        f"convert: error: {tmp_path / 'o'} already holds a training set "
-        "(train-00000-of-00001.tfrecord); choose another --output or delete "
-        "it first."
+        f"ring-loss-convert: error: {tmp_path / 'o'} already holds a "
+        "training set (train-00000-of-00001.tfrecord); choose another "
+        "--output_dir or delete it first."
     )
 
 

@@ -92,12 +92,12 @@ def convert(
         )
     input, output = pathlib.Path(input), pathlib.Path(output)
     if not input.exists():
-        raise FileNotFoundError(f"--input not found: {input}")
+        raise FileNotFoundError(f"--input_dir not found: {input}")
     existing = _output_set(output)
     if existing:
         raise ValueError(
             f"{output} already holds a training set ({existing[0].name}); "
-            "choose another --output or delete it first."
+            "choose another --output_dir or delete it first."
         )
     options = sources.Options(image_key=image_key, label_key=label_key)
     found = sources.find(input)
