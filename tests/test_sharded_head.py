@@ -357,11 +357,13 @@ _WORKER = textwrap.dedent(
     from tests import tiny_runs
     from ring_loss_tf import config as config_lib
     from ring_loss_tf.models import assembly
+    from ring_loss_tf.training import distribution
     from ring_loss_tf.training import trainer as trainer_lib
     config = config_lib.replace(
         tiny_runs.model_config("asoftmax", 0.01), head_sharding=True)
     trainer = trainer_lib.Trainer(
-        distribution.build_strategy(None), lambda: assembly.build_models(config),
+        distribution.build_strategy(None),
+        lambda: assembly.build_models(config),
         global_batch_size=8, learning_rate=0.05, momentum=0.9,
         weight_decay=5e-3, jit=False, model_dir=sys.argv[3])
     trainer.attach_checkpoint()

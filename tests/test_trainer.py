@@ -235,6 +235,7 @@ _RESTORING_WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[2])
     import tiny_runs
+    from ring_loss_tf.training import distribution
     from ring_loss_tf.training import trainer as trainer_lib
     from ring_loss_tf.errors import WorkersDisagreeError
     trainer = trainer_lib.Trainer(
