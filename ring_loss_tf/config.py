@@ -209,8 +209,8 @@ class ModelConfig:
         f"{_MARGIN_HEADS}: steps trained without the margin first "
         "(A-Softmax's λ schedule starts when the margin does). Default 200 "
         "for these heads (A-Softmax collapses and ArcFace/CosFace barely "
-        "learn without it on the embedded set; README, \"Staged margin "
-        "training\"); 0 is the paper's recipe.", kind="int")
+        "learn without it on the embedded set; docs: training.md, "
+        "\"Staged margin training\"); 0 is the paper's recipe.", kind="int")
     l2_alpha: float = setting(16.0, "l2softmax: feature norm α.")
     center_loss_weight: float | None = setting(
         None,
@@ -221,14 +221,14 @@ class ModelConfig:
         False,
         f"{_SHARDABLE_HEADS}: split the class centres over the "
         "replicas (Partial FC) instead of copying the head to each: for "
-        "hundreds of thousands of identities and more (README, \"Sharded "
-        "head\"). SGD only.")
+        "hundreds of thousands of identities and more (docs: "
+        "sharded-head.md). SGD only.")
     head_sample_rate: float = setting(
         1.0,
         "With --head_sharding: the fraction of negative classes each step "
         "uses (every class of the batch is always kept; 1 uses all). For "
-        "millions of identities; on 1,000 classes r = 0.1 needed half the "
-        "default lr (README, Sharded head).")
+        "millions of identities; a rate below 1 may need a lower --lr "
+        "(docs: sharded-head.md).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,7 +619,8 @@ class _Checks:
         for name in ("lambda_base", "lambda_gamma", "lambda_power",
                      "lambda_min"):
             finite(name, 0,
-                   "see README, A-Softmax schedule (defaults 1000, 0.12, 1, 5)")
+                   "see docs/training.md, A-Softmax schedule (defaults "
+                   "1000, 0.12, 1, 5)")
         warmup = s["margin_warmup_steps"]
         if warmup is not None and (not _integer(warmup) or warmup < 0):
             bad("margin_warmup_steps", "must be an integer >= 0",
