@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     full = "--full" in extra
     extra = [arg for arg in extra if arg != "--full"]
     tmp = os.environ.get("TEST_TMPDIR")
-    args = [module, "-p", "no:cacheprovider"]
+    # One process: Bazel already runs targets side by side.
+    args = [module, "-p", "no:cacheprovider", "-n", "0"]
     if tmp:
         os.environ.setdefault("HOME", tmp)
         args.append(f"--basetemp={os.path.join(tmp, 'pytest')}")

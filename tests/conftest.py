@@ -22,9 +22,19 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
 from tests.slow_set import is_slow  # noqa: E402
 
 
+# Modules whose tests are independent of each other's fixtures: under
+# pytest-xdist (pyproject.toml's `-n auto --dist loadgroup`) each of their
+# tests may go to any worker. Every other module runs whole on one worker,
+# so its module-scoped fixtures (a trained run, a SLURM cluster on fixed
+# ports, a fresh virtualenv) are built once.
+SPREAD = {"test_docs.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 
     for item in items:
         if is_slow(item.path.name, item.name, item.originalname):
             item.add_marker(pytest.mark.slow)
+        if item.path.name not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -47,7 +47,7 @@ def layer_runs():
     """
     runs = {
         backend: subprocess.Popen(
-            [sys.executable, "-m", "pytest", *LAYER_MODULES, "-q",
+            [sys.executable, "-m", "pytest", *LAYER_MODULES, "-q", "-n", "0",
              "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
             cwd=ROOT,
             env=backend_env(backend),
