@@ -19,6 +19,8 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 4
     )
 
+import pytest  # noqa: E402
+
 from tests.slow_set import is_slow  # noqa: E402
 
 
@@ -30,9 +32,9 @@ from tests.slow_set import is_slow  # noqa: E402
 SPREAD = {"test_docs.py"}
 
 
+# First: pytest-xdist reads the xdist_group marks in its own hook.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     for item in items:
         if is_slow(item.path.name, item.name, item.originalname):
             item.add_marker(pytest.mark.slow)

@@ -21,10 +21,8 @@ import time
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import kill_resume  # noqa: E402
-import slurm_cluster  # noqa: E402
+from tests import kill_resume
+from tests import slurm_cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "docs" / "train.sbatch"
