@@ -9,7 +9,7 @@
 #                   else python3 on PATH), with the project and its test
 #                   extra installed (pip install -e ".[test]").
 #   BAZEL_TEST_ARG  target patterns and `bazel test` flags (default: //...),
-#                   e.g. //tests:test_layers --test_filter=ring
+#                   e.g. //tests:layers/test_layers --test_filter=ring
 #
 # `bazel build //...` always runs first, so every binary and test target is
 # built even when only some tests run, and each py_binary is started once with

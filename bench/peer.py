@@ -16,7 +16,7 @@ the Keras model), run eagerly and, where it works here, under
 same synthetic batch. Rounds are interleaved (ours, eager, compiled, ours,
 ...), so a slow spell of a shared machine hits every side; the table gives
 medians of the rounds and the median and range of the per-round ratios.
-tests/test_peer.py checks that `TorchNet` on the Keras weights gives our
+tests/bench/test_peer.py checks that `TorchNet` on the Keras weights gives our
 loss and our update, so the two sides compute the same thing.
 
 Networks (--networks):

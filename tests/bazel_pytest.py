@@ -94,8 +94,8 @@ class _Sample:
         from tests import bazel_sample
         from tests.slow_set import is_slow
 
-        # After collection: the module has run its top level, so a helper
-        # directory it put on sys.path (tests/ for kill_resume) is there.
+        # After collection: the module has run its top level, so a
+        # directory it put on sys.path is there.
         # A directory put there outside the runfiles (bench/peer.py adds
         # the source tree it resolves to) is not part of the target.
         root = os.getcwd()

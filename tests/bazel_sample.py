@@ -45,13 +45,13 @@ SAMPLE = {
     "test_trainer.py": [
         "test_unfinished_checkpoints_of_a_killed_run_are_removed",
     ],
-    "test_evaluation.py": [  # evaluate.py in a subprocess
+    "test_protocols.py": [  # evaluate.py in a subprocess
         "test_evaluate_py_flag_and_data_errors",
     ],
     "test_heads.py": [  # fixtures/release_0_1_heads.keras
         "test_release_0_1_keras_file_loads_with_its_weights_and_outputs",
     ],
-    "test_models.py": [  # fixtures/release_0_1_run
+    "test_assembly.py": [  # fixtures/release_0_1_run
         "test_a_release_0_1_model_dir_is_rebuilt_and_restored",
     ],
     "test_reproduce.py": [  # bench/reproduce.py
@@ -62,11 +62,11 @@ SAMPLE = {
         "test_each_slow_set_name_names_a_test_of_its_module",
         "test_each_bazel_sample_name_names_a_test_of_its_module",
     ],
-    "test_train_cli.py": [
+    "test_train.py": [
         "test_flag_errors_stop_with_one_line",  # train.py
         "test_evaluate_refuses_a_bad_config_json_in_one_line",  # evaluate.py
     ],
-    "test_training.py": [  # fixtures/release_0_1_run
+    "test_loop.py": [  # fixtures/release_0_1_run
         "test_a_run_of_release_0_1_resumes",
     ],
     "test_worker_input.py": [  # bench/worker_input.py, bench/input.py
@@ -197,7 +197,11 @@ def _defines(parent, name, first_party):
 
 def _problems(module_path, root):
     problems, seen = [], set()
-    queue = [(module_path, "tests")]
+    # The test module's package, tests or tests.<stage>, for its relative
+    # imports.
+    folders = module_path.parent.parts
+    start = len(folders) - 1 - folders[::-1].index("tests")
+    queue = [(module_path, ".".join(folders[start:]))]
     while queue:
         path, package = queue.pop()
         if path in seen:

@@ -23,7 +23,7 @@ MODES = ["eager", "function", "jit"] if ON_TF else ["eager"]
 # `fit` as each backend's users run it: XLA and not on TensorFlow, jitted on
 # JAX (its eager `fit` only runs slower), eager on PyTorch.
 FIT_JIT = {"tensorflow": [False, True], "jax": [True]}.get(backend(), [False])
-# Under JAX and PyTorch (tests/test_backends.py runs the layer and head
+# Under JAX and PyTorch (tests/layers/test_backends.py runs the layer and head
 # modules under both) cases that only repeat a check on another size or
 # setting are trimmed: every formula, gradient, edge case and state check
 # still runs. RING_LOSS_TF_ALL_CASES=1 runs every case on every backend.

@@ -51,7 +51,7 @@ SLOW = {
         "test_two_srun_tasks_train_as_one_process_with_two_replicas",
         "test_scancel_stops_both_tasks_at_one_step_and_resubmitting_resumes",
     ],
-    "test_commands_install.py": [
+    "test_install.py": [
         "test_the_install_puts_each_command_on_the_path",
         "test_each_installed_command_prints_its_help",
         "test_an_installed_command_checks_flags_before_tensorflow",
@@ -78,7 +78,7 @@ SLOW = {
         "test_command_prints_progress_and_refuses_in_one_line",
         "test_train_on_converted_shards_and_evaluate",
     ],
-    "test_train_cli.py": [
+    "test_train.py": [
         "test_asoftmax_default_warmup_keeps_features_from_collapsing",
         "test_release_0_1_run_exports_and_evaluates_on_its_embedded_set",
         "test_corrupt_training_image_one_line_then_skip_corrupt",

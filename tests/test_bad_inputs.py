@@ -516,7 +516,7 @@ CASES = [
     (".bin that is not a pickle", _text_bin,
      ValueError, r"{tmp}/lfw\.bin is not an insightface \.bin file \(a "
                  r"pickle of \(images, issame\)\): UnpicklingError"),
-    # Found by tests/test_fuzz.py: the pickle error's own newline.
+    # Found by tests/data/test_fuzz.py: the pickle error's own newline.
     (".bin of one persistent-id opcode",
      lambda t: (lambda: eval_sets.read_bin(t / "p.bin"))
      if (t / "p.bin").write_bytes(b"P") else None,
@@ -527,11 +527,11 @@ CASES = [
                  r"0\. Use a \.bin from insightface's datasets, or re-create "
                  r"it with their lfw2pack\.py \(a pickle of "
                  r"\(images, issame\)\)\.$"),
-    # Found by tests/test_fuzz.py: the decoder's error named no image.
+    # Found by tests/data/test_fuzz.py: the decoder's error named no image.
     (".bin image with a corrupt middle", _bin_with_corrupt_middle,
      InvalidArgument, CORRUPT + r"{tmp}/mid\.bin image 1 \(Invalid PNG "
                       r"data, size 73\)$"),
-    # Found by tests/test_fuzz.py: b"" pickles (protocol 2) as a call of
+    # Found by tests/data/test_fuzz.py: b"" pickles (protocol 2) as a call of
     # bytes(), which was refused as unsafe.
     (".bin with an empty image",
      lambda t: (lambda: eval_sets.read_bin(t / "empty.bin"))
@@ -593,7 +593,7 @@ CASES = [
     (".idx with a negative offset", _idx_with("0\t-8\n"),
      ValueError, r"{tmp}/rec/train\.idx line 1: expected 'key<TAB>offset' "
                  r"\(two integers 0 \.\. 2\*\*63 - 1\), found '0\\t-8'"),
-    # Found by tests/test_fuzz.py: an OverflowError from NumPy.
+    # Found by tests/data/test_fuzz.py: an OverflowError from NumPy.
     (".idx with a key beyond int64",
      _idx_with("0\t0\n9223372036854775808\t40\n"),
      ValueError, r"^{tmp}/rec/train\.idx line 2: expected 'key<TAB>offset' "

@@ -1,6 +1,7 @@
 """Tests of the test modules themselves: each one runs on its own.
 
-Bazel runs each tests/test_*.py as its own target (tests/BUILD) with the
+Bazel runs each test module (tests/test_*.py, tests/<stage>/test_*.py) as
+its own target (tests/BUILD) with the
 helper modules of `//tests:helpers`, not with the other test modules. An
 import of one test module from another passes under `python -m pytest`,
 where the whole directory is on disk, and fails under `bazel test` with
@@ -20,12 +21,19 @@ import pytest
 TESTS = pathlib.Path(__file__).parent
 
 
+def _module_files():
+    """Each test module's file name -> its path: tests/ holds the tests of
+    the package's top-level modules and of the repository as a whole, and
+    tests/<stage>/ those of ring_loss_tf/<stage>/ (and of bench/)."""
+    return {path.name: path for path in sorted(TESTS.rglob("test_*.py"))}
+
+
 def _test_module(name, level=0):
     """The test module `name` (dotted, `level` dots relative) names, or None.
 
-    `tests.test_x...`, `.test_x...` and a bare `test_x` (importable when
-    tests/ is on sys.path) are test modules; `tests.layer_checks` and
-    another package's `test_*` module are not.
+    `tests.test_x...`, `tests.<stage>.test_x...`, `.test_x...` and a bare
+    `test_x` (importable when tests/ is on sys.path) are test modules;
+    `tests.layer_checks` and another package's `test_*` module are not.
     """
     parts = [part for part in name.split(".") if part]
     if level == 0:
@@ -33,6 +41,8 @@ def _test_module(name, level=0):
             parts = parts[1:]
         elif len(parts) > 1:
             return None
+    if len(parts) > 1 and parts[1].startswith("test_"):
+        parts = parts[1:]  # a stage's folder: tests/data/test_x.py
     if parts and parts[0].startswith("test_"):
         return parts[0]
     return None
@@ -78,6 +88,10 @@ def imported_test_modules(source):
         ("import test_data", {"test_data"}),
         ("from .test_data import pack", {"test_data"}),
         ("from . import test_data", {"test_data"}),
+        ("from tests.data.test_pipeline import pack", {"test_pipeline"}),
+        ("from tests.data import test_pipeline", {"test_pipeline"}),
+        ("from ..data.test_pipeline import pack", {"test_pipeline"}),
+        ("from ..data import test_pipeline", {"test_pipeline"}),
         ("def f():\n    from tests.test_fuzz import x", {"test_fuzz"}),
         ("importlib.import_module('tests.test_data')", {"test_data"}),
         ("__import__('test_data')", {"test_data"}),
@@ -93,10 +107,10 @@ def test_imported_test_modules_finds_each_form_of_import(source, expected):
 
 
 def test_no_test_module_imports_another():
-    modules = sorted(TESTS.glob("test_*.py"))
+    modules = list(_module_files().values())
     # Guards against a vacuous pass, e.g. a Bazel target without the modules
-    # as data: these three once imported test_data.
-    assert {"test_data.py", "test_bad_inputs.py", "test_fuzz.py"} <= {
+    # as data: these three once imported test_data (now test_pipeline).
+    assert {"test_pipeline.py", "test_bad_inputs.py", "test_fuzz.py"} <= {
         module.name for module in modules
     }, modules
     offenders = {}
@@ -111,6 +125,33 @@ def test_no_test_module_imports_another():
     )
 
 
+def test_the_test_tree_mirrors_the_package():
+    """tests/<stage>/ holds the tests of ring_loss_tf/<stage>/ (or of
+    bench/), and file names are unique across the tree: tests/slow_set.py,
+    tests/bazel_sample.py and conftest.py name modules by file name."""
+    repo = TESTS.parent
+    paths = sorted(TESTS.rglob("test_*.py"))
+    names = [path.name for path in paths]
+    assert len(paths) >= 40, paths
+    assert len(set(names)) == len(names), sorted(
+        name for name in names if names.count(name) > 1
+    )
+    folders = {path.parent.relative_to(TESTS) for path in paths}
+    folders.discard(pathlib.Path("."))
+    stray = [
+        str(folder) for folder in folders
+        if len(folder.parts) != 1
+        or not ((repo / "ring_loss_tf" / folder / "__init__.py").is_file()
+                or folder.name == "bench")
+    ]
+    assert not stray, (
+        f"test folders {stray} name no stage of ring_loss_tf/ (nor bench/): "
+        "put a module's tests in the folder of its stage"
+    )
+    assert {"layers", "data", "models", "evaluation", "training",
+            "commands", "bench"} <= {str(folder) for folder in folders}
+
+
 def test_each_slow_set_name_names_a_test_of_its_module():
     """A renamed test would silently leave the slow set for the fast one
     (or a typo never enter it): each name must be a test function of the
@@ -120,7 +161,7 @@ def test_each_slow_set_name_names_a_test_of_its_module():
 
     missing = []
     for module, names in SLOW.items():
-        source = (TESTS / module).read_text()
+        source = _module_files()[module].read_text()
         functions = {
             node.name for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.FunctionDef)
@@ -143,7 +184,7 @@ def test_each_bazel_sample_name_names_a_test_of_its_module():
 
     missing = []
     for module, names in SAMPLE.items():
-        source = (TESTS / module).read_text()
+        source = _module_files()[module].read_text()
         functions = {
             node.name for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.FunctionDef)

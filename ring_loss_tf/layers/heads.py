@@ -28,7 +28,7 @@ of zeros). So a classifier sharded by classes, each replica holding
 columns `[start, start + width)`, reuses the functions unchanged: it
 passes `labels - start`, and a row whose class lives on another replica
 gets no margin there. Applied to the slices and concatenated, the logits
-are exactly those of the whole on the same cosines (tests/test_heads.py
+are exactly those of the whole on the same cosines (tests/layers/test_heads.py
 checks it). The same rule gives
 the margin-free logits for inference and the warm-up: the classifier calls
 the function with every label −1.

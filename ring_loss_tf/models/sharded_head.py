@@ -22,7 +22,7 @@ batch of B rows on N replicas:
 The margin functions and their schedules are the replicated heads'
 (`heads.CosineClassifier.training_logits`), which act column by column, so
 with r = 1 the loss, every gradient and the update equal the replicated
-head's (tests/test_sharded_head.py, on 2 and 4 devices). Only features,
+head's (tests/models/test_sharded_head.py, on 2 and 4 devices). Only features,
 labels, two numbers per row and the features' gradient cross replicas: the
 head's gradient is never all-reduced. The sampled columns are a function of
 (seed, step, class), so they do not depend on the number of replicas; a

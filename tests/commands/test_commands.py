@@ -7,7 +7,7 @@ TensorFlow is imported; --help prints its description and its own flags;
 neither its --help nor its module docstring holds a measured figure (a
 percentage or a duration: those live in the docs, beside the command that
 measures them). The installed commands themselves are tested in
-test_commands_install.py (slow: it makes a virtualenv).
+test_install.py (slow: it makes a virtualenv).
 """
 
 import importlib
@@ -27,7 +27,7 @@ from ring_loss_tf.commands import evaluate as evaluate_command
 from ring_loss_tf.commands import export as export_command
 from ring_loss_tf.commands import train as train_command
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 COMMANDS = {
     "train": train_command,
     "evaluate": evaluate_command,

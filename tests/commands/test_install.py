@@ -16,7 +16,7 @@ import sysconfig
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 COMMANDS = (
     "ring-loss-train",
     "ring-loss-evaluate",

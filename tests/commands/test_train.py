@@ -25,7 +25,7 @@ import tensorflow as tf
 from tests.data_files import damage_rec
 from tests.data_files import write_rec
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(args, cwd, timeout=600):
@@ -262,7 +262,7 @@ def test_tiny_end_to_end_run_exports_and_prints_the_table(tmp_path):
 
 
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _release_0_1_run(tmp_path):

@@ -18,7 +18,7 @@ from tests.data_files import make_lfw
 from tests.data_files import random_images
 from tests.data_files import write_tfrecords
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run(args, cwd, module=None, timeout=600):

@@ -18,7 +18,7 @@ docstring lists under "Raises:", with a one-line message that names the file
 Anything else (IndexError, struct.error, UnicodeDecodeError, KeyError,
 numpy errors, a hang of more than `HANG_SECONDS`) fails the test. Bugs found
 this way have plain regression tests in tests/test_bad_inputs.py and
-tests/test_kanji.py.
+tests/data/test_kanji.py.
 
 Profiles, chosen by the environment variable RING_LOSS_TF_FUZZ:
 
@@ -26,7 +26,7 @@ Profiles, chosen by the environment variable RING_LOSS_TF_FUZZ:
     "long"           6x the examples, fresh ones each run, failures kept in
                      Hypothesis' example database; about 5 minutes:
 
-    RING_LOSS_TF_FUZZ=long python -m pytest -q -s tests/test_fuzz.py
+    RING_LOSS_TF_FUZZ=long python -m pytest -q -s tests/data/test_fuzz.py
 
 (-s shows, per test, how many examples ended in each outcome.)
 

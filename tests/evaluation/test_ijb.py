@@ -24,7 +24,7 @@ from ring_loss_tf.evaluation import metrics
 from ring_loss_tf.evaluation.embedder import load_embedder
 from tests import eval_world
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def brute_pool(features, template_ids, media_ids):

@@ -27,7 +27,7 @@ from ring_loss_tf.evaluation import protocols
 from ring_loss_tf.evaluation import metrics
 from tests import eval_world
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = eval_world.SIZE
 NUM_IDS = eval_world.NUM_IDS
 PER_ID = eval_world.PER_ID

@@ -1,7 +1,7 @@
 """The layers on every Keras 3 backend: JAX and PyTorch as well as TensorFlow.
 
 Keras fixes its backend when it is imported, so each backend runs in its own
-process: tests/test_layers.py and tests/test_heads.py (the same float64 NumPy
+process: tests/layers/test_layers.py and tests/layers/test_heads.py (the same float64 NumPy
 references, and the release 0.1 `.keras` file) under KERAS_BACKEND=jax and
 =torch, and a `.keras` file handed round the backends,
 tensorflow → jax → torch → tensorflow, each loading the previous one's file
@@ -21,12 +21,12 @@ import keras
 
 from tests import keras_file_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OTHER_BACKENDS = ("jax", "torch")
 CHAIN = ("tensorflow", "jax", "torch", "tensorflow")
 TIMEOUT = 600
 # Run under each other backend (tests/BUILD gives this target them as data).
-LAYER_MODULES = ("tests/test_layers.py", "tests/test_heads.py")
+LAYER_MODULES = ("tests/layers/test_layers.py", "tests/layers/test_heads.py")
 
 
 def backend_env(backend):

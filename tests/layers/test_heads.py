@@ -26,7 +26,7 @@ from tests.layer_checks import cases
 from tests.layer_checks import random_case
 from tests.layer_checks import rng
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The references deliberately take another route than the layers: ring loss
 gradients use the closed forms ∂L_R/∂R = −(λ/m)·Σ(‖F_i‖ − R) and
 ∂L_R/∂F_i = (λ/m)·(1 − R/‖F_i‖)·F_i (from ∂‖F‖/∂F = F/‖F‖), the other
 gradients are central finite differences of the float64 formulas. The heads
-have their own module, tests/test_heads.py; the Keras integration tests
+have their own module, tests/layers/test_heads.py; the Keras integration tests
 here (fit, `.keras` files, mixed precision, replicas) run the feature layers
 together with them.
 """

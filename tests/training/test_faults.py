@@ -35,11 +35,8 @@ import time
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import kill_resume  # noqa: E402
-
-from ring_loss_tf import cluster  # noqa: E402
+from ring_loss_tf import cluster
+from tests import kill_resume
 
 
 def _digests(directory):

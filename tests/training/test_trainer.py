@@ -40,7 +40,7 @@ from tests.tiny_runs import tiny_train
 from tests.tiny_runs import trainer_run
 from tests.worker_processes import start_workers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
