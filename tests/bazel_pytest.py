@@ -33,6 +33,18 @@ def main(argv: list[str]) -> int:
         )
         return 2
     module, extra = argv[1], argv[2:]
+    # Python put this script's directory, tests/, first on sys.path, where
+    # tests/bench would hide the repository's bench/; the tests import
+    # their helpers as `tests.x`, as under `python -m pytest`.
+    # (The script is a symlink in the runfiles; Python resolves it.)
+    here = {
+        os.path.dirname(os.path.realpath(__file__)),
+        os.path.realpath(os.path.dirname(os.path.abspath(__file__))),
+    }
+    sys.path[:] = [
+        entry for entry in sys.path
+        if os.path.realpath(entry or os.curdir) not in here
+    ]
     full = "--full" in extra
     extra = [arg for arg in extra if arg != "--full"]
     tmp = os.environ.get("TEST_TMPDIR")
