@@ -12,6 +12,19 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+    import importlib.util
+    import pathlib
+
+    # TensorFlow's start-up lines bypass pytest's capture in pytest-xdist
+    # workers; ring_loss_tf/quiet.py drops them. It is loaded from its file
+    # because importing the package would import TensorFlow first.
+    _package = pathlib.Path(__file__).absolute().parents[1] / "ring_loss_tf"
+    _spec = importlib.util.spec_from_file_location(
+        "tests_quiet", _package / "quiet.py"
+    )
+    _quiet = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_quiet)
+    _quiet.import_tensorflow()
     import tensorflow as tf
 
     _cpus = tf.config.list_physical_devices("CPU")
