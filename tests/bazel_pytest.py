@@ -37,13 +37,10 @@ def main(argv: list[str]) -> int:
     # tests/bench would hide the repository's bench/; the tests import
     # their helpers as `tests.x`, as under `python -m pytest`.
     # (The script is a symlink in the runfiles; Python resolves it.)
-    here = {
-        os.path.dirname(os.path.realpath(__file__)),
-        os.path.realpath(os.path.dirname(os.path.abspath(__file__))),
-    }
+    here = os.path.dirname(os.path.realpath(__file__))
     sys.path[:] = [
         entry for entry in sys.path
-        if os.path.realpath(entry or os.curdir) not in here
+        if os.path.realpath(entry or os.curdir) != here
     ]
     full = "--full" in extra
     extra = [arg for arg in extra if arg != "--full"]

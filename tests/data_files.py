@@ -4,11 +4,11 @@ Each writer follows the published format, not ring_loss_tf's readers, so a
 reader bug cannot hide behind the same bug in the writer: image folders and
 PNGs (Pillow), binary PGMs (by hand), LFW trees, RecordIO (dmlc-core
 recordio.h and mxnet.recordio), insightface .bin pickles.
-tests/data/test_images.py, tests/data/test_pipeline.py, tests/data/test_eval_sets.py,
-tests/test_bad_inputs.py and tests/data/test_fuzz.py build their inputs with
-them; a test module imports helpers from here, never from another test
-module, so that each Bazel test target (tests/BUILD) carries what it
-imports.
+tests/data/test_images.py, tests/data/test_pipeline.py,
+tests/data/test_eval_sets.py, tests/test_bad_inputs.py and
+tests/data/test_fuzz.py build their inputs with them; a test module
+imports helpers from here, never from another test module, so that each
+Bazel test target (tests/BUILD) carries what it imports.
 """
 
 import io

@@ -3,9 +3,10 @@
 `build_world(root)` trains a small Keras model (with a layer class defined
 only here) for a few steps on synthetic 16×16 grey images, exports it as a
 SavedModel (and a uint8-input variant), and writes an LFW tree, a pairs.txt
-of 2 folds and gallery / probe / distractor folders. tests/evaluation/test_embedder.py
-and tests/evaluation/test_protocols.py check figures against `reference`, the Keras
-model called directly on images normalised here. Not public API; a test
+of 2 folds and gallery / probe / distractor folders.
+tests/evaluation/test_embedder.py and tests/evaluation/test_protocols.py check
+figures against `reference`, the Keras model called directly on images
+normalised here. Not public API; a test
 module imports helpers from here, never from another test module.
 """
 

@@ -1,4 +1,4 @@
-"""One step of the cross-backend `.keras` check (run by tests/layers/test_backends.py).
+"""One step of the cross-backend `.keras` check (tests/layers/test_backends).
 
     KERAS_BACKEND=<backend> python -m tests.keras_file_worker OUT_DIR [IN_DIR]
 

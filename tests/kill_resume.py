@@ -21,8 +21,8 @@ After every kill, each checkpoint named in model_dir/checkpoint must load
 with every tensor readable. At the end the killed run is completed and its
 last checkpoint compared with the uninterrupted one, tensor by tensor and
 exactly: weights, R, the A-Softmax iteration counter, optimizer slots, the
-step and the input iterator's position. `tests/training/test_faults.py` runs this
-with 3 kills.
+step and the input iterator's position. `tests/training/test_faults.py`
+runs this with 3 kills.
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ def _all_reduce_in(optimizer, dtype):
 
     Keras 3's TensorFlow optimizer all-reduces inside `apply_gradients`
     through `_all_reduce_sum_gradients`; wrapping it casts around that one
-    collective. tests/training/test_trainer.py checks that the update then differs
-    from the float32 one by bfloat16 rounding, so a Keras that stops
+    collective. tests/training/test_trainer.py checks that the update then
+    differs from the float32 one by bfloat16 rounding, so a Keras that stops
     calling the method fails a test instead of silently summing in float32.
     """
     if dtype not in ALL_REDUCE_DTYPES:

@@ -1,5 +1,6 @@
 """Tests of the training input pipeline (ring_loss_tf/data.py), on image
-folders and on RecordIO files (the reader itself: tests/data/test_recordio.py)."""
+folders and on RecordIO files (the reader itself:
+tests/data/test_recordio.py)."""
 
 import pathlib
 import re

@@ -1,9 +1,9 @@
 """The layers on every Keras 3 backend: JAX and PyTorch as well as TensorFlow.
 
 Keras fixes its backend when it is imported, so each backend runs in its own
-process: tests/layers/test_layers.py and tests/layers/test_heads.py (the same float64 NumPy
-references, and the release 0.1 `.keras` file) under KERAS_BACKEND=jax and
-=torch, and a `.keras` file handed round the backends,
+process: tests/layers/test_layers.py and tests/layers/test_heads.py (the
+same float64 NumPy references, and the release 0.1 `.keras` file) under
+KERAS_BACKEND=jax and =torch, and a `.keras` file handed round the backends,
 tensorflow → jax → torch → tensorflow, each loading the previous one's file
 and saving its own (the session's own backend in this process). The two
 layer runs start together when this module starts and run beside the

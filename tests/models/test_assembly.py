@@ -23,7 +23,8 @@ from ring_loss_tf.errors import ConfigError
 from tests.tiny_runs import model_config
 from tests.tiny_runs import model_fn
 
-RELEASE_RUN = pathlib.Path(__file__).parents[1] / "fixtures" / "release_0_1_run"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
+RELEASE_RUN = FIXTURES / "release_0_1_run"
 
 
 @pytest.mark.parametrize("head", list(registry.HEADS))

@@ -276,7 +276,8 @@ def test_a_bad_setting_stops_before_anything_is_written(tmp_path, tiny_kanji):
     assert not any(tmp_path.iterdir())
 
 
-RELEASE_RUN = pathlib.Path(__file__).parents[1] / "fixtures" / "release_0_1_run"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
+RELEASE_RUN = FIXTURES / "release_0_1_run"
 
 
 def test_a_run_of_release_0_1_resumes(tmp_path, tiny_kanji):
